@@ -1,0 +1,260 @@
+"""Experiment tracking: the one module that talks to MLflow.
+
+Training and evaluation log through the small `Tracker` protocol, so the same
+code logs to MLflow in the flow, to the console from the command line, and to
+memory in tests. The flow owns the run hierarchy: it creates runs here and hands
+their ids to the trackers.
+
+Metric names (stable; the flow's report and MLflow comparisons rely on them):
+    train/loss, train/ntp_loss, train/concept_loss, train/lr, train/grad_norm,
+    train/tokens_seen, train/tokens_per_s, train/mfu      (step = optimizer step)
+    val/loss, val/ppl                                     (step = optimizer step)
+    eval/val_loss, eval/val_ppl, eval/tokens_seen,
+    eval/<task>/<metric>                                  (step = checkpoint step)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+# Keep MLflow quiet and local: no usage telemetry leaves the machine.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+import mlflow  # noqa: E402
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_STORE = PROJECT_ROOT / "mlruns.db"
+DEFAULT_ARTIFACTS = PROJECT_ROOT / "mlartifacts"
+MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
+MAX_PARAMS_PER_BATCH = 100
+MAX_TAGS_PER_BATCH = 100
+
+
+class Tracker(Protocol):
+    """What training and evaluation need from a tracker."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_params(self, params: dict[str, str]) -> None: ...
+
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ConsoleTracker:
+    """Prints metrics as one compact line per step; for command-line runs."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        shown = " ".join(f"{name}={value:.4g}" for name, value in sorted(metrics.items()))
+        print(f"{self.prefix}step {step}: {shown}", flush=True)
+
+    def log_params(self, params: dict[str, str]) -> None:
+        pass  # parameters are the settings, printed by the caller if wanted
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        print(f"{self.prefix}artifact: {path}", flush=True)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryTracker:
+    """Keeps every call in lists; lets tests and notebooks inspect what was logged."""
+
+    def __init__(self) -> None:
+        self.metrics: list[tuple[int, str, float]] = []
+        self.params: dict[str, str] = {}
+        self.tags: dict[str, str] = {}
+        self.artifacts: list[tuple[str, str | None]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.metrics.extend((step, name, float(value)) for name, value in metrics.items())
+
+    def log_params(self, params: dict[str, str]) -> None:
+        self.params.update(params)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.tags.update(tags)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.artifacts.append((str(path), artifact_path))
+
+    def history(self, name: str) -> list[tuple[int, float]]:
+        """(step, value) pairs logged under `name`, in logging order."""
+        return [(step, value) for step, metric, value in self.metrics if metric == name]
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlTracker:
+    """Appends one JSON line per metric record to a file; lets subprocess runs be compared exactly."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"step": step, "metrics": metrics}, sort_keys=True) + "\n")
+
+    def log_params(self, params: dict[str, str]) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class MlflowTracker:
+    """Logs to an existing MLflow run in batches; the run is created and ended by the caller."""
+
+    def __init__(self, run_id: str, tracking_uri: str | None = None, flush_every: int = 200) -> None:
+        self.run_id = run_id
+        self.client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+        self.flush_every = flush_every
+        self._pending: list[Metric] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        timestamp = int(time.time() * 1000)
+        self._pending.extend(Metric(name, float(value), timestamp, step) for name, value in metrics.items())
+        if len(self._pending) >= self.flush_every:
+            self.flush()
+
+    def log_params(self, params: dict[str, str]) -> None:
+        entries = [Param(key, str(value)) for key, value in params.items()]
+        for start in range(0, len(entries), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=entries[start : start + MAX_PARAMS_PER_BATCH])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        entries = [RunTag(key, str(value)) for key, value in tags.items()]
+        for start in range(0, len(entries), MAX_TAGS_PER_BATCH):
+            self.client.log_batch(self.run_id, tags=entries[start : start + MAX_TAGS_PER_BATCH])
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:MAX_METRICS_PER_BATCH], self._pending[MAX_METRICS_PER_BATCH:]
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def close(self) -> None:
+        self.flush()
+
+
+# ---------------------------------------------------------------- run hierarchy
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The store to use: `uri`, else $MLFLOW_TRACKING_URI, else a SQLite file at an absolute project path."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE}"
+
+
+def default_artifact_location(tracking_uri: str) -> str | None:
+    """Artifact root for new experiments: next to a SQLite store, else the server's default."""
+    if tracking_uri.startswith("sqlite:///"):
+        store = Path(tracking_uri.removeprefix("sqlite:///"))
+        return (store.parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def ensure_experiment(name: str, tracking_uri: str | None = None) -> str:
+    """Create the experiment (and the store's schema) once, or return the existing one's id.
+
+    Call this from one process before fanning out: concurrent first-time
+    creation of a SQLite store's schema or an experiment corrupts it.
+    """
+    uri = resolve_tracking_uri(uri=tracking_uri)
+    client = MlflowClient(tracking_uri=uri)
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    return client.create_experiment(name, artifact_location=default_artifact_location(uri))
+
+
+def create_run(
+    experiment_id: str,
+    run_name: str,
+    *,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    tracking_uri: str | None = None,
+) -> str:
+    """Create a run (a child when `parent_run_id` is given) and return its id; it stays open until `end_run`."""
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    return run.info.run_id
+
+
+def end_run(run_id: str, status: str = "FINISHED", tracking_uri: str | None = None) -> None:
+    """Mark a run FINISHED or FAILED."""
+    MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri)).set_terminated(run_id, status=status)
+
+
+def log_dataset_input(
+    run_id: str,
+    *,
+    name: str,
+    digest: str,
+    source: str,
+    profile: dict[str, Any],
+    context: str = "training",
+    tracking_uri: str | None = None,
+) -> None:
+    """Record prepared data as an MLflow dataset input of a run, identified by its digest."""
+    dataset = Dataset(
+        name=name,
+        digest=digest[:36],  # MLflow caps dataset digests at 36 characters
+        source_type="local" if "://" not in source else source.split("://", 1)[0],
+        source=json.dumps({"uri": source}),
+        schema=json.dumps({"format": "uint16 GPT-2 token ids"}),
+        profile=json.dumps(profile, sort_keys=True),
+    )
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
+
+
+def find_runs(experiment_id: str, filter_string: str, tracking_uri: str | None = None) -> list[mlflow.entities.Run]:
+    """Runs of an experiment matching an MLflow search filter, oldest first."""
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    return list(client.search_runs([experiment_id], filter_string=filter_string, order_by=["attributes.start_time ASC"]))

