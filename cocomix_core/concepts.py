@@ -1,0 +1,388 @@
+"""Concept labels from a frozen teacher and a TopK SAE (SPEC §2), and their on-disk cache.
+
+For a window of token ids, with x the teacher's residual after block `layer_index` (before
+any final norm), a = SAE latents of x, g = ∂L_teacher/∂x (L_teacher: mean next-token CE of
+the teacher on the same window, HF shift):
+
+    s = (g @ W_dec) ⊙ a            attribution scores, B×T×C
+    labels = top-K indices of s     per token, K <= k_sae
+
+How it is computed, and why it equals the dense definition:
+- One teacher forward. A hook on block `layer_index` swaps its output for a detached copy
+  that requires grad, so autograd records only the blocks above it (teacher parameters are
+  frozen) and `torch.autograd.grad(loss, x)` stops there: no parameter gradients, no
+  backward through the lower blocks.
+- a is zero off the SAE's top-k_sae support, so s is too. On the support,
+  s = (g · W_dec[:, idx]) · a_idx: k_sae dot products of width d per token, never a C-wide
+  product or a B×T×C tensor.
+- Labels: the dense top-K over C picks zeros from off the support before any negative score.
+  So the candidates are the k_sae support scores plus K "virtual zeros": the K smallest
+  latent indices not in the token's support, each with score 0. The top-K of those
+  candidates has exactly the dense top-K's scores; among equal scores (zeros) the choice is
+  arbitrary in the SPEC, and here it is deterministic (support entries first, then the
+  smallest off-support indices).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cocomix_core.fileio import atomic_path, sha256_file
+from cocomix_core.sae import TopKSAE
+
+LABEL_DTYPE = np.uint16
+MAX_CONCEPT_DIM = int(np.iinfo(LABEL_DTYPE).max) + 1  # 65536
+CACHE_FORMAT = "cocomix-concept-labels-v1"
+LABELS_FILE = "labels.u16"
+MANIFEST_FILE = "manifest.json"
+
+
+# ----- teacher plumbing ----------------------------------------------------------------------
+def teacher_blocks(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks of a transformers causal LM (GPT-2, Llama, and kin)."""
+    num_layers = getattr(model.config, "num_hidden_layers", None)
+    for path in ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers", "transformer.blocks"):
+        module: Any = model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, nn.ModuleList) and (num_layers is None or len(module) == num_layers):
+            return module
+    candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers]
+    if len(candidates) == 1:
+        return candidates[0]
+    raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
+
+
+def _block_output_tensor(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _replace_block_output(output: Any, tensor: torch.Tensor) -> Any:
+    if isinstance(output, tuple):
+        return (tensor,) + tuple(output[1:])
+    if isinstance(output, list):
+        return [tensor] + list(output[1:])
+    return tensor
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_residual(teacher: nn.Module, input_ids: torch.Tensor, layer_index: int) -> torch.Tensor:
+    """Residual stream after block `layer_index` (pre final norm), B×T×d; blocks above it are skipped."""
+    blocks = teacher_blocks(teacher)
+    captured: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        captured.append(_block_output_tensor(output))
+        raise _StopForward
+
+    handle = blocks[layer_index].register_forward_hook(hook)
+    try:
+        teacher(input_ids=input_ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"block {layer_index} of the teacher never ran")
+    return captured[0]
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_teacher(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """A pretrained causal LM (hub name such as `openai-community/gpt2`, or a local folder), eval and frozen."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+    return freeze(model.to(device))
+
+
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, HF shift: logits[:, :-1] predict input_ids[:, 1:]."""
+    shifted = logits[:, :-1, :]
+    if shifted.dtype in (torch.float16, torch.bfloat16):
+        shifted = shifted.float()  # CE in at least fp32; float64 teachers stay float64
+    return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), input_ids[:, 1:].reshape(-1))
+
+
+# ----- the extractor -------------------------------------------------------------------------
+@dataclass
+class Attribution:
+    """Attribution scores on the SAE support: score[..., j] is s at latent indices[..., j]."""
+
+    scores: torch.Tensor  # B×T×k_sae
+    indices: torch.Tensor  # B×T×k_sae int64
+    latents: torch.Tensor  # B×T×k_sae, a on the support (after ReLU)
+
+    def dense(self, num_latents: int) -> torch.Tensor:
+        out = torch.zeros(*self.scores.shape[:-1], num_latents, dtype=self.scores.dtype, device=self.scores.device)
+        return out.scatter(-1, self.indices, self.scores)
+
+
+class ConceptExtractor:
+    """Teacher LM + TopK SAE at `layer_index` -> attribution scores and concept labels (SPEC §2)."""
+
+    def __init__(self, teacher: nn.Module, sae: TopKSAE, layer_index: int, chunk_tokens: int = 512) -> None:
+        self.blocks = teacher_blocks(teacher)
+        num_layers = len(self.blocks)
+        if not 0 <= layer_index < num_layers:
+            raise ValueError(
+                f"SAE layer index {layer_index} is out of range: the teacher has {num_layers} blocks "
+                f"(valid indices 0..{num_layers - 1})"
+            )
+        hidden = getattr(teacher.config, "hidden_size", None) or getattr(teacher.config, "n_embd", None)
+        if hidden is not None and sae.width != hidden:
+            raise ValueError(
+                f"SAE input width {sae.width} does not match the teacher's hidden size {hidden}"
+            )
+        self.teacher = freeze(teacher)
+        self.sae = sae.eval()
+        self.layer_index = layer_index
+        self.chunk_tokens = chunk_tokens
+        self._dictionary: tuple[tuple[int, int, torch.device, torch.dtype], torch.Tensor] | None = None
+
+    def dictionary(self) -> torch.Tensor:
+        """W_dec transposed and contiguous (C×d): row gathers of strided columns are ~4x slower."""
+        weight = self.sae.decoder.weight
+        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
+        if self._dictionary is None or self._dictionary[0] != key:
+            self._dictionary = (key, weight.detach().t().contiguous())
+        return self._dictionary[1]
+
+    @property
+    def concept_dim(self) -> int:
+        return self.sae.num_latents
+
+    @property
+    def device(self) -> torch.device:
+        return self.sae.decoder.weight.device
+
+    def residual_and_grad(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, g = ∂L/∂x, L) with x the residual after block layer_index; autograd never goes below it."""
+        captured: list[torch.Tensor] = []
+
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+            x = _block_output_tensor(output).detach().requires_grad_(True)
+            captured.append(x)
+            return _replace_block_output(output, x)
+
+        handle = self.blocks[self.layer_index].register_forward_hook(hook)
+        try:
+            with torch.enable_grad():
+                logits = self.teacher(input_ids=input_ids, use_cache=False).logits
+                loss = next_token_loss(logits, input_ids)
+                del logits
+                (x,) = captured
+                (grad,) = torch.autograd.grad(loss, x)
+        finally:
+            handle.remove()
+        return x.detach(), grad, loss.detach()
+
+    @torch.no_grad()
+    def sparse_attribution(self, input_ids: torch.Tensor) -> Attribution:
+        """s on the SAE's top-k support: scores, latent indices and latent values, each B×T×k_sae."""
+        input_ids = torch.as_tensor(input_ids, device=self.device)
+        x, grad, _ = self.residual_and_grad(input_ids)
+        sae = self.sae
+        x = x.to(sae.decoder.weight.dtype)
+        grad = grad.to(sae.decoder.weight.dtype)
+        lead = x.shape[:-1]
+        flat_x, flat_g = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        dictionary = self.dictionary()  # C×d, row c is W_dec[:, c]
+        scores, indices, values = [], [], []
+        for start in range(0, flat_x.shape[0], self.chunk_tokens):
+            a, idx, _ = sae.encode_sparse(flat_x[start : start + self.chunk_tokens])
+            columns = dictionary[idx]  # n×k×d
+            gw = torch.einsum("nkd,nd->nk", columns, flat_g[start : start + self.chunk_tokens])
+            scores.append(gw * a)
+            indices.append(idx)
+            values.append(a)
+        k = sae.k
+        return Attribution(
+            scores=torch.cat(scores).reshape(*lead, k),
+            indices=torch.cat(indices).reshape(*lead, k),
+            latents=torch.cat(values).reshape(*lead, k),
+        )
+
+    def attribution_scores(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Dense s = (g @ W_dec) ⊙ a, B×T×C float (zero off the SAE support)."""
+        return self.sparse_attribution(input_ids).dense(self.concept_dim)
+
+    def check_label_count(self, k: int) -> None:
+        if not 1 <= k <= self.sae.k:
+            raise ValueError(f"labels per token k={k} must be between 1 and the SAE's k={self.sae.k}")
+        if k > self.concept_dim:
+            raise ValueError(f"labels per token k={k} exceeds the concept dictionary size {self.concept_dim}")
+
+    @torch.no_grad()
+    def concept_labels(self, input_ids: torch.Tensor, k: int) -> torch.Tensor:
+        """Indices of the k largest attribution scores per token, B×T×k int64 (constants)."""
+        self.check_label_count(k)
+        return labels_from_sparse(self.sparse_attribution(input_ids), k, self.concept_dim)
+
+
+def labels_from_sparse(attribution: Attribution, k: int, num_latents: int) -> torch.Tensor:
+    """Exact dense top-k of s from its support (see the module docstring for the zero padding)."""
+    scores, support = attribution.scores, attribution.indices
+    k_sae = support.shape[-1]
+    span = min(num_latents, k_sae + k)  # at least k indices in range(span) are off any k_sae support
+    candidates = torch.arange(span, device=support.device).expand(*support.shape[:-1], span)
+    on_support = (candidates.unsqueeze(-1) == support.unsqueeze(-2)).any(-1)
+    # keep the k smallest off-support indices as score-0 candidates
+    rank = torch.where(on_support, torch.full_like(candidates, span), candidates)
+    zero_idx = torch.topk(rank, k=min(k, span), dim=-1, largest=False, sorted=True).values
+    zero_scores = torch.where(
+        zero_idx < span, torch.zeros((), dtype=scores.dtype, device=scores.device),
+        torch.full((), float("-inf"), dtype=scores.dtype, device=scores.device),
+    )
+    zero_idx = zero_idx.clamp(max=num_latents - 1)
+    all_scores = torch.cat([scores, zero_scores], dim=-1)
+    all_idx = torch.cat([support, zero_idx], dim=-1)
+    pick = torch.topk(all_scores, k=k, dim=-1, sorted=True).indices
+    return all_idx.gather(-1, pick)
+
+
+# ----- label cache ---------------------------------------------------------------------------
+def _manifest_core(num_samples: int, block_size: int, k: int, concept_dim: int, windows_seed: int, provenance: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "format": CACHE_FORMAT,
+        "num_samples": int(num_samples),
+        "block_size": int(block_size),
+        "k": int(k),
+        "concept_dim": int(concept_dim),
+        "windows_seed": int(windows_seed),
+        "dtype": "uint16",
+        "provenance": json.loads(json.dumps(dict(provenance), sort_keys=True, default=str)),
+    }
+
+
+def _matches(manifest: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+    return [key for key, value in expected.items() if manifest.get(key) != value]
+
+
+def build_label_cache(
+    extractor: ConceptExtractor,
+    windows: Any,
+    num_samples: int,
+    batch_size: int,
+    k: int,
+    out_dir: str | os.PathLike,
+    provenance: Mapping[str, Any],
+    log_fn: Any = None,
+) -> Path:
+    """Labels of global samples 0..num_samples-1 of `windows` into out_dir/labels.u16 (+ manifest.json).
+
+    Row g of the uint16 memmap (num_samples×T×k) holds sample g's labels. The folder is written
+    atomically; when out_dir already holds a cache with the same manifest (sizes, k,
+    concept_dim, windows seed, provenance) and an intact labels file, nothing is computed.
+    """
+    extractor.check_label_count(k)
+    if extractor.concept_dim > MAX_CONCEPT_DIM:
+        raise ValueError(
+            f"concept dictionary of {extractor.concept_dim} does not fit uint16 labels (max {MAX_CONCEPT_DIM})"
+        )
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"num_samples and batch_size must be positive, got {num_samples} and {batch_size}")
+    out_dir = Path(out_dir)
+    core = _manifest_core(num_samples, windows.block_size, k, extractor.concept_dim, windows.seed, provenance)
+    if (out_dir / MANIFEST_FILE).is_file():
+        try:
+            cache = LabelCache(out_dir)
+            if not _matches(cache.manifest, core) and cache.verify_file():
+                return out_dir
+        except (ValueError, OSError, json.JSONDecodeError):
+            pass  # unreadable or stale: rebuild
+
+    block = windows.block_size
+    with atomic_path(out_dir) as temp:
+        temp.mkdir(parents=True)
+        labels = np.memmap(temp / LABELS_FILE, dtype=LABEL_DTYPE, mode="w+", shape=(num_samples, block, k))
+        for first in range(0, num_samples, batch_size):
+            count = min(batch_size, num_samples - first)
+            ids = torch.from_numpy(windows.batch(first, count))
+            labels[first : first + count] = extractor.concept_labels(ids, k).cpu().numpy().astype(LABEL_DTYPE)
+            if log_fn is not None:
+                log_fn({"label_cache_samples": first + count, "label_cache_total": num_samples})
+        labels.flush()
+        del labels
+        manifest = dict(core, labels_file=LABELS_FILE, labels_sha256=sha256_file(temp / LABELS_FILE))
+        (temp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+class LabelCache:
+    """Read side of a label cache folder written by `build_label_cache`."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST_FILE
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"no label cache manifest at {manifest_path}")
+        self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        if self.manifest.get("format") != CACHE_FORMAT:
+            raise ValueError(f"{manifest_path} is not a {CACHE_FORMAT} manifest")
+        self.num_samples = int(self.manifest["num_samples"])
+        self.block_size = int(self.manifest["block_size"])
+        self.k = int(self.manifest["k"])
+        self.concept_dim = int(self.manifest["concept_dim"])
+        labels_path = self.path / self.manifest.get("labels_file", LABELS_FILE)
+        expected_bytes = self.num_samples * self.block_size * self.k * np.dtype(LABEL_DTYPE).itemsize
+        if not labels_path.is_file() or labels_path.stat().st_size != expected_bytes:
+            raise ValueError(f"{labels_path} is missing or not {expected_bytes} bytes as the manifest says")
+        self._labels = np.memmap(labels_path, dtype=LABEL_DTYPE, mode="r", shape=(self.num_samples, self.block_size, self.k))
+
+    def verify_file(self) -> bool:
+        return sha256_file(self.path / self.manifest.get("labels_file", LABELS_FILE)) == self.manifest.get("labels_sha256")
+
+    def check(self, expected: Mapping[str, Any]) -> None:
+        """Raise ValueError naming every field of `expected` that the manifest disagrees with.
+
+        Keys are manifest fields (num_samples, block_size, k, concept_dim, windows_seed) or
+        provenance fields (looked up under manifest["provenance"]); provenance may also be
+        given whole as expected["provenance"].
+        """
+        problems = []
+        provenance = self.manifest.get("provenance", {})
+        for key, value in expected.items():
+            if key == "provenance":
+                for sub_key, sub_value in dict(value).items():
+                    if provenance.get(sub_key) != sub_value:
+                        problems.append(f"provenance.{sub_key}: cache has {provenance.get(sub_key)!r}, expected {sub_value!r}")
+                continue
+            have = self.manifest[key] if key in self.manifest else provenance.get(key)
+            if have != value:
+                problems.append(f"{key}: cache has {have!r}, expected {value!r}")
+        if problems:
+            raise ValueError(f"label cache at {self.path} does not match: " + "; ".join(problems))
+
+    def labels(self, first_sample: int, batch_size: int) -> torch.Tensor:
+        """Labels of samples first_sample..first_sample+batch_size-1 as a LongTensor B×T×k."""
+        end = first_sample + batch_size
+        if first_sample < 0 or batch_size < 1 or end > self.num_samples:
+            raise IndexError(
+                f"label cache holds samples 0..{self.num_samples - 1}; asked for {first_sample}..{end - 1}"
+            )
+        return torch.from_numpy(np.asarray(self._labels[first_sample:end], dtype=np.int64))

@@ -1,0 +1,287 @@
+"""Train a TopK SAE on residual activations streamed from a teacher layer (OpenAI-style recipe).
+
+Data: the teacher's residual after block `layer_index` (pre final norm; captured with a hook
+that stops the forward there, so upper blocks and the LM head never run). Activations of
+`teacher_batch_size` windows at a time go into a shuffled buffer; each SAE step draws
+`batch_tokens` of them.
+
+Objective, on normalised inputs x̂ = LN(x) (the SPEC's LN):
+    main  = nmse(x̂', x̂)          x̂' = decoder(a) + pre_bias, a = TopK latents
+    auxk  = nmse(e', e)           e = x̂ - x̂'.detach(), e' = decoder(ReLU(top-aux_k of p
+                                  restricted to dead latents))
+    loss  = main + aux_coef · auxk    (auxk = 0 while no latent is dead)
+    nmse(y', y) = Σ||y' - y||² / Σ||y - mean_tokens(y)||²  over the batch.
+A latent is dead when it has not fired for more than `dead_steps_threshold` SAE steps.
+
+Parametrisation: decoder columns have unit norm: before each Adam step the gradient
+component parallel to each column is removed, after it the columns are renormalised.
+Init: decoder columns random unit vectors, encoder = decoder transpose, latent_bias 0,
+pre_bias = geometric median (Weiszfeld iterations) of the first batch of normalised
+activations.
+
+Reported: `fvu` = Σ||x - x'||² / Σ||x - mean_tokens(x)||² on a held-out batch, in the
+un-normalised residual space (also `fvu_normalized`, the same in x̂ space), `dead_fraction`
+(latents dead at the end of training), `eval_unused_fraction` (latents that never fire on the
+held-out batch), `mean_l0` (non-zero latents per held-out token; <= k).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cocomix_core.concepts import capture_residual, freeze
+from cocomix_core.sae import TopKSAE
+
+
+@dataclass
+class SAETrainConfig:
+    """Knobs of SAE training. batch_tokens activations per step; windows per teacher call."""
+
+    num_latents: int = 4096
+    k: int = 32
+    steps: int = 200
+    batch_tokens: int = 1024
+    lr: float = 1e-3
+    aux_k: int = 256
+    aux_coef: float = 1.0 / 32.0
+    dead_steps_threshold: int = 50
+    teacher_batch_size: int = 8  # windows per teacher forward
+    buffer_batches: int = 8  # the shuffle buffer holds this many SAE batches
+    eval_windows: int = 8  # held-out windows for the reported metrics
+    geometric_median_iters: int = 20
+    seed: int = 0
+
+
+def _nmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    baseline = (target - target.mean(dim=0, keepdim=True)).pow(2).sum()
+    return (pred - target).pow(2).sum() / baseline.clamp_min(1e-12)
+
+
+def geometric_median(points: torch.Tensor, iters: int = 20, eps: float = 1e-8) -> torch.Tensor:
+    """Weiszfeld's algorithm over the rows of `points`, starting from their mean."""
+    median = points.mean(dim=0)
+    for _ in range(iters):
+        weights = 1.0 / (points - median).norm(dim=-1).clamp_min(eps)
+        median = (weights[:, None] * points).sum(dim=0) / weights.sum()
+    return median
+
+
+def _window_batches(windows: Any, first: int, batch_size: int) -> Iterator[torch.Tensor]:
+    """Token batches: from TrainWindows (global samples first, first+batch_size, ...) or any iterable."""
+    if hasattr(windows, "batch") and hasattr(windows, "block_size"):
+        sample = first
+        while True:
+            yield torch.from_numpy(windows.batch(sample, batch_size))
+            sample += batch_size
+    else:
+        for batch in windows:
+            yield torch.as_tensor(np.asarray(batch) if not isinstance(batch, torch.Tensor) else batch)
+
+
+class ActivationStream:
+    """Shuffled batches of teacher residual activations (N×d float32)."""
+
+    def __init__(self, teacher: nn.Module, batches: Iterator[torch.Tensor], layer_index: int, batch_tokens: int,
+                 buffer_tokens: int, generator: torch.Generator, device: torch.device) -> None:
+        self.teacher, self.batches, self.layer_index = teacher, batches, layer_index
+        self.batch_tokens, self.buffer_tokens = batch_tokens, max(buffer_tokens, batch_tokens)
+        self.generator, self.device = generator, device
+        self.buffer = torch.empty(0)
+
+    def _fill(self) -> None:
+        parts = [self.buffer]
+        have = self.buffer.shape[0]
+        while have < self.buffer_tokens:
+            try:
+                ids = next(self.batches)
+            except StopIteration:
+                break
+            acts = capture_residual(self.teacher, ids.to(self.device), self.layer_index)
+            acts = acts.reshape(-1, acts.shape[-1]).float()
+            parts.append(acts)
+            have += acts.shape[0]
+        if have < self.batch_tokens:
+            raise ValueError(f"activation source ran out: {have} tokens left, a step needs {self.batch_tokens}")
+        buffer = torch.cat([p.to(self.device) for p in parts if p.numel()])
+        perm = torch.randperm(buffer.shape[0], generator=self.generator).to(self.device)
+        self.buffer = buffer[perm]
+
+    def next(self) -> torch.Tensor:
+        if self.buffer.shape[0] < max(self.batch_tokens, self.buffer_tokens // 2):
+            self._fill()
+        batch, self.buffer = self.buffer[: self.batch_tokens], self.buffer[self.batch_tokens :]
+        return batch
+
+
+def init_sae(num_latents: int, width: int, k: int, first_batch_normalized: torch.Tensor, generator: torch.Generator,
+             geometric_median_iters: int = 20) -> TopKSAE:
+    sae = TopKSAE(num_latents, width, k)
+    with torch.no_grad():
+        directions = torch.randn(width, num_latents, generator=generator)
+        directions /= directions.norm(dim=0, keepdim=True)
+        sae.decoder.weight.copy_(directions)
+        sae.encoder.weight.copy_(directions.t())
+        sae.latent_bias.zero_()
+        sae.pre_bias.copy_(geometric_median(first_batch_normalized.cpu().double(), geometric_median_iters).float())
+    return sae
+
+
+def _project_decoder_grad(decoder_weight: torch.Tensor) -> None:
+    """Remove the gradient component parallel to each (unit) decoder column."""
+    grad = decoder_weight.grad
+    if grad is not None:
+        parallel = (grad * decoder_weight).sum(dim=0, keepdim=True)
+        grad.sub_(parallel * decoder_weight)
+
+
+@torch.no_grad()
+def _normalize_decoder(decoder_weight: torch.Tensor) -> None:
+    decoder_weight.div_(decoder_weight.norm(dim=0, keepdim=True).clamp_min(1e-12))
+
+
+@torch.no_grad()
+def evaluate_sae(sae: TopKSAE, acts: torch.Tensor) -> dict[str, float]:
+    """FVU (raw and normalised space), mean L0 and unused-latent fraction on activations N×d."""
+    x_hat, info = sae.preprocess(acts)
+    values, indices = sae.topk_sparse(sae.pre_activations(x_hat))
+    recon_hat = sae.decode_sparse_normalized(values, indices)
+    recon = recon_hat * info["std"] + info["mu"] if sae.normalize else recon_hat
+    fvu = (acts - recon).pow(2).sum() / (acts - acts.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
+    fired = torch.zeros(sae.num_latents, dtype=torch.bool, device=acts.device)
+    fired[indices[values > 0]] = True
+    return {
+        "fvu": float(fvu),
+        "fvu_normalized": float(_nmse(recon_hat, x_hat)),
+        "mean_l0": float((values > 0).sum(-1).float().mean()),
+        "eval_unused_fraction": float(1.0 - fired.float().mean()),
+    }
+
+
+def train_sae(
+    teacher: nn.Module,
+    windows: Any,
+    layer_index: int,
+    config: SAETrainConfig | None = None,
+    device: str | torch.device = "cpu",
+    log_fn: Callable[[dict[str, Any]], None] | None = None,
+    log_every: int = 50,
+    **overrides: Any,
+) -> tuple[TopKSAE, dict[str, Any]]:
+    """Train a TopK SAE on teacher activations; returns (sae on `device`, metrics).
+
+    `windows` is a TrainWindows (held-out: global samples 0..eval_windows-1; training streams
+    from sample eval_windows onward) or any iterable of B×T token batches (held-out: its first
+    batch). Keyword overrides set SAETrainConfig fields (num_latents=..., k=..., steps=...).
+    """
+    config = SAETrainConfig(**{**asdict(config or SAETrainConfig()), **overrides})
+    if not 1 <= config.k <= config.num_latents:
+        raise ValueError(f"SAE k={config.k} must be between 1 and num_latents={config.num_latents}")
+    device = torch.device(device)
+    # Adam moments of rarely firing latents decay into float32 denormals, which are ~100x
+    # slower on CPUs; flush them to zero while training (reset to torch's default after).
+    torch.set_flush_denormal(True)
+    try:
+        return _train(teacher, windows, layer_index, config, device, log_fn, log_every)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _train(teacher: nn.Module, windows: Any, layer_index: int, config: SAETrainConfig, device: torch.device,
+           log_fn: Callable[[dict[str, Any]], None] | None, log_every: int) -> tuple[TopKSAE, dict[str, Any]]:
+    freeze(teacher)
+    teacher.to(device)
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    if hasattr(windows, "batch"):
+        eval_ids = torch.from_numpy(windows.batch(0, config.eval_windows))
+        source = _window_batches(windows, config.eval_windows, config.teacher_batch_size)
+    else:
+        source = _window_batches(windows, 0, config.teacher_batch_size)
+        eval_ids = next(source)
+    eval_acts = capture_residual(teacher, eval_ids.to(device), layer_index)
+    eval_acts = eval_acts.reshape(-1, eval_acts.shape[-1]).float()
+
+    stream = ActivationStream(teacher, source, layer_index, config.batch_tokens,
+                              config.buffer_batches * config.batch_tokens, generator, device)
+    first = stream.next()
+    width = first.shape[-1]
+    probe = TopKSAE(1, width, 1)
+    first_hat, _ = probe.preprocess(first)
+    sae = init_sae(config.num_latents, width, config.k, first_hat, generator, config.geometric_median_iters).to(device)
+    sae.train()
+    optimizer = torch.optim.Adam(sae.parameters(), lr=config.lr)
+    aux_k = min(config.aux_k, config.num_latents)
+    steps_since_fired = torch.zeros(config.num_latents, dtype=torch.long, device=device)
+    fire_count = torch.zeros(config.num_latents, dtype=torch.float64, device=device)
+    square_sum = torch.zeros(config.num_latents, dtype=torch.float64, device=device)
+    tokens_seen = 0
+    history: list[dict[str, float]] = []
+    start_time = time.perf_counter()
+
+    acts = first
+    for step in range(config.steps):
+        if step > 0:
+            acts = stream.next()
+        x_hat, _ = sae.preprocess(acts)
+        pre = sae.pre_activations(x_hat)
+        values, indices = sae.topk_sparse(pre)
+        recon = sae.decode_sparse_normalized(values, indices)
+        main = _nmse(recon, x_hat)
+
+        with torch.no_grad():
+            fired = torch.zeros(config.num_latents, dtype=torch.bool, device=device)
+            fired[indices[values > 0]] = True
+            steps_since_fired = torch.where(fired, torch.zeros_like(steps_since_fired), steps_since_fired + 1)
+            active_values = values.detach().double().reshape(-1)
+            active_indices = indices.reshape(-1)
+            fire_count.index_add_(0, active_indices, (active_values > 0).double())
+            square_sum.index_add_(0, active_indices, active_values.pow(2))
+            tokens_seen += acts.shape[0]
+        dead = steps_since_fired > config.dead_steps_threshold
+        num_dead = int(dead.sum())
+        if num_dead > 0 and config.aux_coef > 0:
+            dead_pre = pre.masked_fill(~dead, float("-inf"))
+            aux_values, aux_indices = torch.topk(dead_pre, k=min(aux_k, num_dead), dim=-1)
+            aux_values = F.relu(aux_values)
+            aux_recon = sae.decode_sparse_normalized(aux_values, aux_indices) - sae.pre_bias
+            auxk = _nmse(aux_recon, x_hat - recon.detach())
+            loss = main + config.aux_coef * auxk
+        else:
+            auxk = torch.zeros((), device=device)
+            loss = main
+
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        _project_decoder_grad(sae.decoder.weight)
+        optimizer.step()
+        _normalize_decoder(sae.decoder.weight)
+
+        if log_fn is not None and (step % log_every == 0 or step == config.steps - 1):
+            record = {"sae_step": step, "sae_loss": float(loss.detach()), "sae_nmse": float(main.detach()),
+                      "sae_auxk": float(auxk.detach()), "sae_dead_fraction": num_dead / config.num_latents}
+            history.append(record)
+            log_fn(record)
+
+    sae.eval()
+    with torch.no_grad():
+        sae.stats_last_nonzero.copy_(steps_since_fired)
+        sae.latents_activation_frequency.copy_((fire_count / max(tokens_seen, 1)).float())
+        sae.latents_mean_square.copy_((square_sum / max(tokens_seen, 1)).float())
+    metrics: dict[str, Any] = evaluate_sae(sae, eval_acts)
+    metrics.update(
+        dead_fraction=float((steps_since_fired > config.dead_steps_threshold).float().mean()),
+        steps=config.steps,
+        tokens_seen=tokens_seen,
+        train_seconds=time.perf_counter() - start_time,
+        config=asdict(config),
+    )
+    return sae, metrics
