@@ -1,0 +1,109 @@
+"""Training-step throughput: NTP vs CoCoMix with online and cached concept labels.
+
+    python benchmarks/bench_train.py [--steps 3] [--threads 2] [--shapes fixed,cpu]
+
+Times the real training step (`accumulate_gradients` + clip + AdamW) on random token ids, fp32,
+one process. Shapes:
+    fixed  width 256, 4 layers, 4 heads, batch 8 × 256 tokens, C=32768, k_mix=32; online labels
+           from a random GPT-2-small-shaped teacher with a 32k TopK(32) SAE at layer 5
+    cpu    the `cpu` preset's arms, teacher and SAE
+Targets: CoCoMix/NTP step time <= 5x with online labels, <= 1.8x with cached labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import tempfile
+import time
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from cocomix_core.concepts import ConceptExtractor, LabelCache, build_label_cache
+from cocomix_core.models import TrainJob, build_model, job_for_branch
+from cocomix_core.sae import TopKSAE
+from cocomix_core.train import accumulate_gradients, build_optimizer, flops_per_token, peak_flops, set_threads
+from cocomix_core.windows import TrainWindows
+from settings import ExperimentSettings, load_settings, training_branches
+
+# The fixed comparison shape; the teacher is GPT-2-small-shaped (random weights) with a 32k SAE at layer 5.
+FIXED_SHAPE = [
+    "arms.ntp.model={width: 256, depth: 4, heads: 4}", "arms.cocomix.model={width: 256, depth: 4, heads: 4}",
+    "arms.cocomix.concept_num=32", "train.batch_size=8", "data.block_size=256",
+    "teacher.model={width: 768, depth: 12, heads: 12}", "sae.num_latents=32768", "sae.k=32", "sae.layer_index=5",
+]
+
+
+def jobs_for(shape: str, steps: int) -> tuple[TrainJob, TrainJob, ExperimentSettings]:
+    """(NTP job, CoCoMix job, settings) of a benchmark shape: `fixed` or a preset name."""
+    overrides = [f"train.steps={steps}", "train.warmup_steps=0", "train.precision=fp32",
+                 f"train.eval_every={steps}", f"train.checkpoint_every={steps}"]
+    settings = load_settings("cpu" if shape == "fixed" else shape, overrides + (FIXED_SHAPE if shape == "fixed" else []))
+    jobs = {b.kind: job_for_branch(settings, b) for b in training_branches(settings)}
+    return jobs["ntp"], jobs["cocomix"], settings
+
+
+def seconds_per_step(job: TrainJob, windows: TrainWindows, labels, steps: int) -> float:
+    """Median wall time of one optimizer step, after one warm-up step."""
+    accelerator = Accelerator(cpu=True)
+    model = job.build_model()
+    optimizer = build_optimizer(model, job.train, accelerator.device)
+    times = []
+    for step in range(steps + 1):
+        start = time.perf_counter()
+        accumulate_gradients(model, job, step, windows, labels, accelerator, contextlib.nullcontext())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), job.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times[1:]))
+
+
+def bench_shape(shape: str, steps: int) -> None:
+    ntp, cocomix, settings = jobs_for(shape, steps + 1)
+    teacher_shape, sae_layer = settings.teacher.model, settings.sae.layer_index
+    tokens = np.random.default_rng(0).integers(0, 50256, 2_000_000, dtype=np.uint16)
+    windows = TrainWindows(tokens, ntp.block_size, ntp.window_seed)
+    torch.manual_seed(0)
+    teacher = build_model("ntp", teacher_shape, ntp.block_size, seed=0)
+    sae = TopKSAE(cocomix.concept_dim, teacher_shape.width, settings.sae.k)
+    extractor = ConceptExtractor(teacher, sae, sae_layer)
+    samples = (steps + 1) * cocomix.train.batch_size
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        cache = LabelCache(build_label_cache(extractor, windows, samples, cocomix.train.batch_size,
+                                             cocomix.labels_per_token, folder, provenance={"bench": shape}))
+        cache_build_s = time.perf_counter() - start
+        rows = [("ntp", ntp, None), ("cocomix cached", cocomix, cache), ("cocomix online", cocomix, extractor)]
+        timings = {name: seconds_per_step(job, windows, labels, steps) for name, job, labels in rows}
+
+    peak, source = peak_flops(torch.device("cpu"))
+    tokens_per_step = ntp.train.batch_size * ntp.block_size
+    print(f"\n== {shape}: ntp {ntp.shape.width}x{ntp.shape.depth}, cocomix {cocomix.shape.width}x{cocomix.shape.depth} "
+          f"C={cocomix.concept_dim} k_mix={cocomix.concept_num}, batch {ntp.train.batch_size}x{ntp.block_size}, "
+          f"teacher {teacher_shape.width}x{teacher_shape.depth}, SAE layer {sae_layer}; peak {peak / 1e9:.0f} GFLOP/s ({source})")
+    print(f"{'arm':<16}{'s/step':>9}{'tokens/s':>10}{'MFU':>8}{'vs ntp':>8}")
+    for name, job, _ in rows:
+        seconds = timings[name]
+        model_flops = flops_per_token(job.build_model().config, job.block_size)
+        mfu = tokens_per_step / seconds * model_flops / peak  # the teacher's work is not model FLOPs
+        print(f"{name:<16}{seconds:>9.3f}{tokens_per_step / seconds:>10.0f}{mfu:>8.1%}{seconds / timings['ntp']:>7.2f}x")
+    print(f"label cache build: {samples} samples in {cache_build_s:.2f}s ({samples * ntp.block_size / cache_build_s:.0f} tokens/s)")
+    print("targets: cocomix cached <= 1.80x, online <= 5.00x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per arm (after one warm-up)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--shapes", default="fixed,cpu")
+    args = parser.parse_args()
+    set_threads(args.threads)
+    for shape in args.shapes.split(","):
+        bench_shape(shape, args.steps)
+
+
+if __name__ == "__main__":
+    main()
