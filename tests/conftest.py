@@ -1,0 +1,55 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Iterator
+
+import pytest
+
+
+# ----- a real S3 endpoint: moto's server on a free local port ----------------------------------
+@dataclass(frozen=True)
+class S3Server:
+    endpoint_url: str
+    bucket: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Variables that point boto3, Metaflow and cocomix_core.storage at this server."""
+        return {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL_S3": self.endpoint_url,
+            "METAFLOW_S3_ENDPOINT_URL": self.endpoint_url,
+        }
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A moto S3 server for the whole session, with one bucket created. Tests apply `.env`
+    themselves (e.g. with monkeypatch, or in a subprocess's environment)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    s3 = S3Server(endpoint_url=f"http://{host}:{port}", bucket="cocomix-test")
+    env = s3.env
+    boto3.client(
+        "s3", endpoint_url=s3.endpoint_url, region_name=env["AWS_DEFAULT_REGION"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+    ).create_bucket(Bucket=s3.bucket)
+    yield s3
+    server.stop()
+
+
+@pytest.fixture()
+def s3_root(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh s3:// prefix on the session's server, with the S3 variables set for this test."""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    return f"s3://{s3_server.bucket}/test-{uuid.uuid4().hex[:8]}"

@@ -1,0 +1,236 @@
+"""Storage of large folders: a local root, and S3 for real against a local moto server."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from cocomix_core.storage import (
+    MARKER, IncompleteError, LocalStorage, S3Storage, Storage, default_storage_root,
+)
+
+UPLOAD_CALLS = ("PutObject", "CreateMultipartUpload", "UploadPart")
+BIG_FILE_BYTES = 9 * 1024 * 1024  # above boto3's 8 MiB multipart threshold
+
+
+def write_files(folder: Path, files: dict[str, bytes]) -> Path:
+    for relative, content in files.items():
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_bytes(content)
+    return folder
+
+
+def read_files(folder: Path) -> dict[str, bytes]:
+    return {
+        path.relative_to(folder).as_posix(): path.read_bytes()
+        for path in folder.rglob("*") if path.is_file() and path.name != MARKER
+    }
+
+
+def count_s3_calls(storage: S3Storage) -> Counter:
+    """Counts the S3 API calls the storage's client makes from now on, by operation name."""
+    calls: Counter = Counter()
+    storage.client.meta.events.register("before-call.s3.*", lambda model, **_: calls.update([model.name]))
+    return calls
+
+
+TRAINING_FOLDER = {
+    "checkpoints/step_000050/model.safetensors": b"weights-50" * 100,
+    "checkpoints/step_000050/checkpoint.json": b'{"step": 50}',
+    "trainer_state/step_000050/state.pt": b"optimizer-50" * 100,
+}
+
+
+# ----- local root ------------------------------------------------------------------------------
+def test_local_round_trip_publishes_in_place(tmp_path: Path):
+    storage = Storage(f"file://{tmp_path / 'store'}")
+    assert isinstance(storage, LocalStorage)
+    workdir = storage.local_workdir("runs/r1/ntp/")
+    write_files(workdir, TRAINING_FOLDER)
+    assert not storage.exists("runs/r1/ntp")
+    with pytest.raises(IncompleteError, match=MARKER):
+        storage.materialize("runs/r1/ntp")
+
+    uri = storage.publish(workdir, "runs/r1/ntp")
+    assert uri == str(tmp_path / "store" / "runs" / "r1" / "ntp") == storage.uri("runs/r1/ntp")
+    assert storage.exists("runs/r1/ntp")
+    assert storage.materialize("runs/r1/ntp") == workdir
+    assert read_files(workdir) == TRAINING_FOLDER
+
+    storage.write_json("data/manifest.json", {"tokens": 123})
+    assert storage.read_json("data/manifest.json") == {"tokens": 123}
+    with pytest.raises(FileNotFoundError):
+        storage.read_json("data/absent.json")
+
+
+def test_local_publish_copies_a_folder_from_elsewhere_and_detects_missing_files(tmp_path: Path):
+    storage = Storage(str(tmp_path / "store"))
+    source = write_files(tmp_path / "elsewhere", {"a.bin": b"a", "sub/b.bin": b"bb"})
+    storage.publish(source, "data/x")
+    folder = storage.materialize("data/x")
+    assert folder != source and read_files(folder) == {"a.bin": b"a", "sub/b.bin": b"bb"}
+
+    (folder / "sub" / "b.bin").unlink()
+    with pytest.raises(IncompleteError, match="sub/b.bin"):
+        storage.materialize("data/x")
+
+
+def test_failed_local_publish_leaves_no_valid_looking_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    storage = Storage(str(tmp_path / "store"))
+    source = write_files(tmp_path / "src", {"1.bin": b"1", "2.bin": b"2", "3.bin": b"3"})
+    real_copy, copied = shutil.copyfile, []
+
+    def copy_then_crash(src, dst, **kwargs):
+        if copied:
+            raise OSError("disk full")
+        copied.append(src)
+        return real_copy(src, dst, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfile", copy_then_crash)
+    with pytest.raises(OSError, match="disk full"):
+        storage.publish(source, "data/x")
+    assert not storage.exists("data/x")
+    assert not (tmp_path / "store" / "data" / "x").exists()
+    assert list((tmp_path / "store" / "data").iterdir()) == []  # no temporary left behind
+
+
+def test_keys_cannot_escape_the_root(tmp_path: Path):
+    storage = Storage(str(tmp_path))
+    for bad_key in ("", "/", "a/../../b"):
+        with pytest.raises(ValueError):
+            storage.uri(bad_key)
+
+
+def test_default_storage_root():
+    assert default_storage_root("s3://bucket/metaflow/") == "s3://bucket/metaflow/cocomix-storage"
+    local = Path(default_storage_root(None))
+    assert local.name == "artifacts" and (local.parent / "cocomix_core").is_dir()
+    assert default_storage_root("/home/me/.metaflow") == str(local)
+
+
+# ----- S3 (moto server) ------------------------------------------------------------------------
+def test_s3_publish_then_materialize_elsewhere_gives_identical_bytes(s3_root: str, tmp_path: Path):
+    storage = Storage(s3_root)
+    assert isinstance(storage, S3Storage)
+    files = {**TRAINING_FOLDER, "train.bin": os.urandom(BIG_FILE_BYTES)}
+    source = write_files(tmp_path / "writer", files)
+    calls = count_s3_calls(storage)
+
+    assert storage.publish(source, "runs/r1/ntp") == f"{s3_root}/runs/r1/ntp"
+    assert calls["CreateMultipartUpload"] == 1  # the big file went up in parts
+
+    reader = Storage(s3_root)  # another process, on another node
+    folder = reader.materialize("runs/r1/ntp", cache_dir=tmp_path / "reader-cache")
+    assert folder.is_relative_to(tmp_path / "reader-cache")
+    assert read_files(folder) == files
+    assert reader.exists("runs/r1/ntp") and not reader.exists("runs/r1/cocomix")
+
+
+def test_s3_folder_without_marker_is_rejected(s3_root: str, tmp_path: Path):
+    storage = Storage(s3_root)
+    object_key = storage._object_key("runs/r1/ntp/model.safetensors")
+    storage.client.put_object(Bucket=storage.bucket, Key=object_key, Body=b"half an upload")
+    assert not storage.exists("runs/r1/ntp")
+    with pytest.raises(IncompleteError, match=f"{MARKER} marker is missing"):
+        storage.materialize("runs/r1/ntp", cache_dir=tmp_path)
+
+
+def test_s3_interrupted_publish_is_invalid_and_a_retry_resumes(s3_root: str, tmp_path: Path, monkeypatch):
+    storage = Storage(s3_root)
+    source = write_files(tmp_path / "src", TRAINING_FOLDER)
+    real_upload, uploaded = storage.client.upload_file, []
+
+    def upload_then_crash(*args, **kwargs):
+        if uploaded:
+            raise ConnectionError("node preempted")
+        uploaded.append(args)
+        return real_upload(*args, **kwargs)
+
+    monkeypatch.setattr(storage.client, "upload_file", upload_then_crash)
+    with pytest.raises(ConnectionError):
+        storage.publish(source, "runs/r1/ntp")
+    assert not storage.exists("runs/r1/ntp")
+
+    retry = Storage(s3_root)
+    calls = count_s3_calls(retry)
+    retry.publish(source, "runs/r1/ntp")
+    assert calls["PutObject"] == len(TRAINING_FOLDER) - 1 + 1  # the rest, then the marker
+    assert read_files(retry.materialize("runs/r1/ntp", cache_dir=tmp_path / "cache")) == TRAINING_FOLDER
+
+
+def test_s3_republish_uploads_only_changed_files(s3_root: str, tmp_path: Path):
+    storage = Storage(s3_root)
+    source = write_files(tmp_path / "src", TRAINING_FOLDER)
+    storage.publish(source, "runs/r1/ntp")
+
+    calls = count_s3_calls(storage)
+    storage.publish(source, "runs/r1/ntp")
+    assert not any(calls[name] for name in UPLOAD_CALLS)  # nothing changed: nothing sent
+
+    write_files(source, {"checkpoints/step_000050/checkpoint.json": b'{"step": 50, "edited": true}',
+                         "checkpoints/step_000100/model.safetensors": b"weights-100"})
+    storage.publish(source, "runs/r1/ntp")
+    assert calls["PutObject"] == 2 + 1  # the two changed files, then the marker
+    assert not calls["CreateMultipartUpload"]
+    fresh = Storage(s3_root).materialize("runs/r1/ntp", cache_dir=tmp_path / "cache")
+    assert read_files(fresh) == read_files(source)
+
+
+def test_s3_materialize_skips_intact_files_and_repairs_damaged_ones(s3_root: str, tmp_path: Path):
+    storage = Storage(s3_root)
+    storage.publish(write_files(tmp_path / "src", TRAINING_FOLDER), "runs/r1/ntp")
+    reader = Storage(s3_root)
+    folder = reader.materialize("runs/r1/ntp", cache_dir=tmp_path / "cache")
+
+    calls = count_s3_calls(reader)
+    reader.materialize("runs/r1/ntp", cache_dir=tmp_path / "cache")
+    assert calls["GetObject"] == 1  # only the marker
+
+    damaged = folder / "trainer_state/step_000050/state.pt"
+    damaged.write_bytes(b"X" * damaged.stat().st_size)  # same size, other bytes
+    (folder / MARKER).unlink()
+    calls.clear()
+    reader.materialize("runs/r1/ntp", cache_dir=tmp_path / "cache")
+    assert calls["GetObject"] == 1 + 1  # the marker and the damaged file
+    assert read_files(folder) == TRAINING_FOLDER
+
+
+def test_s3_resumed_training_on_a_fresh_node(s3_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("COCOMIX_CACHE", str(tmp_path / "node-1"))
+    first_node = Storage(s3_root)
+    workdir = first_node.local_workdir("runs/r1/ntp")
+    assert workdir.is_relative_to(tmp_path / "node-1")
+    first_node.publish(write_files(workdir, TRAINING_FOLDER), "runs/r1/ntp")
+
+    monkeypatch.setenv("COCOMIX_CACHE", str(tmp_path / "node-2"))
+    second_node = Storage(s3_root)
+    resumed = second_node.materialize("runs/r1/ntp")
+    assert resumed == second_node.local_workdir("runs/r1/ntp")  # resume writes where it downloaded
+    assert read_files(resumed) == TRAINING_FOLDER
+
+    shutil.rmtree(resumed / "trainer_state/step_000050")  # superseded by the new state
+    write_files(resumed, {"checkpoints/step_000100/model.safetensors": b"weights-100",
+                          "trainer_state/step_000100/state.pt": b"optimizer-100"})
+    second_node.publish(resumed, "runs/r1/ntp")
+
+    listed = second_node.client.list_objects_v2(Bucket=second_node.bucket, Prefix=second_node._object_key("runs"))
+    stored = sorted(item["Key"].split("runs/r1/ntp/")[1] for item in listed["Contents"])
+    assert stored == sorted([MARKER, *read_files(resumed)])  # the old trainer state is gone
+    third = Storage(s3_root).materialize("runs/r1/ntp", cache_dir=tmp_path / "node-3")
+    assert read_files(third) == read_files(resumed)
+
+
+def test_s3_json_and_pickling(s3_root: str):
+    storage = Storage(s3_root)
+    storage.write_json("data/abc/manifest.json", {"sha256": "abc"})
+    clone = pickle.loads(pickle.dumps(storage))
+    assert isinstance(clone, S3Storage) and clone.read_json("data/abc/manifest.json") == {"sha256": "abc"}
+    with pytest.raises(FileNotFoundError):
+        clone.read_json("data/absent.json")
+    assert json.loads(json.dumps(clone.uri("data/abc"))) == f"{s3_root}/data/abc"
