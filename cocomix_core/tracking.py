@@ -15,11 +15,13 @@ Metric names (stable; the flow's report and MLflow comparisons rely on them):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Iterator, Protocol, TypeVar
 
 # Keep MLflow quiet and local: no usage telemetry leaves the machine.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -35,6 +37,25 @@ DEFAULT_ARTIFACTS = PROJECT_ROOT / "mlartifacts"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
 MAX_PARAMS_PER_BATCH = 100
 MAX_TAGS_PER_BATCH = 100
+LOCKED_RETRIES = 10  # SQLite allows one writer; parallel flow tasks wait their turn
+LOCKED_FIRST_WAIT_S = 0.05
+T = TypeVar("T")
+
+
+def when_unlocked(call: Callable[[], T], attempts: int = LOCKED_RETRIES) -> T:
+    """Run a store call, retrying with exponential backoff while SQLite says "database is locked".
+
+    Several flow tasks write to one SQLite store at once; SQLite serialises writers and
+    gives up after its busy timeout, so a write can fail for a moment and succeed later.
+    """
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Exception as error:  # MLflow wraps SQLAlchemy's OperationalError in its own types
+            if "database is locked" not in str(error) or attempt == attempts - 1:
+                raise
+            time.sleep(LOCKED_FIRST_WAIT_S * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 class Tracker(Protocol):
@@ -156,24 +177,24 @@ class MlflowTracker:
     def log_params(self, params: dict[str, str]) -> None:
         entries = [Param(key, str(value)) for key, value in params.items()]
         for start in range(0, len(entries), MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=entries[start : start + MAX_PARAMS_PER_BATCH])
+            batch = entries[start : start + MAX_PARAMS_PER_BATCH]
+            when_unlocked(lambda: self.client.log_batch(self.run_id, params=batch))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         entries = [RunTag(key, str(value)) for key, value in tags.items()]
         for start in range(0, len(entries), MAX_TAGS_PER_BATCH):
-            self.client.log_batch(self.run_id, tags=entries[start : start + MAX_TAGS_PER_BATCH])
+            batch = entries[start : start + MAX_TAGS_PER_BATCH]
+            when_unlocked(lambda: self.client.log_batch(self.run_id, tags=batch))
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         path = Path(path)
-        if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        log = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
+        when_unlocked(lambda: log(self.run_id, str(path), artifact_path))
 
     def flush(self) -> None:
         while self._pending:
             batch, self._pending = self._pending[:MAX_METRICS_PER_BATCH], self._pending[MAX_METRICS_PER_BATCH:]
-            self.client.log_batch(self.run_id, metrics=batch)
+            when_unlocked(lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def close(self) -> None:
         self.flush()
@@ -222,13 +243,14 @@ def create_run(
     all_tags = dict(tags or {})
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    run = when_unlocked(lambda: client.create_run(experiment_id, run_name=run_name, tags=all_tags))
     return run.info.run_id
 
 
 def end_run(run_id: str, status: str = "FINISHED", tracking_uri: str | None = None) -> None:
     """Mark a run FINISHED or FAILED."""
-    MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri)).set_terminated(run_id, status=status)
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    when_unlocked(lambda: client.set_terminated(run_id, status=status))
 
 
 def log_dataset_input(
@@ -251,10 +273,98 @@ def log_dataset_input(
         profile=json.dumps(profile, sort_keys=True),
     )
     client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
+    inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])]
+    when_unlocked(lambda: client.log_inputs(run_id, datasets=inputs))
 
 
 def find_runs(experiment_id: str, filter_string: str, tracking_uri: str | None = None) -> list[mlflow.entities.Run]:
     """Runs of an experiment matching an MLflow search filter, oldest first."""
     client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
     return list(client.search_runs([experiment_id], filter_string=filter_string, order_by=["attributes.start_time ASC"]))
+
+
+# ---------------------------------------------------------------- lineage
+
+LINEAGE_PREFIX = "metaflow."
+
+
+def git_commit(path: str | os.PathLike = PROJECT_ROOT) -> str:
+    """HEAD's commit hash of the checkout holding `path`, or "unknown" outside git (or before the first commit)."""
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
+
+
+def lineage_tags(
+    *,
+    flow: str,
+    run_id: str,
+    step: str,
+    task_pathspec: str,
+    settings_digest: str,
+    origin_run_id: str | None = None,
+    commit: str | None = None,
+) -> dict[str, str]:
+    """Tags that tie an MLflow run to the orchestrator's task, the code and the settings that made it."""
+    tags = {
+        f"{LINEAGE_PREFIX}flow": flow,
+        f"{LINEAGE_PREFIX}run_id": run_id,
+        f"{LINEAGE_PREFIX}step": step,
+        f"{LINEAGE_PREFIX}task_pathspec": task_pathspec,
+        "git.commit": commit or git_commit(),
+        "settings.digest": settings_digest,
+    }
+    if origin_run_id:
+        tags[f"{LINEAGE_PREFIX}origin_run_id"] = origin_run_id
+    return tags
+
+
+@contextlib.contextmanager
+def active_run(run_id: str, tracking_uri: str | None = None) -> Iterator[MlflowTracker]:
+    """Log to an existing run for the length of a block; end it FINISHED, or FAILED if the block raises."""
+    tracker = MlflowTracker(run_id, tracking_uri)
+    try:
+        yield tracker
+    except BaseException:
+        tracker.close()
+        end_run(run_id, "FAILED", tracking_uri)
+        raise
+    tracker.close()
+    end_run(run_id, "FINISHED", tracking_uri)
+
+
+@contextlib.contextmanager
+def tracked_run(
+    experiment_id: str,
+    run_name: str,
+    *,
+    parent_run_id: str | None,
+    tags: dict[str, str],
+    params: dict[str, str] | None = None,
+    tracking_uri: str | None = None,
+) -> Iterator[MlflowTracker]:
+    """Create a (child) run for one piece of work and log to it as `active_run` does."""
+    run_id = create_run(experiment_id, run_name, parent_run_id=parent_run_id, tags=tags, tracking_uri=tracking_uri)
+    with active_run(run_id, tracking_uri) as tracker:
+        if params:
+            tracker.log_params(params)
+        yield tracker
+
+
+def log_checkpoints(tracker: Tracker, checkpoints: list[dict[str, Any]], artifact_dir: str | os.PathLike) -> None:
+    """Record each checkpoint at its step (metric `checkpoint/tokens_seen`) and their URIs as `checkpoints.json`.
+
+    Each entry needs `step`, `tokens_seen` and `uri`; the JSON list lets anyone go from an
+    MLflow run to the weights it produced.
+    """
+    for checkpoint in checkpoints:
+        tracker.log_metrics({"checkpoint/tokens_seen": float(checkpoint["tokens_seen"])}, step=int(checkpoint["step"]))
+    listing = Path(artifact_dir) / "checkpoints.json"
+    listing.parent.mkdir(parents=True, exist_ok=True)
+    listing.write_text(json.dumps(checkpoints, indent=2, sort_keys=True) + "\n")
+    tracker.flush()
+    tracker.log_artifact(listing)
