@@ -27,10 +27,9 @@ held-out batch), `mean_l0` (non-zero latents per held-out token; <= k).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch

@@ -90,7 +90,7 @@ class TrainSettings(Strict):
     eval_every: PositiveInt = Field(description="validation perplexity every N optimizer steps")
     eval_windows: PositiveInt = Field(32, description="validation windows per perplexity measurement")
     checkpoint_every: PositiveInt
-    seed: int = 0
+    seed: int = Field(0, description="model init seed of the teacher; training arms take theirs from sweep.seeds")
     cpu_threads: PositiveInt | None = Field(None, description="torch threads per process; None: cores / parallel branches")
 
     @model_validator(mode="after")

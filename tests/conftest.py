@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+from cocomix_core.data import prepare_corpus
+from settings import load_settings
+
+
+@pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smoke preset's real prepared corpus, shared by the training tests."""
+    folder = tmp_path_factory.mktemp("smoke_data")
+    prepare_corpus(load_settings("smoke").data, folder)
+    return folder
 
 
 # ----- a real S3 endpoint: moto's server on a free local port ----------------------------------

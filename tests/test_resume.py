@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from cocomix_core.checkpoints import latest_trainer_state
-from cocomix_core.data import prepare_corpus
 from cocomix_core.fileio import is_partial
 from cocomix_core.models import job_for_branch
 from cocomix_core.train import final_checkpoint, list_checkpoints, train
@@ -62,14 +61,6 @@ if mode == "hang":
 tracker = SlowTracker(metrics_path) if mode == "slow" else JsonlTracker(metrics_path)
 train(job, data_dir, out_dir, tracker=tracker, num_threads=1)
 """
-
-
-@pytest.fixture(scope="module")
-def smoke_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The smoke preset's real prepared corpus."""
-    folder = tmp_path_factory.mktemp("data")
-    prepare_corpus(load_settings("smoke").data, folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

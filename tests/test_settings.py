@@ -91,7 +91,7 @@ def test_bad_value_names_field_and_value():
         ("sae.k=4096", r"k=4096 exceeds num_latents=2048"),
         ("concepts.labels_per_token=17", r"labels_per_token=17 exceeds sae.k=16"),
         ("arms.ntp.model.vocab_size=50000", r"vocab_size=50000 is smaller than"),
-        ("train.eval_every=500", r"eval_every=500 exceeds steps=200"),
+        ("train.eval_every=500", r"eval_every=500 exceeds steps=160"),
         ("train.checkpoint_every=0", r"train.checkpoint_every"),
         ("train.grad_accum_steps=3", r"grad_accum_steps=3 does not divide batch_size=8"),
         ("train.min_lr=1.0", r"min_lr=1.0 is larger than lr"),

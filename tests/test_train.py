@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from cocomix_core.concepts import ConceptExtractor, LabelCache, build_label_cache, load_teacher
-from cocomix_core.data import load_split, prepare_corpus
+from cocomix_core.data import load_split
 from cocomix_core.models import build_model, job_for_branch, teacher_job
 from cocomix_core.sae import TopKSAE
 from cocomix_core.tracking import MemoryTracker
@@ -34,14 +34,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # Loss-falls runs: enough steps at a high learning rate for a clear drop on the tiny models.
 SHORT_RUN = ["train.steps=20", "train.lr=1e-2", "train.warmup_steps=2", "train.log_every=4",
              "train.eval_every=10", "train.checkpoint_every=10"]
-
-
-@pytest.fixture(scope="module")
-def smoke_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The smoke preset's real prepared corpus."""
-    folder = tmp_path_factory.mktemp("data")
-    prepare_corpus(load_settings("smoke").data, folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
