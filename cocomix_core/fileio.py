@@ -37,6 +37,18 @@ def _temp_sibling(path: Path) -> Path:
     return path.with_name(f"{path.name}{PARTIAL_MARKER}-{uuid.uuid4().hex[:8]}")
 
 
+def _replace_folder(new: Path, final: Path) -> None:
+    """Swap a complete folder in for an existing one.
+
+    Folders cannot be renamed over each other, so the old one is first moved
+    aside under a partial name (never deleted before the new one is in place).
+    """
+    retired = _temp_sibling(final)
+    os.replace(final, retired)
+    os.replace(new, final)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto `path` only if the block succeeds.
@@ -50,8 +62,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield temp
         if final.is_dir() and temp.is_dir():
-            shutil.rmtree(final)
-        os.replace(temp, final)
+            _replace_folder(temp, final)
+        else:
+            os.replace(temp, final)
     finally:
         if temp.is_dir():
             shutil.rmtree(temp, ignore_errors=True)
