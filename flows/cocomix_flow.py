@@ -77,7 +77,6 @@ if TYPE_CHECKING:  # heavy imports (torch, mlflow, boto3) happen inside the step
     from cocomix_core.storage import Storage
     from cocomix_core.tracking import MlflowTracker
 
-TRAIN_RETRIES = 2  # a retried branch continues from its last checkpoint, so retries are cheap
 FAIL_ONCE_ENV = "COCOMIX_FAIL_ONCE"
 SAE_FILE = "sae.safetensors"
 TASKS_DIR = "lm_tasks"  # the offline lm-eval tasks, inside the prepared data folder
@@ -201,7 +200,7 @@ class CocomixFlow(FlowSpec):
         self.next(self.train, foreach="branches")
 
     @resources(**_resources("train"))
-    @retry(times=TRAIN_RETRIES, minutes_between_retries=0)
+    @retry(times=LAUNCH.compute.train.retries, minutes_between_retries=0)
     @step
     def train(self) -> None:
         """Train one branch into its run folder, continuing from its last checkpoint when retried or resumed."""

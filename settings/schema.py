@@ -199,6 +199,7 @@ class StepResources(Strict):
     memory_mb: PositiveInt = 4096
     gpus: int = Field(0, ge=0)
     nodes: PositiveInt = 1
+    retries: int = Field(2, ge=0, le=4, description="@retry times; a retried training step continues from its checkpoint")
 
 
 class ComputeSettings(Strict):

@@ -21,7 +21,7 @@ def test_kubernetes_spec_requests_the_settings_resources(tmp_path: Path, s3_serv
         METAFLOW_DATASTORE_SYSROOT_S3=f"s3://{s3_server.bucket}/k8s-spec",
         METAFLOW_KUBERNETES_NAMESPACE="cocomix",
         COCOMIX_SETTINGS="smoke",
-        COCOMIX_SET="compute.train.gpus=8; compute.train.cpus=16; compute.train.memory_mb=65536",
+        COCOMIX_SET="compute.train.gpus=8; compute.train.cpus=16; compute.train.memory_mb=65536; compute.train.retries=3",
     )
     result = run_flow(
         ["--datastore", "s3", "--with", "kubernetes", "argo-workflows", "create", "--only-json"], env, tmp_path, 180
@@ -34,6 +34,8 @@ def test_kubernetes_spec_requests_the_settings_resources(tmp_path: Path, s3_serv
     assert float(train["requests"]["cpu"]) == 16
     assert train["requests"]["memory"].startswith("65536")
     assert "nvidia.com/gpu" not in templates["prepare"]["container"]["resources"]["limits"]
+    retry_limits = {name: t.get("retryStrategy", {}).get("limit") for name, t in templates.items()}
+    assert int(retry_limits["train"]) == 3, retry_limits
     parameters = {item["name"]: json.loads(item["value"]) for item in spec["spec"]["arguments"]["parameters"]}
     assert parameters["settings"] == "smoke", "the deployed default must match the resources it was built with"
 
