@@ -89,9 +89,17 @@ def _launch_settings() -> ExperimentSettings:
     # Step processes inherit these, so their decorators see the same settings as this one.
     os.environ[SETTINGS_ENV], os.environ[OVERRIDES_ENV] = source, overrides
     try:
-        return load_settings(source, parse_overrides(overrides))
+        settings = load_settings(source, parse_overrides(overrides))
     except (SettingsError, ValueError) as error:
         sys.exit(f"cocomix_flow: {error}")
+    if settings.compute.train.nodes > 1:
+        # The launcher builds multi-node commands, but the graph has no @parallel step yet: refuse
+        # rather than silently train on one node.
+        sys.exit(
+            f"cocomix_flow: compute.train.nodes={settings.compute.train.nodes}: multi-node training is not wired "
+            "into the flow yet; use nodes=1 (all GPUs of one node) or run cocomix_core.train under your own launcher"
+        )
+    return settings
 
 
 LAUNCH = _launch_settings()

@@ -70,7 +70,8 @@ def tail(result: subprocess.CompletedProcess) -> str:
 @pytest.mark.parametrize(
     ("args", "named"),
     [(["--settings", "smoke", "--set", "train.lr=-1"], "train.lr"), (["--settings", "nonexistent"], "nonexistent"),
-     (["--settings", "smoke", "--set", "train.stepz=3"], "train.stepz")],
+     (["--settings", "smoke", "--set", "train.stepz=3"], "train.stepz"),
+     (["--settings", "smoke", "--set", "compute.train.nodes=2"], "compute.train.nodes=2")],
 )
 def test_a_bad_setting_fails_before_any_step_and_names_the_field(tmp_path: Path, args: list[str], named: str):
     result = run_flow(["run", *args], flow_env(tmp_path), cwd=tmp_path, timeout=120)
