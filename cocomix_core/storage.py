@@ -27,11 +27,11 @@ from urllib.parse import urlparse
 import boto3
 from botocore.exceptions import ClientError
 
+from cocomix_core import PROJECT_ROOT
 from cocomix_core.fileio import atomic_path, is_partial, sha256_file, write_json_atomic
 
 MARKER = "_COMPLETE"
 MARKER_FORMAT = 1
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 # {relative posix path: {"size": bytes, "sha256": hex}}
 FileTable = dict[str, dict[str, Any]]

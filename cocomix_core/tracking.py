@@ -31,7 +31,8 @@ import mlflow  # noqa: E402
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from cocomix_core import PROJECT_ROOT  # noqa: E402
+
 DEFAULT_STORE = PROJECT_ROOT / "mlruns.db"
 DEFAULT_ARTIFACTS = PROJECT_ROOT / "mlartifacts"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
