@@ -19,6 +19,7 @@ of the documents and settings: the same inputs give byte-identical files.
 from __future__ import annotations
 
 import argparse
+import collections
 import glob
 import hashlib
 import importlib.metadata
@@ -28,6 +29,7 @@ import json
 import logging
 import re
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -36,7 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cocomix_core.fileio import atomic_path, sha256_file, sha256_json
-from cocomix_core.tokenizer import EOT_ID, VOCAB_SIZE, TokenizerError, encode_documents, tokenizer_digest
+from cocomix_core.tokenizer import EOT_ID, VOCAB_SIZE, TokenizerError, encode_document, tokenizer_digest
 from settings.cli import add_settings_arguments, settings_from_args
 from settings.loader import SettingsError
 from settings.schema import DataSettings
@@ -263,7 +265,7 @@ class TokenWriter:
         self.documents = 0
         self.tokens = 0
 
-    def write(self, ids: list[int] | np.ndarray) -> int:
+    def write(self, ids: np.ndarray) -> int:
         """Append one document's ids; returns how many there were."""
         array = np.asarray(ids, dtype=TOKEN_DTYPE)
         self.buffer.append(array)
@@ -287,16 +289,22 @@ class TokenWriter:
         self.handle.close()
 
 
-def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
-    iterator = iter(items)
-    while batch := list(itertools.islice(iterator, size)):
-        yield batch
+def _encoded(texts: Iterable[str], data: DataSettings) -> Iterator[tuple[str, np.ndarray]]:
+    """(text, ids + EOT) per document, in order, encoded by `encode_workers` threads.
 
-
-def _encoded(texts: Iterable[str], data: DataSettings) -> Iterator[tuple[str, list[int]]]:
-    """(text, ids + EOT) per document, encoded in parallel batches."""
-    for batch in _batched(texts, data.encode_batch_docs):
-        yield from zip(batch, encode_documents(batch, num_threads=data.encode_workers))
+    A rolling window of `encode_batch_docs` documents is in flight, so the threads never wait
+    at a batch boundary for the slowest document and memory stays bounded by the window.
+    """
+    with ThreadPoolExecutor(data.encode_workers) as pool:
+        in_flight: collections.deque[tuple[str, Future]] = collections.deque()
+        for text in texts:
+            in_flight.append((text, pool.submit(encode_document, text)))
+            if len(in_flight) >= data.encode_batch_docs:
+                text, ids = in_flight.popleft()
+                yield text, ids.result()
+        while in_flight:
+            text, ids = in_flight.popleft()
+            yield text, ids.result()
 
 
 def _staged(path: Path, lengths: list[int]) -> Iterator[np.ndarray]:

@@ -35,7 +35,7 @@ class DataSettings(Strict):
     split_seed: int = 2357
     block_size: PositiveInt = 256
     window_seed: int = Field(0, description="seed of the training windows' shifts and order")
-    encode_batch_docs: PositiveInt = 512
+    encode_batch_docs: PositiveInt = Field(512, description="documents in flight while encoding: bounds memory")
     encode_workers: PositiveInt = 2
     offline_task_items: PositiveInt = Field(200, description="items per offline lm-eval task built from val documents")
 

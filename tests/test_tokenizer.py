@@ -11,6 +11,7 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import pytest
 import regex
 
@@ -95,9 +96,15 @@ def test_literal_end_of_text_is_ordinary_text():
 
 def test_encode_documents_appends_one_eot_per_document():
     encoded = tok.encode_documents(["Hello world", "", "<|endoftext|>"], num_threads=2)
-    assert encoded[0] == [15496, 995, tok.EOT_ID]
-    assert encoded[1] == [tok.EOT_ID]
-    assert encoded[2][-1] == tok.EOT_ID and tok.EOT_ID not in encoded[2][:-1]
+    assert encoded[0].tolist() == [15496, 995, tok.EOT_ID]
+    assert encoded[1].tolist() == [tok.EOT_ID]
+    assert encoded[2].tolist() == tok.gpt2_encoding().encode_ordinary("<|endoftext|>") + [tok.EOT_ID]
+    assert all(ids.dtype == np.uint16 for ids in encoded)
+
+
+@pytest.mark.parametrize("text", SAMPLE)
+def test_encode_document_equals_encode_ordinary(text):
+    assert tok.encode_document(text).tolist() == tok.gpt2_encoding().encode_ordinary(text) + [tok.EOT_ID]
 
 
 def test_hash_constants_are_the_ones_tiktoken_declares():
