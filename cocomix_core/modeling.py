@@ -66,10 +66,12 @@ class CoCoMixConfig(GPT2Config):
 
 @dataclass
 class CoCoMixModelOutput(ModelOutput):
-    """Trunk output: ln_f-normalised states at the concept positions, concept logits z, the KV cache."""
+    """Trunk output: ln_f-normalised states at the concept positions, concept logits z (and their
+    loss when labels were given), the KV cache."""
 
     last_hidden_state: torch.Tensor | None = None
     concept_logits: torch.Tensor | None = None
+    concept_loss: torch.Tensor | None = None
     cache: Cache | None = None
 
 
@@ -111,19 +113,83 @@ def concept_loss(concept_logits: torch.Tensor, concept_labels: torch.Tensor) -> 
 
     concept_logits: B×T×C, concept_labels: B×T×K int64. Computed in float32 even under bf16 autocast.
     """
-    z = _at_least_float32(concept_logits)
-    with torch.autocast(z.device.type, enabled=False):
-        log_partition = torch.logsumexp(z, dim=-1)
-        label_logits = z.gather(-1, concept_labels).mean(dim=-1)
-        return (log_partition - label_logits).mean()
+    loss, _, _ = ConceptLossAndTopK.apply(concept_logits, concept_labels, 0)
+    return loss
+
+
+def concept_loss_and_topk(
+    concept_logits: torch.Tensor, concept_labels: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(`concept_loss`, TopK values, TopK indices) of z, with one backward that writes dL/dz once."""
+    return ConceptLossAndTopK.apply(concept_logits, concept_labels, k)
+
+
+CHUNK_ELEMENTS = 1 << 20  # rows of z are processed in ~4 MB chunks that stay in cache
+
+
+def _row_chunks(rows: int, width: int) -> Iterator[slice]:
+    step = max(1, CHUNK_ELEMENTS // width)
+    return (slice(start, start + step) for start in range(0, rows, step))
+
+
+class ConceptLossAndTopK(torch.autograd.Function):
+    """The concept loss and the TopK of z as one autograd node.
+
+    With the loss, the TopK and the label gather as separate nodes, autograd builds three dense
+    N×C gradients (two of them zero-filled scatters) and adds them up; with C = 32k that traffic
+    costs more than the concept predictor's matmuls on a CPU. Here backward writes softmax(z)·g
+    into one buffer, chunk by chunk, then scatters the label and TopK terms into it.
+    """
+
+    @staticmethod
+    def forward(ctx, concept_logits: torch.Tensor, concept_labels: torch.Tensor, k: int):
+        z = concept_logits.flatten(0, -2)
+        labels = concept_labels.flatten(0, -2)
+        compute_dtype = torch.promote_types(z.dtype, torch.float32)  # float64 stays float64
+        log_partition = torch.empty(len(z), dtype=compute_dtype, device=z.device)
+        for rows in _row_chunks(*z.shape):
+            chunk = z[rows].to(compute_dtype)
+            log_partition[rows] = torch.logsumexp(chunk, dim=-1)
+        label_logits = z.gather(-1, labels).to(compute_dtype).mean(dim=-1)
+        loss = (log_partition - label_logits).mean()
+        if k:
+            top_values, top_indices = torch.topk(concept_logits, k, dim=-1)
+        else:
+            top_values = concept_logits.new_empty((*concept_logits.shape[:-1], 0))
+            top_indices = concept_labels.new_empty(top_values.shape)
+        ctx.mark_non_differentiable(top_indices)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(z, labels, log_partition, top_indices.flatten(0, -2))
+        ctx.logits_shape = concept_logits.shape
+        return loss, top_values, top_indices
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, grad_top_values, _):
+        z, labels, log_partition, top_indices = ctx.saved_tensors
+        if grad_loss is None and grad_top_values is None:
+            return None, None, None
+        if grad_loss is None:
+            grad_z = torch.zeros(z.shape, dtype=log_partition.dtype, device=z.device)
+        else:
+            tokens, labels_per_token = labels.shape
+            scale = grad_loss / tokens
+            grad_z = torch.empty(z.shape, dtype=log_partition.dtype, device=z.device)
+            for rows in _row_chunks(*z.shape):  # softmax(z) · g / N
+                torch.sub(z[rows], log_partition[rows, None], out=grad_z[rows]).exp_().mul_(scale)
+            grad_z.scatter_add_(-1, labels, (-scale / labels_per_token).expand(labels.shape))
+        if grad_top_values is not None:
+            grad_z.scatter_add_(-1, top_indices, grad_top_values.flatten(0, -2).to(grad_z.dtype))
+        return grad_z.to(z.dtype).view(ctx.logits_shape), None, None
 
 
 def compress_sparse_concepts(values: torch.Tensor, indices: torch.Tensor, compress_layer: nn.Linear) -> torch.Tensor:
     """compress_layer(z_k) where z_k holds `values` at `indices` (…×k) and zeros elsewhere.
 
     Gathers the k selected columns of the C-wide weight instead of multiplying by a mostly-zero vector.
+    The C×d copy makes each column a contiguous row: gathering and scattering rows is 2x faster.
     """
-    weight_columns = compress_layer.weight.t()[indices]  # …×k×d
+    weight_columns = F.embedding(indices, compress_layer.weight.t().contiguous())  # …×k×d
     return torch.einsum("...k,...kd->...d", values.to(weight_columns.dtype), weight_columns) + compress_layer.bias
 
 
@@ -192,15 +258,26 @@ class CoCoMixModel(CoCoMixPreTrainedModel):
     def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
         self.wte = new_embeddings
 
-    def predict_and_mix_concepts(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """SPEC §3 steps 1-4: returns (concept logits z, continuous concept c), both per token."""
+    def predict_and_mix_concepts(
+        self, h: torch.Tensor, concept_labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """SPEC §3 steps 1-4: (concept logits z, continuous concept c, L_concept when labels are given)."""
         h_normed, mean, std = bessel_layer_norm(h)
         concept_logits = self.concept_predictor(h_normed - self.pre_bias)
-        steered_logits = self._apply_steering(concept_logits)
-        top_values, top_indices = torch.topk(steered_logits, self.config.concept_num, dim=-1)
+        loss, top_values, top_indices = self._concept_loss_and_topk(concept_logits, concept_labels)
         compressed = compress_sparse_concepts(top_values, top_indices, self.compress_layer)
         continuous_concept = (compressed + self.pre_bias) * std + mean
-        return concept_logits, continuous_concept
+        return concept_logits, continuous_concept, loss
+
+    def _concept_loss_and_topk(
+        self, concept_logits: torch.Tensor, concept_labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        k = self.config.concept_num
+        if concept_labels is not None and not self.concept_steering:
+            return concept_loss_and_topk(concept_logits, concept_labels, k)  # the training path, fused
+        # Steering changes what TopK sees, never the loss: that scores the model's own predictions.
+        loss = concept_loss(concept_logits, concept_labels) if concept_labels is not None else None
+        return loss, *torch.topk(self._apply_steering(concept_logits), k, dim=-1)
 
     def _apply_steering(self, concept_logits: torch.Tensor) -> torch.Tensor:
         if not self.concept_steering:
@@ -217,6 +294,7 @@ class CoCoMixModel(CoCoMixPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         use_cache: bool = False,
+        concept_labels: torch.LongTensor | None = None,
     ) -> CoCoMixModelOutput:
         """Run the trunk on `input_ids` (B×T new tokens); `attention_mask` covers cached + new tokens."""
         batch, new_tokens = input_ids.shape
@@ -240,7 +318,7 @@ class CoCoMixModel(CoCoMixPreTrainedModel):
         for block in self.h[:insert_at]:
             h = block(h, cache=cache, attention_mask=token_mask, use_cache=use_cache)
 
-        concept_logits, continuous_concept = self.predict_and_mix_concepts(h)
+        concept_logits, continuous_concept, concept_loss_value = self.predict_and_mix_concepts(h, concept_labels)
         x = torch.stack([h, continuous_concept], dim=2).reshape(batch, 2 * new_tokens, -1)  # h_1, c_1, h_2, ...
 
         # Each token owns two positions from here on; its padding flag applies to both.
@@ -253,7 +331,10 @@ class CoCoMixModel(CoCoMixPreTrainedModel):
 
         concept_positions = x[:, 1::2]
         return CoCoMixModelOutput(
-            last_hidden_state=self.ln_f(concept_positions), concept_logits=concept_logits, cache=cache
+            last_hidden_state=self.ln_f(concept_positions),
+            concept_logits=concept_logits,
+            concept_loss=concept_loss_value,
+            cache=cache,
         )
 
 
@@ -310,13 +391,14 @@ class CoCoMixForCausalLM(CoCoMixPreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             cache=cache if cache is not None else past_key_values,
             use_cache=use_cache,
+            concept_labels=concept_labels,
         )
         logits = self.lm_head(trunk.last_hidden_state)
         return CoCoMixCausalLMOutput(
             loss=next_token_loss(logits, labels) if labels is not None else None,
             logits=logits,
             concept_logits=trunk.concept_logits,
-            concept_loss=concept_loss(trunk.concept_logits, concept_labels) if concept_labels is not None else None,
+            concept_loss=trunk.concept_loss,
             cache=trunk.cache,
         )
 

@@ -14,11 +14,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from cocomix_core import modeling
 from cocomix_core.modeling import (
     CoCoMixConfig,
     CoCoMixForCausalLM,
     compress_sparse_concepts,
     concept_loss,
+    concept_loss_and_topk,
     load_released_state_dict,
 )
 
@@ -121,12 +123,14 @@ def random_batch(B=2, T=9, seed=1):
 
 # ---------------------------------------------------------------- tests
 
+@pytest.mark.parametrize("loss_from", ["forward", "concept_logits"])  # the trainer's fused path, the documented one
 @pytest.mark.parametrize("insert_layer_index", [0, 1, 2])
-def test_forward_losses_and_grads_match_float64_reference(insert_layer_index):
+def test_forward_losses_and_grads_match_float64_reference(insert_layer_index, loss_from):
     model = tiny_model(insert_layer_index=insert_layer_index).double()
     ids, concept_labels = random_batch()
     out = model(ids, labels=ids, concept_labels=concept_labels)
-    total = out.loss + LAMBDA * concept_loss(out.concept_logits, concept_labels)
+    concept = out.concept_loss if loss_from == "forward" else concept_loss(out.concept_logits, concept_labels)
+    total = out.loss + LAMBDA * concept
     total.backward()
 
     params = {k: v.detach().clone().requires_grad_(True) for k, v in model.state_dict().items() if k != "lm_head.weight"}
@@ -362,6 +366,41 @@ def test_concept_loss_matches_dense_cross_entropy():
     (grad_dense,) = torch.autograd.grad(dense, z)
     torch.testing.assert_close(fast, dense, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad_fast, grad_dense, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("uses", [("loss",), ("top_values",), ("loss", "top_values")])
+def test_fused_concept_loss_and_topk_match_autograd_composition(uses, monkeypatch):
+    monkeypatch.setattr(modeling, "CHUNK_ELEMENTS", 2 * CONCEPTS + 5)  # several row chunks, one ragged
+    torch.manual_seed(5)
+    z = torch.randn(3, 5, CONCEPTS, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, CONCEPTS, (3, 5, K_LABELS))
+    labels[0, 0] = 7  # repeated labels count once each
+    weights = torch.randn(3, 5, K_MIX, dtype=torch.float64)
+
+    def objective(loss, top_values):
+        terms = {"loss": 1.7 * loss, "top_values": (weights * top_values).sum()}
+        return sum(terms[name] for name in uses)
+
+    loss, top_values, top_indices = concept_loss_and_topk(z, labels, K_MIX)
+    (grad_fused,) = torch.autograd.grad(objective(loss, top_values), z)
+    plain_values, plain_indices = torch.topk(z, K_MIX, dim=-1)
+    plain_loss = (torch.logsumexp(z, -1) - z.gather(-1, labels).mean(-1)).mean()
+    (grad_plain,) = torch.autograd.grad(objective(plain_loss, plain_values), z)
+    assert torch.equal(top_indices, plain_indices) and torch.equal(top_values, plain_values)
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_fused, grad_plain, rtol=1e-12, atol=1e-12)
+
+
+def test_concept_loss_under_steering_scores_the_unsteered_predictions():
+    model = tiny_model()
+    ids, concept_labels = random_batch()
+    with torch.no_grad():
+        plain = model(ids, concept_labels=concept_labels)
+        with model.steer_concepts({3: 50.0}):
+            steered = model(ids, concept_labels=concept_labels)
+    torch.testing.assert_close(steered.concept_loss, plain.concept_loss)
+    torch.testing.assert_close(steered.concept_loss, concept_loss(plain.concept_logits, concept_labels))
+    assert (steered.logits - plain.logits).abs().max() > 1e-3
 
 
 def test_concept_loss_is_float32_under_bf16():
