@@ -124,10 +124,11 @@ def concept_loss_and_topk(
     return ConceptLossAndTopK.apply(concept_logits, concept_labels, k)
 
 
-CHUNK_ELEMENTS = 1 << 20  # rows of z are processed in ~4 MB chunks that stay in cache
+CHUNK_ELEMENTS = 1 << 20  # rows of wide logits are processed in ~4 MB chunks that stay in cache
 
 
-def _row_chunks(rows: int, width: int) -> Iterator[slice]:
+def row_chunks(rows: int, width: int) -> Iterator[slice]:
+    """Slices of `rows` rows of `width` elements, each about CHUNK_ELEMENTS: row-wise passes on cached chunks."""
     step = max(1, CHUNK_ELEMENTS // width)
     return (slice(start, start + step) for start in range(0, rows, step))
 
@@ -147,7 +148,7 @@ class ConceptLossAndTopK(torch.autograd.Function):
         labels = concept_labels.flatten(0, -2)
         compute_dtype = torch.promote_types(z.dtype, torch.float32)  # float64 stays float64
         log_partition = torch.empty(len(z), dtype=compute_dtype, device=z.device)
-        for rows in _row_chunks(*z.shape):
+        for rows in row_chunks(*z.shape):
             chunk = z[rows].to(compute_dtype)
             log_partition[rows] = torch.logsumexp(chunk, dim=-1)
         label_logits = z.gather(-1, labels).to(compute_dtype).mean(dim=-1)
@@ -175,7 +176,7 @@ class ConceptLossAndTopK(torch.autograd.Function):
             tokens, labels_per_token = labels.shape
             scale = grad_loss / tokens
             grad_z = torch.empty(z.shape, dtype=log_partition.dtype, device=z.device)
-            for rows in _row_chunks(*z.shape):  # softmax(z) · g / N
+            for rows in row_chunks(*z.shape):  # softmax(z) · g / N
                 torch.sub(z[rows], log_partition[rows, None], out=grad_z[rows]).exp_().mul_(scale)
             grad_z.scatter_add_(-1, labels, (-scale / labels_per_token).expand(labels.shape))
         if grad_top_values is not None:

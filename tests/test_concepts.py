@@ -16,19 +16,31 @@ from cocomix_core.concepts import (
     build_label_cache,
     capture_residual,
     load_teacher,
+    next_token_loss,
+    next_token_loss_and_grad,
 )
+from cocomix_core import modeling
 from cocomix_core.sae import TopKSAE
 from cocomix_core.windows import TrainWindows
 
 VOCAB, WIDTH, LAYERS, C = 96, 32, 3, 256
 
 
+class ScaledLogitsGPT2(GPT2LMHeadModel):
+    """Logits that are not the output layer's alone (like a soft-cap or logit scale): the extractor must notice."""
+
+    def forward(self, *args, **kwargs):
+        output = super().forward(*args, **kwargs)
+        output.logits = output.logits * 1.5
+        return output
+
+
 def make_teacher(kind: str) -> torch.nn.Module:
     torch.manual_seed(1)
-    if kind == "gpt2":
+    if kind.startswith("gpt2"):
         config = GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=WIDTH, n_layer=LAYERS, n_head=4,
                             bos_token_id=0, eos_token_id=0)
-        model = GPT2LMHeadModel(config)
+        model = (ScaledLogitsGPT2 if kind == "gpt2_scaled_logits" else GPT2LMHeadModel)(config)
     else:
         config = LlamaConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=LAYERS,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
@@ -97,7 +109,7 @@ def assert_labels_are_dense_topk(labels, dense, k, require_untied=False):
         assert set(labels[tuple(pos)].tolist()) == set(best.indices[tuple(pos)].tolist())
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gpt2_scaled_logits"])
 @pytest.mark.parametrize("layer", [1, LAYERS - 1])
 def test_attribution_and_labels_match_naive_float64(kind, layer):
     teacher = make_teacher(kind)
@@ -105,6 +117,8 @@ def test_attribution_and_labels_match_naive_float64(kind, layer):
     ids = ids_for()
     reference, _ = naive_scores(teacher, sae, ids, layer)
     extractor = ConceptExtractor(copy.deepcopy(teacher).double(), copy.deepcopy(sae).double(), layer)
+    # the loss gradient comes from the output layer directly unless the logits are more than that layer
+    assert (extractor.output_layer is None) == (kind == "gpt2_scaled_logits")
     scores = extractor.attribution_scores(ids)
     assert scores.shape == (2, 12, C)
     assert float(reference.abs().max()) > 1e-4  # a test on all-zero gradients would prove nothing
@@ -117,6 +131,19 @@ def test_attribution_and_labels_match_naive_float64(kind, layer):
     fp32 = ConceptExtractor(copy.deepcopy(teacher), sae, layer)
     scale = float(reference.abs().max())
     torch.testing.assert_close(fp32.attribution_scores(ids).double(), reference, rtol=0, atol=1e-4 * scale)
+
+
+def test_next_token_loss_and_grad_equals_autograd_over_row_chunks(monkeypatch):
+    monkeypatch.setattr(modeling, "CHUNK_ELEMENTS", 3 * VOCAB + 7)  # many chunks, the last one short
+    torch.manual_seed(2)
+    output_layer = torch.nn.Linear(WIDTH, VOCAB, bias=True).double()
+    hidden = torch.randn(2, 12, WIDTH, dtype=torch.float64, requires_grad=True)
+    ids = ids_for()
+    loss, grad = next_token_loss_and_grad(hidden.detach(), output_layer, ids)
+    expected = next_token_loss(output_layer(hidden), ids)
+    (expected_grad,) = torch.autograd.grad(expected, hidden)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
 
 
 def test_labels_fill_with_zero_scores_before_negative_ones():
