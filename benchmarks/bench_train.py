@@ -1,6 +1,6 @@
 """Training-step throughput: NTP vs CoCoMix with online and cached concept labels.
 
-    python benchmarks/bench_train.py [--steps 3] [--threads 2] [--shapes fixed,cpu]
+    python -m benchmarks.bench_train [--steps 3] [--threads 2] [--shapes fixed,cpu] [--allocator both]
 
 Times the real training step (`accumulate_gradients` + clip + AdamW) on random token ids, fp32,
 one process. Shapes:
@@ -14,17 +14,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import subprocess
+import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from transformers import PretrainedConfig
 
 from cocomix_core.concepts import ConceptExtractor, LabelCache, build_label_cache
 from cocomix_core.models import TrainJob, build_model, job_for_branch
 from cocomix_core.sae import TopKSAE
-from cocomix_core.train import accumulate_gradients, build_optimizer, flops_per_token, peak_flops, set_threads
+from cocomix_core.train import (
+    accumulate_gradients, build_optimizer, flops_per_token, keep_freed_memory, peak_flops, set_threads,
+)
 from cocomix_core.windows import TrainWindows
 from settings import ExperimentSettings, load_settings, training_branches
 
@@ -43,6 +48,16 @@ def jobs_for(shape: str, steps: int) -> tuple[TrainJob, TrainJob, ExperimentSett
     settings = load_settings("cpu" if shape == "fixed" else shape, overrides + (FIXED_SHAPE if shape == "fixed" else []))
     jobs = {b.kind: job_for_branch(settings, b) for b in training_branches(settings)}
     return jobs["ntp"], jobs["cocomix"], settings
+
+
+def label_pass_flops_per_token(teacher: PretrainedConfig, sae_layer: int, num_latents: int, block_size: int) -> float:
+    """FLOPs per token of one online label pass: the teacher forward, input gradients from the loss down
+    to block `sae_layer` (no parameter gradients), and the SAE encoder; the same terms as flops_per_token."""
+    d, layers, vocab = teacher.n_embd, teacher.n_layer, teacher.vocab_size
+    block_params, above = 12 * d * d + 13 * d, layers - sae_layer - 1
+    forward = 2 * (layers * block_params + vocab * d) + 4 * layers * block_size * d
+    backward = 2 * (above * block_params + vocab * d) + 8 * above * block_size * d
+    return forward + backward + 2 * d * num_latents
 
 
 def seconds_per_step(job: TrainJob, windows: TrainWindows, labels, steps: int) -> float:
@@ -90,6 +105,11 @@ def bench_shape(shape: str, steps: int) -> None:
         model_flops = flops_per_token(job.build_model().config, job.block_size)
         mfu = tokens_per_step / seconds * model_flops / peak  # the teacher's work is not model FLOPs
         print(f"{name:<16}{seconds:>9.3f}{tokens_per_step / seconds:>10.0f}{mfu:>8.1%}{seconds / timings['ntp']:>7.2f}x")
+    ntp_flops = flops_per_token(ntp.build_model().config, ntp.block_size)
+    cocomix_flops = flops_per_token(cocomix.build_model().config, cocomix.block_size)
+    label_flops = label_pass_flops_per_token(teacher.config, sae_layer, cocomix.concept_dim, ntp.block_size)
+    print(f"FLOPs alone, vs ntp: cocomix cached {cocomix_flops / ntp_flops:.2f}x, "
+          f"online {(cocomix_flops + label_flops) / ntp_flops:.2f}x (label pass {label_flops / ntp_flops:.2f}x)")
     print(f"label cache build: {samples} samples in {cache_build_s:.2f}s ({samples * ntp.block_size / cache_build_s:.0f} tokens/s)")
     print("targets: cocomix cached <= 1.80x, online <= 5.00x")
 
@@ -99,8 +119,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per arm (after one warm-up)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--shapes", default="fixed,cpu")
+    parser.add_argument("--allocator", choices=["both", "keep", "unmap"], default="both",
+                        help="keep: freed memory reused, as train() does on CPU (train.keep_freed_memory); "
+                             "unmap: glibc's default; both: each in a fresh process, one after the other")
     args = parser.parse_args()
+    if args.allocator == "both":  # mallopt cannot be undone, so each regime gets its own process
+        for allocator in ("keep", "unmap"):
+            command = [sys.executable, "-m", "benchmarks.bench_train", "--allocator", allocator,
+                       "--steps", str(args.steps), "--threads", str(args.threads), "--shapes", args.shapes]
+            subprocess.run(command, check=True)
+        return
     set_threads(args.threads)
+    print(f"\n#### allocator: {args.allocator} freed memory", end="")
+    print(f" (mallopt applied: {keep_freed_memory()})" if args.allocator == "keep" else " (glibc default)")
     for shape in args.shapes.split(","):
         bench_shape(shape, args.steps)
 

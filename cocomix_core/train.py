@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
 import math
 import os
 import time
@@ -84,8 +86,10 @@ if TYPE_CHECKING:  # importing MLflow costs seconds in every training process
 
 __all__ = [
     "NonFiniteLossError", "TrainResult", "train", "lr_at", "micro_batch_size", "flops_per_token",
-    "peak_flops", "checkpoint_steps", "list_checkpoints", "final_checkpoint",
+    "peak_flops", "checkpoint_steps", "list_checkpoints", "final_checkpoint", "keep_freed_memory",
 ]
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers (malloc.h)
 
 # bf16 dense tensor-core peaks from the vendors' datasheets (SXM parts; PCIe H100 is lower).
 GPU_PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12}
@@ -201,6 +205,22 @@ def set_threads(num_threads: int) -> None:
     torch.set_num_threads(num_threads)
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[variable] = str(num_threads)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc serve every allocation from its heap and never trim it: a caching allocator for CPU tensors.
+
+    By default each tensor over 32 MB gets fresh pages from mmap and returns them on free, so every
+    training step zero-fills its logits and gradients again in page faults (~470k per step at the
+    benchmark shape, ~0.7 s of 3.3 s). Returns False where mallopt is unavailable (not glibc).
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    no_mmap = mallopt(M_MMAP_MAX, 0)
+    never_trim = mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # an int: trims only a free top of the heap over 2 GiB
+    return bool(no_mmap and never_trim)
 
 
 def _thread_count(num_threads: int | None, train: TrainSettings) -> int:
@@ -355,6 +375,8 @@ def train(
     is_main = accelerator.is_main_process
     micro = micro_batch_size(settings, world_size)
     set_threads(_thread_count(num_threads, settings))
+    if device.type == "cpu" and settings.keep_freed_memory:
+        keep_freed_memory()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # for whatever stays fp32 outside autocast
     out_dir = Path(out_dir)

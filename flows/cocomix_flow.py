@@ -194,11 +194,13 @@ class CocomixFlow(FlowSpec):
     @step
     def concepts(self) -> None:
         """The concept teacher and its SAE (pretrained, or trained on the corpus), and the label cache."""
-        from cocomix_core.train import set_threads
+        from cocomix_core.train import keep_freed_memory, set_threads
         from settings import training_branches
 
         settings = self._settings()
         set_threads(self._threads(settings, "concepts", parallel_tasks=1))
+        if settings.train.keep_freed_memory:  # the teacher and SAE passes reallocate big tensors like training does
+            keep_freed_memory()
         self.teacher_key, self.teacher_run_id = self._train_teacher(settings)
         self.sae_key, self.sae_run_id = self._train_sae(settings)
         # Only CoCoMix branches read labels; a run of NTP arms alone needs none.
