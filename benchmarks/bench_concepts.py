@@ -5,7 +5,9 @@ Shape: batch 8 x 256 tokens, fp32, 2 threads. Teacher: GPT-2-small-shaped GPT2LM
 Student: GPT2LMHeadModel 256 wide, 4 layers, forward + backward. Also times a naive
 extractor (full backward with parameter grads, dense B x T x C scores) for comparison.
 
-    python benchmarks/bench_concepts.py [--reps 2] [--batch 8] [--seq 256]
+    python -m benchmarks.bench_concepts [--reps 2] [--batch 8] [--seq 256] [--allocator both]
+
+Each memory regime (benchmarks/allocator.py) runs in its own process.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from benchmarks.allocator import add_allocator_argument, enter_regime
+from benchmarks.bench_train import label_pass_flops_per_token
 from cocomix_core.concepts import ConceptExtractor, next_token_loss
 from cocomix_core.sae import TopKSAE
+from cocomix_core.train import flops_per_token
 
 
 def timed(fn, reps: int) -> float:
@@ -54,7 +59,10 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-naive", action="store_true")
+    add_allocator_argument(parser)
     args = parser.parse_args()
+    if not enter_regime(args, "benchmarks.bench_concepts"):
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -80,6 +88,8 @@ def main() -> None:
     print(f"NTP student step (256w x 4L, fwd+bwd): {t_ntp:8.3f} s  (1.00x)")
     print(f"extractor teacher fwd + partial bwd:  {t_teacher:8.3f} s  ({t_teacher / t_ntp:.2f}x)")
     print(f"extractor labels per batch (total):   {t_labels:8.3f} s  ({t_labels / t_ntp:.2f}x, target <= 3.5x)")
+    label_flops = label_pass_flops_per_token(teacher.config, 5, sae.num_latents, args.seq)
+    print(f"FLOPs alone: label pass {label_flops / flops_per_token(student.config, args.seq):.2f}x the NTP step")
     if not args.skip_naive:
         t_naive = timed(lambda: naive_labels(teacher, sae, ids, 5, 4), args.reps)
         print(f"naive extractor (param grads, dense): {t_naive:8.3f} s  ({t_naive / t_ntp:.2f}x)")

@@ -1,10 +1,12 @@
 """CPU step-time benchmark: NTP GPT-2 vs the CoCoMix student, and gathered vs dense concept compression.
 
-Run from the repo root: python -m benchmarks.bench_models   (fp32, 2 threads; prints ms/step and ratios vs the NTP step)
+Run from the repo root: python -m benchmarks.bench_models [--allocator both]
+(fp32, 2 threads; prints ms/step and ratios vs the NTP step, per memory regime: see benchmarks/allocator.py)
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -12,7 +14,8 @@ from collections.abc import Callable
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from cocomix_core.modeling import CoCoMixConfig, CoCoMixForCausalLM, compress_sparse_concepts, concept_loss
+from benchmarks.allocator import add_allocator_argument, enter_regime
+from cocomix_core.modeling import CoCoMixConfig, CoCoMixForCausalLM, compress_sparse_concepts
 
 WIDTH, LAYERS, HEADS, BATCH, SEQ = 256, 4, 4, 8, 256
 CONCEPTS, K_MIX, K_LABELS, VOCAB, LAMBDA = 32768, 32, 4, 50257, 0.1
@@ -43,6 +46,10 @@ def dense_compress(values: torch.Tensor, indices: torch.Tensor, layer: torch.nn.
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_allocator_argument(parser)
+    if not enter_regime(parser.parse_args(), "benchmarks.bench_models"):
+        return
     torch.set_num_threads(2)
     torch.manual_seed(0)
     ids = torch.randint(0, VOCAB, (BATCH, SEQ))
@@ -58,8 +65,8 @@ def main() -> None:
 
     def cocomix_step() -> None:
         cocomix.zero_grad(set_to_none=True)
-        out = cocomix(ids, labels=ids)
-        (out.loss + LAMBDA * concept_loss(out.concept_logits, concept_labels)).backward()
+        out = cocomix(ids, labels=ids, concept_labels=concept_labels)  # as the trainer calls it: fused L_c and TopK
+        (out.loss + LAMBDA * out.concept_loss).backward()
 
     layer = cocomix.transformer.compress_layer
     values = torch.randn(BATCH, SEQ, K_MIX, requires_grad=True)

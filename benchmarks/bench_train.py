@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -24,11 +22,12 @@ import torch
 from accelerate import Accelerator
 from transformers import PretrainedConfig
 
+from benchmarks.allocator import add_allocator_argument, enter_regime
 from cocomix_core.concepts import ConceptExtractor, LabelCache, build_label_cache
 from cocomix_core.models import TrainJob, build_model, job_for_branch
 from cocomix_core.sae import TopKSAE
 from cocomix_core.train import (
-    accumulate_gradients, build_optimizer, flops_per_token, keep_freed_memory, peak_flops, set_threads,
+    accumulate_gradients, build_optimizer, flops_per_token, peak_flops, set_threads,
 )
 from cocomix_core.windows import TrainWindows
 from settings import ExperimentSettings, load_settings, training_branches
@@ -119,19 +118,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per arm (after one warm-up)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--shapes", default="fixed,cpu")
-    parser.add_argument("--allocator", choices=["both", "keep", "unmap"], default="both",
-                        help="keep: freed memory reused, as train() does on CPU (train.keep_freed_memory); "
-                             "unmap: glibc's default; both: each in a fresh process, one after the other")
+    add_allocator_argument(parser)
     args = parser.parse_args()
-    if args.allocator == "both":  # mallopt cannot be undone, so each regime gets its own process
-        for allocator in ("keep", "unmap"):
-            command = [sys.executable, "-m", "benchmarks.bench_train", "--allocator", allocator,
-                       "--steps", str(args.steps), "--threads", str(args.threads), "--shapes", args.shapes]
-            subprocess.run(command, check=True)
+    if not enter_regime(args, "benchmarks.bench_train"):
         return
     set_threads(args.threads)
-    print(f"\n#### allocator: {args.allocator} freed memory", end="")
-    print(f" (mallopt applied: {keep_freed_memory()})" if args.allocator == "keep" else " (glibc default)")
     for shape in args.shapes.split(","):
         bench_shape(shape, args.steps)
 
