@@ -1,6 +1,6 @@
 """Training-step throughput: NTP vs CoCoMix with online and cached concept labels.
 
-    python -m benchmarks.bench_train [--steps 3] [--threads 2] [--shapes fixed,cpu] [--allocator both]
+    python -m benchmarks.bench_train [--steps 5] [--threads 2] [--shapes fixed,cpu] [--allocator both]
 
 Times the real training step (`accumulate_gradients` + clip + AdamW) on random token ids, fp32,
 one process. Shapes:
@@ -59,20 +59,26 @@ def label_pass_flops_per_token(teacher: PretrainedConfig, sae_layer: int, num_la
     return forward + backward + 2 * d * num_latents
 
 
-def seconds_per_step(job: TrainJob, windows: TrainWindows, labels, steps: int) -> float:
-    """Median wall time of one optimizer step, after one warm-up step."""
+def seconds_per_step(arms: list[tuple[str, TrainJob, object]], windows: TrainWindows, steps: int) -> dict[str, float]:
+    """Median wall time of one optimizer step per arm, after one warm-up step each.
+
+    The arms take turns step by step, so that a burst of load from elsewhere on the machine
+    slows them alike instead of skewing one arm's figure.
+    """
     accelerator = Accelerator(cpu=True)
-    model = job.build_model()
-    optimizer = build_optimizer(model, job.train, accelerator.device)
-    times = []
+    models = {name: job.build_model() for name, job, _ in arms}
+    optimizers = {name: build_optimizer(models[name], job.train, accelerator.device) for name, job, _ in arms}
+    times: dict[str, list[float]] = {name: [] for name, _, _ in arms}
     for step in range(steps + 1):
-        start = time.perf_counter()
-        accumulate_gradients(model, job, step, windows, labels, accelerator, contextlib.nullcontext())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), job.train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times[1:]))
+        for name, job, labels in arms:
+            model, optimizer = models[name], optimizers[name]
+            start = time.perf_counter()
+            accumulate_gradients(model, job, step, windows, labels, accelerator, contextlib.nullcontext())
+            torch.nn.utils.clip_grad_norm_(model.parameters(), job.train.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(arm_times[1:])) for name, arm_times in times.items()}
 
 
 def bench_shape(shape: str, steps: int) -> None:
@@ -91,7 +97,7 @@ def bench_shape(shape: str, steps: int) -> None:
                                              cocomix.labels_per_token, folder, provenance={"bench": shape}))
         cache_build_s = time.perf_counter() - start
         rows = [("ntp", ntp, None), ("cocomix cached", cocomix, cache), ("cocomix online", cocomix, extractor)]
-        timings = {name: seconds_per_step(job, windows, labels, steps) for name, job, labels in rows}
+        timings = seconds_per_step(rows, windows, steps)
 
     peak, source = peak_flops(torch.device("cpu"))
     tokens_per_step = ntp.train.batch_size * ntp.block_size
@@ -115,7 +121,7 @@ def bench_shape(shape: str, steps: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per arm (after one warm-up)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per arm (after one warm-up)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--shapes", default="fixed,cpu")
     add_allocator_argument(parser)
