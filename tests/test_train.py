@@ -183,7 +183,7 @@ import resource, sys, torch
 from cocomix_core.train import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
-for _ in range(3):  # warm-up: the heap grows to its working size
+for _ in range(10):  # warm-up: the heap settles into its working size within a few reallocations
     torch.ones(64 << 18)  # 64 MiB
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
