@@ -13,10 +13,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tiktoken
@@ -108,12 +107,6 @@ def encode_document(text: str) -> np.ndarray:
     document[:-1] = ids
     document[-1] = EOT_ID
     return document
-
-
-def encode_documents(texts: Sequence[str], num_threads: int = 8) -> list[np.ndarray]:
-    """`encode_document` of each text, on `num_threads` threads (the encoder releases the GIL)."""
-    with ThreadPoolExecutor(num_threads) as pool:
-        return list(pool.map(encode_document, texts))
 
 
 def hf_gpt2_tokenizer(directory: str | os.PathLike | None = None) -> "GPT2Tokenizer":

@@ -15,7 +15,7 @@ import pytest
 
 from cocomix_core import data as prep
 from cocomix_core.data import DataError, data_digest, load_manifest, load_split, prepare_corpus
-from cocomix_core.tokenizer import EOT_ID, encode_documents
+from cocomix_core.tokenizer import EOT_ID, gpt2_encoding
 from settings.schema import DataSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +62,11 @@ def corpus(tmp_path: Path) -> Path:
 # --- outputs and the split rule -------------------------------------------------------------
 
 
+def reference_ids(text: str) -> list[int]:
+    """A document's expected tokens, straight from tiktoken: encode_ordinary plus one end-of-text."""
+    return gpt2_encoding().encode_ordinary(text) + [EOT_ID]
+
+
 def test_outputs_match_the_documents(corpus, tmp_path):
     manifest = prepare_corpus(files_settings(corpus), tmp_path / "out")
     out = tmp_path / "out"
@@ -73,7 +78,7 @@ def test_outputs_match_the_documents(corpus, tmp_path):
     draws = [prep.document_draw(manifest["split"]["seed"], i) for i in range(len(documents))]
     is_val = [draw < manifest["split"]["val_threshold"] for draw in draws]
     expected = {
-        split: np.array([t for doc, val in zip(encode_documents(documents), is_val) if val == (split == "val") for t in doc])
+        split: np.array([t for doc, val in zip(map(reference_ids, documents), is_val) if val == (split == "val") for t in doc])
         for split in ("train", "val")
     }
     for split in ("train", "val"):
@@ -94,7 +99,7 @@ def test_outputs_match_the_documents(corpus, tmp_path):
 def test_default_threshold_gives_the_smallest_validation_set_with_min_val_tokens(corpus, tmp_path):
     settings = files_settings(corpus, min_val_tokens=400)
     manifest = prepare_corpus(settings, tmp_path / "out")
-    lengths = [len(ids) for ids in encode_documents(list(prep.open_corpus(settings).read()))]
+    lengths = [len(ids) for ids in map(reference_ids, prep.open_corpus(settings).read())]
     draws = [prep.document_draw(settings.split_seed, i) for i in range(len(lengths))]
     val_lengths = [length for length, draw in sorted(zip(lengths, draws), key=lambda pair: pair[1])]
     count = manifest["splits"]["val"]["documents"]

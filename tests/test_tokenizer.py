@@ -94,8 +94,8 @@ def test_literal_end_of_text_is_ordinary_text():
     assert tok.gpt2_encoding().decode(ids) == "a <|endoftext|> b"
 
 
-def test_encode_documents_appends_one_eot_per_document():
-    encoded = tok.encode_documents(["Hello world", "", "<|endoftext|>"], num_threads=2)
+def test_encode_document_appends_one_eot_per_document():
+    encoded = [tok.encode_document(text) for text in ["Hello world", "", "<|endoftext|>"]]
     assert encoded[0].tolist() == [15496, 995, tok.EOT_ID]
     assert encoded[1].tolist() == [tok.EOT_ID]
     assert encoded[2].tolist() == tok.gpt2_encoding().encode_ordinary("<|endoftext|>") + [tok.EOT_ID]
