@@ -439,3 +439,23 @@ class LabelCache:
                 f"label cache holds samples 0..{self.num_samples - 1}; asked for {first_sample}..{end - 1}"
             )
         return torch.from_numpy(np.asarray(self._labels[first_sample:end], dtype=np.int64))
+
+
+# ----- activation-selected labels (SPEC §9 ablation) ----------------------------------------------
+def activation_labels(attribution: Attribution, k: int) -> torch.Tensor:
+    """Indices of the k largest SAE latents a[t] per token (instead of the k largest attribution scores), B×T×k int64.
+
+    a[t] is non-zero only on the SAE's k_sae support, so with k <= k_sae the top k lie on it.
+    """
+    pick = torch.topk(attribution.latents, k=k, dim=-1, sorted=True).indices
+    return attribution.indices.gather(-1, pick)
+
+
+class ActivationConceptExtractor(ConceptExtractor):
+    """A ConceptExtractor whose labels are activation-selected; build_label_cache accepts it as is."""
+
+    @torch.no_grad()
+    def concept_labels(self, input_ids: torch.Tensor, k: int) -> torch.Tensor:
+        """Indices of the k largest SAE latents per token, B×T×k int64 (constants)."""
+        self.check_label_count(k)
+        return activation_labels(self.sparse_attribution(input_ids), k)

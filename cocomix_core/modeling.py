@@ -11,6 +11,13 @@ Layout (state-dict keys match the released checkpoints):
 Blocks before `insert_layer_index` see one position per token; from that block on the sequence is
 h_1, c_1, h_2, c_2, ... (2T positions) and the logits are read at the concept positions c_t.
 The KV cache follows the same layout: one entry per token before the insert layer, two after.
+
+`config.mix` selects the paper's baselines and ablations (SPEC §9) in the same class:
+    insert   the CoCoMix student above (the default; released checkpoints load as this)
+    add      h_t + c_t instead of interleaving: T positions throughout
+    none     concept prediction (and its loss) at the insert layer, nothing mixed; no compress_layer
+    pause    c_t replaced by one learned vector `transformer.pause_vector` (d), interleaved as in
+             `insert`; no pre_bias, concept predictor or compress layer, no concept loss
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +39,10 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Block, GPT2PreTrainedMode
 from transformers.utils import ModelOutput
 
 
+MIX_MODES = ("insert", "add", "none", "pause")
+INTERLEAVED_MIX_MODES = ("insert", "pause")  # two positions per token from the insert layer on
+
+
 def bessel_layer_norm(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SPEC's LN: (x - mean) / (std + eps) with Bessel-corrected std, no affine; returns (x_hat, mean, std)."""
     mean = x.mean(dim=-1, keepdim=True)
@@ -40,12 +52,13 @@ def bessel_layer_norm(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor,
 
 @strict
 class CoCoMixConfig(GPT2Config):
-    """GPT2Config plus the concept sizes: C (`concept_dim`), k_mix (`concept_num`) and the insert block."""
+    """GPT2Config plus the concept sizes: C (`concept_dim`), k_mix (`concept_num`), the insert block and `mix`."""
 
     model_type = "cocomix"
     concept_dim: int = 32768
     concept_num: int = 32
     insert_layer_index: int = 3
+    mix: Literal["insert", "add", "none", "pause"] = "insert"
 
     def __post_init__(self, **kwargs):
         # Checked here (not in a `validate_*` hook) so that callers get a plain ValueError.
@@ -59,6 +72,8 @@ class CoCoMixConfig(GPT2Config):
             raise ValueError(
                 f"concept_num (k_mix) must be in [1, concept_dim={self.concept_dim}], got {self.concept_num}"
             )
+        if self.mix not in MIX_MODES:
+            raise ValueError(f"mix must be one of {', '.join(MIX_MODES)}, got {self.mix!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         super().__post_init__(**kwargs)
@@ -225,15 +240,17 @@ def causal_attention_mask(
 
 
 class CoCoMixPreTrainedModel(GPT2PreTrainedModel):
-    """GPT-2 init scheme, plus zeros for `pre_bias`."""
+    """GPT-2 init scheme, plus zeros for `pre_bias` and N(0, 0.02²) for the pause vector (SPEC §9)."""
 
     config: CoCoMixConfig
     config_class = CoCoMixConfig
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, CoCoMixModel):
+        if isinstance(module, CoCoMixModel) and module.pre_bias is not None:
             init.zeros_(module.pre_bias)
+        if isinstance(module, CoCoMixModel) and module.pause_vector is not None:
+            init.normal_(module.pause_vector, mean=0.0, std=self.config.initializer_range)
 
 
 class CoCoMixModel(CoCoMixPreTrainedModel):
@@ -247,9 +264,12 @@ class CoCoMixModel(CoCoMixPreTrainedModel):
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList([GPT2Block(config, layer_idx=i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(width, eps=config.layer_norm_epsilon)
-        self.pre_bias = nn.Parameter(torch.zeros(width))
-        self.concept_predictor = nn.Linear(width, config.concept_dim)
-        self.compress_layer = nn.Linear(config.concept_dim, width)
+        # Only the parameters an arm uses exist, so parameter counts compare arms honestly.
+        predicts = config.mix != "pause"
+        self.pre_bias = nn.Parameter(torch.zeros(width)) if predicts else None
+        self.concept_predictor = nn.Linear(width, config.concept_dim) if predicts else None
+        self.compress_layer = nn.Linear(config.concept_dim, width) if config.mix in ("insert", "add") else None
+        self.pause_vector = nn.Parameter(torch.zeros(width)) if config.mix == "pause" else None
         self.concept_steering: dict[int, float] = {}  # concept id -> offset added to z before TopK
         self.post_init()
 
@@ -258,6 +278,19 @@ class CoCoMixModel(CoCoMixPreTrainedModel):
 
     def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
         self.wte = new_embeddings
+
+    @property
+    def positions_per_token(self) -> int:
+        """Sequence positions a token owns from the insert layer on (and so KV-cache entries in those layers)."""
+        return 2 if self.config.mix in INTERLEAVED_MIX_MODES else 1
+
+    def predict_concepts(self, h: torch.Tensor, concept_labels: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """SPEC §3 steps 1-2 only (`mix: none`): (concept logits z, L_concept when labels are given)."""
+        h_normed, _, _ = bessel_layer_norm(h)
+        concept_logits = self.concept_predictor(h_normed - self.pre_bias)
+        loss = concept_loss(concept_logits, concept_labels) if concept_labels is not None else None
+        return concept_logits, loss
 
     def predict_and_mix_concepts(
         self, h: torch.Tensor, concept_labels: torch.Tensor | None = None
@@ -288,6 +321,21 @@ class CoCoMixModel(CoCoMixPreTrainedModel):
         offsets[ids] = torch.tensor(list(self.concept_steering.values()), dtype=offsets.dtype, device=offsets.device)
         return concept_logits + offsets
 
+    def _mix(self, h: torch.Tensor, concept_labels: torch.Tensor | None
+             ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """(concept logits, the sequence entering block insert_layer_index, L_concept) for `config.mix`."""
+        mix = self.config.mix
+        if mix == "pause":
+            pause = self.pause_vector.to(h.dtype).expand_as(h)
+            return None, torch.stack([h, pause], dim=2).flatten(1, 2), None  # h_1, p, h_2, p, ...
+        if mix == "none":
+            concept_logits, loss = self.predict_concepts(h, concept_labels)
+            return concept_logits, h, loss
+        concept_logits, continuous_concept, loss = self.predict_and_mix_concepts(h, concept_labels)
+        if mix == "add":
+            return concept_logits, h + continuous_concept, loss
+        return concept_logits, torch.stack([h, continuous_concept], dim=2).flatten(1, 2), loss  # h_1, c_1, h_2, ...
+
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -303,8 +351,9 @@ class CoCoMixModel(CoCoMixPreTrainedModel):
             cache = DynamicCache(config=self.config)
         if not use_cache:
             cache = None
-        # The last layer always runs on the interleaved sequence: two cache entries per token.
-        past_tokens = cache.get_seq_length(self.config.n_layer - 1) // 2 if cache is not None else 0
+        # The last layer always runs after the insert layer: positions_per_token cache entries per token.
+        per_token = self.positions_per_token
+        past_tokens = cache.get_seq_length(self.config.n_layer - 1) // per_token if cache is not None else 0
         if attention_mask is not None and attention_mask.shape[-1] != past_tokens + new_tokens:
             raise ValueError(
                 f"attention_mask covers {attention_mask.shape[-1]} tokens, expected cached {past_tokens} + new {new_tokens}"
@@ -319,20 +368,20 @@ class CoCoMixModel(CoCoMixPreTrainedModel):
         for block in self.h[:insert_at]:
             h = block(h, cache=cache, attention_mask=token_mask, use_cache=use_cache)
 
-        concept_logits, continuous_concept, concept_loss_value = self.predict_and_mix_concepts(h, concept_labels)
-        x = torch.stack([h, continuous_concept], dim=2).reshape(batch, 2 * new_tokens, -1)  # h_1, c_1, h_2, ...
-
-        # Each token owns two positions from here on; its padding flag applies to both.
-        pair_is_real = attention_mask.repeat_interleave(2, dim=-1) if attention_mask is not None else None
-        pair_mask = causal_attention_mask(
-            pair_is_real, 2 * new_tokens, 2 * past_tokens, implementation, x.dtype, x.device
-        )
+        concept_logits, x, concept_loss_value = self._mix(h, concept_labels)
+        if per_token == 1:
+            upper_mask = token_mask
+        else:  # each token owns two positions from here on; its padding flag applies to both
+            pair_is_real = attention_mask.repeat_interleave(2, dim=-1) if attention_mask is not None else None
+            upper_mask = causal_attention_mask(
+                pair_is_real, 2 * new_tokens, 2 * past_tokens, implementation, x.dtype, x.device
+            )
         for block in self.h[insert_at:]:
-            x = block(x, cache=cache, attention_mask=pair_mask, use_cache=use_cache)
+            x = block(x, cache=cache, attention_mask=upper_mask, use_cache=use_cache)
 
-        concept_positions = x[:, 1::2]
+        output_positions = x[:, 1::2] if per_token == 2 else x  # the concept (or pause) positions
         return CoCoMixModelOutput(
-            last_hidden_state=self.ln_f(concept_positions),
+            last_hidden_state=self.ln_f(output_positions),
             concept_logits=concept_logits,
             concept_loss=concept_loss_value,
             cache=cache,
@@ -406,6 +455,8 @@ class CoCoMixForCausalLM(CoCoMixPreTrainedModel, GenerationMixin):
     def set_concept_steering(self, offsets: Mapping[int, float] | None) -> None:
         """Add offsets[c] to concept logit c before TopK on every forward; None or {} turns steering off."""
         offsets = dict(offsets or {})
+        if offsets and self.config.mix not in ("insert", "add"):
+            raise ValueError(f"steering needs mixed concepts; this model has mix={self.config.mix!r}")
         bad_ids = [c for c in offsets if not 0 <= c < self.config.concept_dim]
         if bad_ids:
             raise ValueError(f"concept ids {bad_ids} are outside [0, concept_dim={self.config.concept_dim})")

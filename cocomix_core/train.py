@@ -10,14 +10,17 @@ and A = train.grad_accum_steps, process r takes the slice [s·B + r·B/W, s·B +
 micro-batches of B/(W·A). Each micro-batch loss is divided by A and DDP averages over W, so the
 gradient is the mean over the global batch whatever the W×A split.
 
-Loss. NTP: mean next-token cross-entropy. CoCoMix: L = L_ntp + λ·L_concept (SPEC §3), with the
-labels of the very same samples, read from a LabelCache or computed online by a ConceptExtractor.
+Loss. NTP and pause: mean next-token cross-entropy. CoCoMix (every mix): L = L_ntp + λ·L_concept
+(SPEC §3), with the labels of the very same samples, read from a LabelCache or computed online by a
+ConceptExtractor. KD: L = L_ntp + λ_kd·τ²·KL (SPEC §9), with the teacher targets of the very same
+samples from a TeacherLogitCache or an OnlineTeacher (see distill.py for the cache's exactness).
 
 Metrics (main process only; `step` = optimizer steps done):
     every train.log_every steps and at the last step:
         train/loss          L of this step, mean over the global batch
         train/ntp_loss      L_ntp of this step
         train/concept_loss  L_concept of this step (CoCoMix only)
+        train/kd_loss       mean KL to the teacher at τ, before λ_kd·τ² (KD only)
         train/lr            learning rate this step used (`lr_at`)
         train/grad_norm     global gradient norm before clipping
         train/tokens_seen   step · batch_size · block_size
@@ -30,15 +33,7 @@ Metrics (main process only; `step` = optimizer steps done):
     tags:   mfu_peak_flops, mfu_peak_source, world_size, resumed_from_step
 Only tokens_per_s and mfu depend on wall time; a resumed run logs every other value identically.
 
-FLOPs per token (fwd + bwd = 3 × fwd; matmuls only; d width, L layers, T block size, V vocab):
-    NTP:     6·(L·P_block + V·d) + 12·L·T·d
-    CoCoMix: 6·((L_lo + 2·L_up)·P_block + V·d + C·d + k_mix·d) + 12·T·d·(L_lo + 4·L_up)
-with P_block = 12·d² + 13·d (a GPT-2 block's parameters, i.e. the non-embedding parameters),
-V·d the tied LM head (a per-token matmul, so it is counted although its weight is an
-embedding), C·d the concept predictor, k_mix·d the gathered compress layer, and L_lo / L_up
-the blocks before / from the insert layer: the upper blocks run on the interleaved 2T
-sequence, so their parameters count twice per token and their attention four times
-(twice the positions, each attending over twice the length).
+FLOPs per token of every arm: `models.flops_per_token` (formulas in models.py's docstring).
 """
 
 from __future__ import annotations
@@ -59,7 +54,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from tqdm.auto import tqdm
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
 from cocomix_core.checkpoints import (
     capture_rng_state,
@@ -76,8 +71,8 @@ from cocomix_core.checkpoints import (
 )
 from cocomix_core.concepts import ConceptExtractor, LabelCache
 from cocomix_core.data import load_split
-from cocomix_core.models import TrainJob, job_for_branch, teacher_job
-from cocomix_core.modeling import CoCoMixConfig
+from cocomix_core.distill import OnlineTeacher, TeacherLogitCache, distillation_kl
+from cocomix_core.models import TrainJob, flops_per_token, job_for_branch, teacher_job
 from cocomix_core.windows import TrainWindows, validation_windows
 from settings.schema import TrainSettings
 
@@ -104,6 +99,8 @@ class NonFiniteLossError(FloatingPointError):
 
 
 LabelSource = LabelCache | ConceptExtractor
+AUXILIARY_METRIC = {"cocomix": "train/concept_loss", "kd": "train/kd_loss"}
+TeacherSource = TeacherLogitCache | OnlineTeacher
 
 
 @dataclass
@@ -149,19 +146,6 @@ def micro_batch_size(train: TrainSettings, world_size: int) -> int:
             f"{train.grad_accum_steps} × {world_size} processes; change one of them"
         )
     return train.batch_size // split
-
-
-def flops_per_token(config: PretrainedConfig, block_size: int) -> float:
-    """Training FLOPs per token of a GPT-2 or CoCoMix model (formula in the module docstring)."""
-    d, layers, vocab = config.n_embd, config.n_layer, config.vocab_size
-    block_params = 12 * d * d + 13 * d
-    if not isinstance(config, CoCoMixConfig):
-        return 6 * (layers * block_params + vocab * d) + 12 * layers * block_size * d
-    lower = config.insert_layer_index
-    upper = layers - lower
-    concept_params = config.concept_dim * d + config.concept_num * d
-    matmul_params = (lower + 2 * upper) * block_params + vocab * d + concept_params
-    return 6 * matmul_params + 12 * block_size * d * (lower + 4 * upper)
 
 
 @lru_cache(maxsize=None)
@@ -265,6 +249,16 @@ def _concept_labels(source: LabelSource, first_sample: int, input_ids: torch.Ten
     return labels.to(input_ids.device)
 
 
+def _check_teacher_cache(source: TeacherSource, job: TrainJob) -> None:
+    """A TeacherLogitCache must hold this job's windows at its τ for every sample the run will consume."""
+    if not isinstance(source, TeacherLogitCache):
+        return
+    source.check({"block_size": job.block_size, "windows_seed": job.window_seed, "temperature": job.kd_temperature})
+    needed = job.train.steps * job.train.batch_size
+    if source.num_samples < needed:
+        raise ValueError(f"teacher-logit cache holds {source.num_samples} samples; this run consumes {needed}")
+
+
 def _check_label_cache(source: LabelSource, job: TrainJob) -> None:
     """A LabelCache must hold labels of this job's windows for every sample the run will consume."""
     if not isinstance(source, LabelCache):
@@ -298,8 +292,10 @@ def evaluate(model: PreTrainedModel, windows: np.ndarray, batch_size: int, accel
 
 def accumulate_gradients(train_model: torch.nn.Module, job: TrainJob, step: int, windows: TrainWindows,
                          labels: LabelSource | None, accelerator: Accelerator,
-                         autocast: contextlib.AbstractContextManager) -> torch.Tensor:
-    """Forward and backward over this process's micro-batches of optimizer step `step`; returns (L_ntp, L_concept).
+                         autocast: contextlib.AbstractContextManager, teacher: TeacherSource | None = None
+                         ) -> torch.Tensor:
+    """Forward and backward over this process's micro-batches of optimizer step `step`; returns (L_ntp, L_aux)
+    with L_aux = L_concept (CoCoMix), the KL to the teacher (KD), else 0.
 
     Each micro-batch loss is divided by the accumulation steps and DDP averages over processes
     (on the last micro-batch only), so the gradients are those of the mean over the global batch.
@@ -318,9 +314,15 @@ def accumulate_gradients(train_model: torch.nn.Module, job: TrainJob, step: int,
         with contextlib.nullcontext() if is_last else accelerator.no_sync(train_model):
             with autocast:
                 output = train_model(input_ids, labels=input_ids, **extra)
-                concept = output.concept_loss if job.kind == "cocomix" else torch.zeros_like(output.loss)
-                losses = torch.stack([output.loss, concept])
-                loss = losses[0] + job.lam_concept * losses[1]
+                if job.kind == "cocomix":
+                    auxiliary = output.concept_loss
+                elif job.kind == "kd":
+                    targets = teacher.targets(first_sample, input_ids)
+                    auxiliary = distillation_kl(output.logits, targets, job.kd_temperature).to(output.loss.dtype)
+                else:
+                    auxiliary = torch.zeros_like(output.loss)
+                losses = torch.stack([output.loss, auxiliary])
+                loss = losses[0] + job.auxiliary_weight * losses[1]
             accelerator.backward(loss / settings.grad_accum_steps)
         loss_sums += losses.detach().float()
     return loss_sums / settings.grad_accum_steps
@@ -357,11 +359,13 @@ def train(
     *,
     tracker: Tracker | None = None,
     labels: LabelSource | None = None,
+    teacher: TeacherSource | None = None,
     num_threads: int | None = None,
 ) -> TrainResult:
     """Train `job` on data_dir's train.bin, checkpointing into out_dir; continue from out_dir's trainer state if any.
 
-    `labels` (a LabelCache or a ConceptExtractor) is required for CoCoMix jobs. Only the main
+    `labels` (a LabelCache or a ConceptExtractor) is required for CoCoMix jobs, `teacher` (a
+    TeacherLogitCache or an OnlineTeacher) for KD jobs. Only the main
     process logs to `tracker`, saves and shows progress. Calling train again after a crash or a
     kill continues exactly where the last trainer state left off.
     """
@@ -370,6 +374,10 @@ def train(
         raise ValueError(f"job {job.name!r} is a CoCoMix job: pass labels (a LabelCache or a ConceptExtractor)")
     if job.kind == "cocomix":
         _check_label_cache(labels, job)
+    if job.kind == "kd" and teacher is None:
+        raise ValueError(f"job {job.name!r} is a KD job: pass teacher (a TeacherLogitCache or an OnlineTeacher)")
+    if job.kind == "kd":
+        _check_teacher_cache(teacher, job)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, world_size = accelerator.device, accelerator.num_processes
     is_main = accelerator.is_main_process
@@ -421,10 +429,10 @@ def train(
             lr = lr_at(step, settings)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            step_losses = accumulate_gradients(train_model, job, step, train_windows, labels, accelerator, autocast)
+            step_losses = accumulate_gradients(train_model, job, step, train_windows, labels, accelerator, autocast, teacher)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip).item()
-            ntp_loss, concept_loss = accelerator.reduce(step_losses, "mean").tolist()
-            loss = ntp_loss + job.lam_concept * concept_loss
+            ntp_loss, auxiliary_loss = accelerator.reduce(step_losses, "mean").tolist()
+            loss = ntp_loss + job.auxiliary_weight * auxiliary_loss
             done = step + 1
             for name, value in (("loss", loss), ("grad norm", grad_norm)):
                 if not math.isfinite(value):  # same values on every process, so all of them stop
@@ -441,8 +449,8 @@ def train(
                     "train/tokens_seen": float(done * tokens_per_step), "train/tokens_per_s": tokens_per_s,
                     "train/mfu": tokens_per_s * step_flops / (peak * world_size),
                 }
-                if job.kind == "cocomix":
-                    metrics["train/concept_loss"] = concept_loss
+                if job.kind in AUXILIARY_METRIC:
+                    metrics[AUXILIARY_METRIC[job.kind]] = auxiliary_loss
                 if tracker is not None:
                     tracker.log_metrics(metrics, step=done)
                 progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}")

@@ -157,24 +157,55 @@ class ConceptSettings(Strict):
     extract_batch_size: PositiveInt = 8
 
 
-class ArmSettings(Strict):
-    """One training arm: an NTP baseline or a CoCoMix student."""
+ArmKind = Literal["ntp", "cocomix", "kd", "pause"]
+# Options that only mean something for some kinds of arm (SPEC §9); setting one elsewhere is an error.
+_ARM_OPTION_KINDS = {
+    "concept_num": ("cocomix",), "insert_layer_index": ("cocomix", "pause"), "lam_concept": ("cocomix",),
+    "mix": ("cocomix",), "label_selection": ("cocomix",),
+    "kd_temperature": ("kd",), "lam_kd": ("kd",), "kd_top_k": ("kd",),
+}
 
-    kind: Literal["ntp", "cocomix"]
+
+class ArmSettings(Strict):
+    """One training arm (SPEC §9): NTP, a CoCoMix student or ablation, knowledge distillation, or pause vectors."""
+
+    kind: ArmKind = Field(description="ntp: plain LM; cocomix: concept student; kd: distillation from the teacher; "
+                          "pause: CoCoMix layout with one learned vector in place of the concept")
     model: ModelShape
     concept_num: PositiveInt = Field(32, description="k_mix: concepts kept per token by the student's TopK")
-    insert_layer_index: int = Field(3, ge=0)
-    lam_concept: float = Field(0.1, ge=0)
+    insert_layer_index: int = Field(3, ge=0, description="block where concepts (or pause vectors) enter")
+    lam_concept: float = Field(0.1, ge=0, description="λ of L_concept; 0 trains the predictor only through L_ntp")
+    mix: Literal["insert", "add", "none"] = Field(
+        "insert", description="insert: interleave h_t, c_t; add: h_t + c_t; none: concept loss only, nothing mixed"
+    )
+    label_selection: Literal["attribution", "activation"] = Field(
+        "attribution", description="concept labels: K largest attribution scores, or K largest SAE latents"
+    )
+    kd_temperature: float = Field(1.0, gt=0, description="τ of the distillation KL")
+    lam_kd: float = Field(1.0, ge=0, description="λ_kd: weight of τ²·KL in the KD loss")
+    kd_top_k: PositiveInt = Field(
+        128, description="teacher logits cached per token (plus the tail's mass); bounds the KD gradient error"
+    )
 
     @model_validator(mode="after")
-    def _insert_layer_in_model(self) -> "ArmSettings":
-        if self.kind == "cocomix" and self.insert_layer_index >= self.model.depth:
+    def _options_fit_the_kind(self) -> "ArmSettings":
+        # Defaults are allowed everywhere (a dumped settings file holds every field); other values are not.
+        misplaced = [
+            name for name, kinds in _ARM_OPTION_KINDS.items()
+            if self.kind not in kinds and getattr(self, name) != type(self).model_fields[name].default
+        ]
+        if misplaced:
+            raise ValueError(
+                f"{', '.join(misplaced)} do(es) not apply to a {self.kind!r} arm "
+                f"(e.g. {misplaced[0]} is for {' / '.join(_ARM_OPTION_KINDS[misplaced[0]])} arms)"
+            )
+        if self.kind in ("cocomix", "pause") and self.insert_layer_index >= self.model.depth:
             raise ValueError(f"insert_layer_index={self.insert_layer_index} must be < depth={self.model.depth}")
         return self
 
 
 class SweepSettings(Strict):
-    """Extra branches: every arm runs once per seed; CoCoMix arms once per λ when given."""
+    """Extra branches: every arm runs once per seed; CoCoMix arms (every mix) once per λ when given."""
 
     seeds: list[int] = [0]
     lam_concept: list[float] | None = None
@@ -245,6 +276,12 @@ class ExperimentSettings(Strict):
                 f"concepts.labels_per_token={self.concepts.labels_per_token} exceeds sae.k={self.sae.k}"
             )
         for name, arm in self.arms.items():
+            trained_teacher = self.teacher.pretrained is None
+            if arm.kind == "kd" and trained_teacher and arm.model.vocab_size < self.teacher.model.vocab_size:
+                raise ValueError(
+                    f"arms.{name}.model.vocab_size={arm.model.vocab_size} is smaller than the teacher's "
+                    f"{self.teacher.model.vocab_size}: distillation needs every teacher token id"
+                )
             if arm.kind == "cocomix" and arm.concept_num > self.sae.num_latents:
                 raise ValueError(
                     f"arms.{name}.concept_num={arm.concept_num} exceeds sae.num_latents={self.sae.num_latents}"
@@ -259,7 +296,7 @@ class Branch(BaseModel):
 
     name: str
     arm: str
-    kind: Literal["ntp", "cocomix"]
+    kind: ArmKind
     seed: int
     lam_concept: float
 

@@ -79,29 +79,39 @@ def ref_block(p, i, x, n_head):
 
 
 def ref_forward(p, cfg, ids):
-    """Returns (logits, concept logits z) straight from SPEC §3, dense compress, explicit interleave loop."""
+    """Returns (logits, concept logits z or None) straight from SPEC §3 and §9 (cfg.mix), dense compress,
+    explicit interleave loop."""
     B, T = ids.shape
     h = p["transformer.wte.weight"][ids] + p["transformer.wpe.weight"][torch.arange(T)]
     for i in range(cfg.insert_layer_index):
         h = ref_block(p, i, h, cfg.n_head)
-    d = h.shape[-1]
-    mu = h.mean(-1, keepdim=True)
-    sigma = torch.sqrt(((h - mu) ** 2).sum(-1, keepdim=True) / (d - 1))  # Bessel
-    h_hat = (h - mu) / (sigma + 1e-5)
-    z = (h_hat - p["transformer.pre_bias"]) @ p["transformer.concept_predictor.weight"].T
-    z = z + p["transformer.concept_predictor.bias"]
-    top = torch.topk(z, cfg.concept_num, dim=-1).indices
-    keep = torch.zeros_like(z, dtype=torch.bool).scatter(-1, top, True)
-    z_k = torch.where(keep, z, torch.zeros_like(z))  # signed values, no ReLU
-    compressed = z_k @ p["transformer.compress_layer.weight"].T + p["transformer.compress_layer.bias"]
-    c = (compressed + p["transformer.pre_bias"]) * sigma + mu
-    mixed = []
-    for t in range(T):
-        mixed += [h[:, t], c[:, t]]
-    x = torch.stack(mixed, dim=1)
+    z = None
+    if cfg.mix == "pause":  # one learned vector in place of every c_t
+        c = p["transformer.pause_vector"].expand(B, T, -1)
+    else:
+        d = h.shape[-1]
+        mu = h.mean(-1, keepdim=True)
+        sigma = torch.sqrt(((h - mu) ** 2).sum(-1, keepdim=True) / (d - 1))  # Bessel
+        h_hat = (h - mu) / (sigma + 1e-5)
+        z = (h_hat - p["transformer.pre_bias"]) @ p["transformer.concept_predictor.weight"].T
+        z = z + p["transformer.concept_predictor.bias"]
+    if cfg.mix in ("insert", "add"):
+        top = torch.topk(z, cfg.concept_num, dim=-1).indices
+        keep = torch.zeros_like(z, dtype=torch.bool).scatter(-1, top, True)
+        z_k = torch.where(keep, z, torch.zeros_like(z))  # signed values, no ReLU
+        compressed = z_k @ p["transformer.compress_layer.weight"].T + p["transformer.compress_layer.bias"]
+        c = (compressed + p["transformer.pre_bias"]) * sigma + mu
+    if cfg.mix in ("insert", "pause"):
+        mixed = []
+        for t in range(T):
+            mixed += [h[:, t], c[:, t]]
+        x = torch.stack(mixed, dim=1)
+    else:
+        x = h + c if cfg.mix == "add" else h
     for i in range(cfg.insert_layer_index, cfg.n_layer):
         x = ref_block(p, i, x, cfg.n_head)
-    out = ref_layer_norm(x[:, 1::2], p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
+    outputs = x[:, 1::2] if cfg.mix in ("insert", "pause") else x
+    out = ref_layer_norm(outputs, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
     return out @ p["transformer.wte.weight"].T, z
 
 
@@ -145,6 +155,77 @@ def test_forward_losses_and_grads_match_float64_reference(insert_layer_index, lo
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, params[name].grad, rtol=1e-7, atol=1e-9, msg=f"grad of {name}")
     assert model.transformer.compress_layer.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mix", ["add", "none", "pause"])
+def test_ablation_and_pause_losses_and_grads_match_float64_reference(mix):
+    """SPEC §9: additive mixing, prediction only, pause vector; every parameter's gradient, pause vector included."""
+    model = tiny_model(mix=mix).double()
+    with torch.no_grad():
+        for param in model.parameters():  # non-zero biases everywhere, so that wrong wiring shows
+            param.add_(0.05 * torch.randn_like(param))
+    ids, concept_labels = random_batch()
+    out = model(ids, labels=ids, concept_labels=concept_labels if mix != "pause" else None)
+    total = out.loss + (LAMBDA * out.concept_loss if mix != "pause" else 0)
+    total.backward()
+
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    ref_logits, ref_z = ref_forward(params, model.config, ids)
+    if mix == "pause":  # no concept loss: L = L_ntp
+        ref_ntp, ref_concept = ref_losses(ref_logits, ref_logits, ids, ids[..., None])[0], None
+        ref_ntp.backward()
+    else:
+        ref_ntp, ref_concept = ref_losses(ref_logits, ref_z, ids, concept_labels)
+        (ref_ntp + LAMBDA * ref_concept).backward()
+
+    torch.testing.assert_close(out.logits, ref_logits, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(out.loss, ref_ntp, rtol=1e-9, atol=1e-9)
+    if mix == "pause":
+        assert out.concept_logits is None and out.concept_loss is None
+    else:
+        torch.testing.assert_close(out.concept_loss, ref_concept, rtol=1e-9, atol=1e-9)
+    assert {name for name, _ in model.named_parameters()} == set(params)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, params[name].grad, rtol=1e-7, atol=1e-9, msg=f"grad of {name}")
+    if mix == "pause":
+        assert model.transformer.pause_vector.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mix", ["insert", "add", "none", "pause"])
+def test_parameters_exist_only_where_the_arm_uses_them(mix):
+    names = {name.removeprefix("transformer.").split(".")[0] for name, _ in tiny_model(mix=mix).named_parameters()}
+    concept_layers = {"pre_bias", "concept_predictor", "compress_layer", "pause_vector"} & names
+    assert concept_layers == {
+        "insert": {"pre_bias", "concept_predictor", "compress_layer"},
+        "add": {"pre_bias", "concept_predictor", "compress_layer"},
+        "none": {"pre_bias", "concept_predictor"},
+        "pause": {"pause_vector"},
+    }[mix]
+
+
+def test_pause_vector_is_initialised_like_gpt2_weights():
+    torch.manual_seed(0)
+    vectors = torch.stack([
+        CoCoMixForCausalLM(tiny_config(mix="pause", n_embd=256, n_head=4)).transformer.pause_vector.detach()
+        for _ in range(4)
+    ])
+    assert abs(vectors.std().item() - 0.02) < 0.002 and abs(vectors.mean().item()) < 0.002
+
+
+@pytest.mark.parametrize("mix", ["add", "none", "pause"])
+def test_cached_generation_matches_full_recompute(mix):
+    model = tiny_model(mix=mix)
+    ids, _ = random_batch(B=1, T=5)
+    generated = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0)
+    full = ids
+    for _ in range(4):
+        full = torch.cat([full, model(full, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, full)
+
+
+def test_unknown_mix_is_refused_by_name():
+    with pytest.raises(ValueError, match="mix must be one of insert, add, none, pause"):
+        tiny_config(mix="concat")
 
 
 def test_loss_is_next_token_only():
