@@ -15,12 +15,21 @@ over the answer's tokens (the true choice for multiple choice, the target word f
 tasks, the whole passage for rolling tasks). It is computed from lm-eval's per-sample outputs,
 so it works for the hub tasks too.
 
+Uncertainty (SPEC §10): every metric carries a 95% percentile-bootstrap interval (eval.bootstrap_samples
+resamples, seed eval.bootstrap_seed): validation loss and perplexity over validation windows (every
+window predicts the same number of tokens, so the mean over windows is the mean over tokens), lm-eval
+metrics over items, each resample aggregated with the task's own aggregation (mean, perplexity,
+weighted_perplexity, bits_per_byte, ...) on lm-eval's logged per-item values.
+
 Metric names (tracker, step = the checkpoint's training step):
     eval/val_loss, eval/val_ppl      validation loss (nats/token) and its exp
     eval/tokens_seen                 training tokens behind the checkpoint (the x-axis of curves)
     eval/<task>/<metric>             e.g. eval/cocomix_lastword/acc, eval/cocomix_lastword/perplexity,
                                      eval/cocomix_choice/acc_norm, eval/cocomix_rolling/bits_per_byte,
                                      eval/<task>/nll
+    <any of the above>_lo, _hi       its 95% interval, e.g. eval/val_ppl_lo, eval/cocomix_choice/acc_hi
+    eval/<task>/chance               multiple-choice tasks: the accuracy of guessing (mean of 1/choices)
+    eval/n_params, eval/flops_per_token   the model's parameters and training FLOPs per token
 A checkpoint is evaluated again only when its weights, the task set or data, the eval settings
 or the block size change (`evaluation_key`); skipped hub tasks stay skipped until then.
 """
@@ -37,7 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 from urllib.parse import urlparse
 
 import numpy as np
@@ -47,6 +56,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cocomix_core.checkpoints import CHECKPOINT_META, checkpoint_info, list_checkpoints
 from cocomix_core.fileio import sha256_file, write_json_atomic
+from cocomix_core.models import flops_per_token
 from cocomix_core.offline_tasks import TASK_NAMES, EvaluationError, build_offline_tasks, tasks_digest
 from cocomix_core.tokenizer import VOCAB_SIZE
 from cocomix_core.tracking import Tracker
@@ -54,7 +64,7 @@ from cocomix_core.windows import validation_windows
 from settings.schema import EvalSettings
 
 RESULTS_FILE = "eval_results.json"
-RESULTS_FORMAT = 1  # bump when the results' content for the same key changes
+RESULTS_FORMAT = 2  # bump when the results' content for the same key changes
 HUB_TIMEOUT_S = 3.0
 
 # The paper's tasks and the hub datasets they read (dataset_path of lm_eval 0.4.13's task YAMLs).
@@ -72,7 +82,25 @@ KNOWN_TASKS = (*TASK_NAMES, *PAPER_TASK_DATASETS)
 __all__ = [
     "EvaluationError", "KNOWN_TASKS", "PAPER_TASK_DATASETS", "check_tasks", "evaluate_checkpoint",
     "load_checkpoint", "run_lm_eval", "sweep_checkpoints", "tracker_metrics", "validation_perplexity",
+    "bootstrap_interval",
 ]
+INTERVAL_LEVEL = 0.95
+
+
+def bootstrap_interval(
+    items: Sequence[Any], statistic: Callable[[list[Any]], float] | None = None, samples: int = 1000, seed: int = 0,
+) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of `statistic` (default: the mean) over resamples of `items` with replacement."""
+    if len(items) == 0:
+        raise ValueError("a bootstrap interval needs at least one item")
+    rows = np.random.default_rng(seed).integers(0, len(items), size=(samples, len(items)))
+    if statistic is None:
+        values = np.asarray(items, dtype=np.float64)[rows].mean(axis=1)
+    else:
+        values = np.array([statistic([items[index] for index in row]) for row in rows], dtype=np.float64)
+    tail = (1 - INTERVAL_LEVEL) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 @contextlib.contextmanager
@@ -90,30 +118,36 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
 @torch.inference_mode()
 def validation_perplexity(
     model: PreTrainedModel, val_tokens: np.ndarray, block_size: int, max_windows: int | None,
-    batch_size: int, device: str | torch.device = "cpu",
-) -> dict[str, float]:
-    """Mean next-token loss over the first `max_windows` unshifted windows and its exp.
+    batch_size: int, device: str | torch.device = "cpu", bootstrap_samples: int = 1000, bootstrap_seed: int = 0,
+) -> dict[str, Any]:
+    """Mean next-token loss over the first `max_windows` unshifted windows, its exp, and their 95% intervals.
 
     `device` is where the model lives. Every window predicts block_size - 1 tokens (HF shift), and
-    the mean is over all of them: {"loss": nats/token, "ppl": exp(loss), "tokens": predicted tokens}.
+    the mean is over all of them: {"loss": nats/token, "ppl": exp(loss), "tokens": predicted tokens,
+    "loss_lo"/"loss_hi", "ppl_lo"/"ppl_hi": bootstrap over windows, "window_losses": each window's mean}.
     """
     if len(val_tokens) < block_size:
         raise EvaluationError(
             f"the validation split has {len(val_tokens)} tokens, fewer than one window of block_size={block_size}"
         )
     windows = torch.from_numpy(validation_windows(val_tokens, block_size, max_windows))
-    total_nll, predicted = 0.0, 0
+    window_nll: list[float] = []
     with _eval_mode(model):
         for first in range(0, len(windows), batch_size):
             batch = windows[first : first + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits
             targets = batch[:, 1:]
-            # A sum per batch, accumulated in float64, so the mean is exact over all tokens.
-            nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), reduction="sum")
-            total_nll += nll.item()
-            predicted += targets.numel()
-    loss = total_nll / predicted
-    return {"loss": loss, "ppl": math.exp(loss), "tokens": predicted}
+            nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), reduction="none")
+            window_nll += nll.view(targets.shape).double().sum(-1).tolist()  # float64 sums: the mean stays exact
+    predicted_per_window = block_size - 1
+    window_losses = [nll / predicted_per_window for nll in window_nll]
+    loss = math.fsum(window_nll) / (predicted_per_window * len(window_nll))
+    loss_lo, loss_hi = bootstrap_interval(window_losses, samples=bootstrap_samples, seed=bootstrap_seed)
+    return {
+        "loss": loss, "ppl": math.exp(loss), "tokens": predicted_per_window * len(window_nll),
+        "loss_lo": loss_lo, "loss_hi": loss_hi, "ppl_lo": math.exp(loss_lo), "ppl_hi": math.exp(loss_hi),
+        "window_losses": window_losses,
+    }
 
 
 # ----- lm-eval ---------------------------------------------------------------------------------
@@ -180,21 +214,43 @@ def _answer_nll(sample: dict[str, Any], output_type: str) -> float | None:
     return None
 
 
-def _task_metrics(results: dict[str, Any], samples: list[dict[str, Any]], output_type: str) -> dict[str, float]:
-    """lm-eval's metric values of one task (filter suffix and stderr dropped) plus `nll`."""
+def _aggregation(metric: str, config: dict[str, Any]) -> Callable[[list[Any]], float]:
+    """The task's aggregation of `metric` (its metric_list, else lm-eval's default for the metric, else the mean)."""
+    from lm_eval.api.registry import get_aggregation, get_metric_aggregation
+
+    for entry in config.get("metric_list") or []:
+        if entry.get("metric") == metric and entry.get("aggregation"):
+            aggregation = entry["aggregation"]
+            return aggregation if callable(aggregation) else get_aggregation(aggregation)
+    return get_metric_aggregation(metric) or (lambda values: float(np.mean(values)))
+
+
+def _task_metrics(results: dict[str, Any], samples: list[dict[str, Any]], config: dict[str, Any],
+                  bootstrap_samples: int, bootstrap_seed: int) -> dict[str, float]:
+    """lm-eval's metric values of one task (filter suffix and stderr dropped), `nll`, 95% intervals over items
+    (`<metric>_lo`, `<metric>_hi`) and, for multiple choice, `chance`."""
+    output_type = config["output_type"]
     metrics = {
         key.split(",")[0]: float(value) for key, value in results.items()
         if "," in key and "_stderr" not in key and isinstance(value, (int, float))
     }
+    per_item = {name: [sample[name] for sample in samples] for name in list(metrics) if all(name in s for s in samples)}
     nlls = [nll for sample in samples if (nll := _answer_nll(sample, output_type)) is not None]
     if nlls:
         metrics["nll"] = float(np.mean(nlls))
+        per_item["nll"] = nlls
+    for name, items in per_item.items():
+        statistic = None if name == "nll" else _aggregation(name, config)
+        metrics[f"{name}_lo"], metrics[f"{name}_hi"] = bootstrap_interval(items, statistic, bootstrap_samples, bootstrap_seed)
+    if output_type == "multiple_choice" and samples:
+        metrics["chance"] = float(np.mean([1 / len(sample["filtered_resps"]) for sample in samples]))
     return metrics
 
 
 def run_lm_eval(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: Sequence[str],
-    tasks_dir: str | Path | None, limit: int | None, batch_size: int,
+    tasks_dir: str | Path | None, limit: int | None, batch_size: int, bootstrap_samples: int = 1000,
+    bootstrap_seed: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """Run lm-eval tasks on an in-memory model: {"tasks": {task: {metric: value}}, "skipped": {task: reason}}.
 
@@ -221,7 +277,8 @@ def run_lm_eval(
             random_seed=None, numpy_random_seed=None, torch_random_seed=None,  # leave the caller's RNGs alone
         )
     metrics = {
-        task: _task_metrics(output["results"][task], output["samples"][task], output["configs"][task]["output_type"])
+        task: _task_metrics(output["results"][task], output["samples"][task], output["configs"][task],
+                            bootstrap_samples, bootstrap_seed)
         for task in runnable
     }
     return {"tasks": metrics, "skipped": skipped}
@@ -286,11 +343,10 @@ def _stored_results(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
 
 def tracker_metrics(results: dict[str, Any]) -> dict[str, float]:
     """The flat eval/... metrics of one checkpoint's results (names in the module docstring)."""
-    metrics = {
-        "eval/val_loss": results["val"]["loss"],
-        "eval/val_ppl": results["val"]["ppl"],
-        "eval/tokens_seen": float(results["tokens_seen"]),
-    }
+    val = results["val"]
+    metrics = {f"eval/val_{name}": val[name] for name in ("loss", "loss_lo", "loss_hi", "ppl", "ppl_lo", "ppl_hi")}
+    metrics["eval/tokens_seen"] = float(results["tokens_seen"])
+    metrics.update({f"eval/{name}": float(value) for name, value in results["model"].items()})
     for task, values in results["tasks"].items():
         metrics.update({f"eval/{task}/{name}": value for name, value in values.items()})
     return metrics
@@ -323,11 +379,14 @@ def evaluate_checkpoint(
     model = load_checkpoint(checkpoint_dir, device)
     if block_size > model.config.n_positions:
         raise EvaluationError(f"block_size={block_size} exceeds the checkpoint's n_positions={model.config.n_positions}")
+    bootstrap = {"bootstrap_samples": eval_settings.bootstrap_samples, "bootstrap_seed": eval_settings.bootstrap_seed}
     val = validation_perplexity(
-        model, load_split(data_dir, "val"), block_size, eval_settings.val_windows, eval_settings.batch_size, device
+        model, load_split(data_dir, "val"), block_size, eval_settings.val_windows, eval_settings.batch_size, device,
+        **bootstrap,
     )
     lm_eval_results = run_lm_eval(
-        model, hf_gpt2_tokenizer(), eval_settings.tasks, tasks_dir, eval_settings.limit, eval_settings.batch_size
+        model, hf_gpt2_tokenizer(), eval_settings.tasks, tasks_dir, eval_settings.limit, eval_settings.batch_size,
+        **bootstrap,
     )
     results = {
         "checkpoint": str(checkpoint_dir.resolve()),
@@ -336,6 +395,7 @@ def evaluate_checkpoint(
         "kind": info.get("kind", model.config.model_type),
         "key": key,
         "val": val,
+        "model": {"n_params": model.num_parameters(), "flops_per_token": flops_per_token(model.config, block_size)},
         **lm_eval_results,
         "seconds": round(time.perf_counter() - started, 3),
     }

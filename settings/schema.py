@@ -218,6 +218,8 @@ class EvalSettings(Strict):
     limit: PositiveInt | None = Field(None, description="items per lm-eval task; None: all")
     batch_size: PositiveInt = 8
     val_windows: PositiveInt = Field(64, description="validation windows for checkpoint perplexity")
+    bootstrap_samples: PositiveInt = Field(1000, description="resamples of items/windows per 95% interval (SPEC §10)")
+    bootstrap_seed: int = Field(0, description="seed of every bootstrap, so intervals are reproducible")
 
 
 class TrackingSettings(Strict):

@@ -38,10 +38,14 @@ from settings.loader import load_settings
 from settings.schema import EvalSettings
 
 BLOCK = 64
-EXPECTED_METRICS = {
+POINT_METRICS = {
     "cocomix_lastword": {"acc", "perplexity", "nll"},
     "cocomix_choice": {"acc", "acc_norm", "nll"},
     "cocomix_rolling": {"word_perplexity", "byte_perplexity", "bits_per_byte", "nll"},
+}
+EXPECTED_METRICS = {  # every metric with its 95% interval; multiple choice also with its chance level
+    task: names | {f"{name}_{end}" for name in names for end in ("lo", "hi")} | ({"chance"} if task == "cocomix_choice" else set())
+    for task, names in POINT_METRICS.items()
 }
 
 
@@ -93,6 +97,35 @@ def test_perplexity_is_exp_of_the_mean_token_loss(kind):
     assert result["tokens"] == len(losses) == 4 * 15
     assert result["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
     assert result["ppl"] == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-5)
+    window_means = [np.mean(losses[15 * w : 15 * (w + 1)]) for w in range(4)]
+    assert result["window_losses"] == pytest.approx(window_means, rel=1e-5)
+    assert min(window_means) <= result["loss_lo"] <= result["loss"] <= result["loss_hi"] <= max(window_means)
+    assert (result["ppl_lo"], result["ppl_hi"]) == (math.exp(result["loss_lo"]), math.exp(result["loss_hi"]))
+
+
+def test_bootstrap_of_a_mean_agrees_with_scipy():
+    """Independent implementation: scipy's percentile bootstrap with its own resampling; both converge."""
+    from scipy.stats import bootstrap
+
+    items = np.random.default_rng(1).binomial(1, 0.3, size=200).astype(float)
+    ours = evaluate.bootstrap_interval(items, samples=20000, seed=0)
+    theirs = bootstrap((items,), np.mean, n_resamples=20000, method="percentile", random_state=5).confidence_interval
+    assert ours == pytest.approx((theirs.low, theirs.high), abs=0.006)
+    assert evaluate.bootstrap_interval(items, samples=500, seed=3) == evaluate.bootstrap_interval(items, samples=500, seed=3)
+
+
+def test_bootstrap_of_a_ratio_statistic_agrees_with_scipy():
+    """Items as lm-eval logs them for weighted perplexity: (log-likelihood, words) pairs, resampled together."""
+    from lm_eval.api.metrics import weighted_perplexity
+    from scipy.stats import bootstrap
+
+    rng = np.random.default_rng(2)
+    words = rng.integers(5, 50, size=120)
+    lls = -words * rng.uniform(2, 6, size=120)
+    ours = evaluate.bootstrap_interval(list(zip(lls, words)), weighted_perplexity, samples=4000, seed=0)
+    theirs = bootstrap((lls, words), lambda ll, n, axis=-1: np.exp(-ll.sum(axis) / n.sum(axis)), paired=True,
+                       vectorized=True, n_resamples=20000, method="percentile", random_state=5).confidence_interval
+    assert ours == pytest.approx((theirs.low, theirs.high), rel=0.02)
 
 
 def test_perplexity_restores_training_mode():
@@ -134,6 +167,16 @@ def test_lm_eval_offline_tasks_match_a_hand_computation(kind, tasks_dir, tokeniz
     assert lastword["nll"] == pytest.approx(-np.mean([ll for ll, _ in by_hand]), rel=1e-4)
     assert lastword["perplexity"] == pytest.approx(math.exp(lastword["nll"]), rel=1e-4)
     assert lastword["acc"] == np.mean([greedy for _, greedy in by_hand])
+    for metrics in output["tasks"].values():
+        for name in set(metrics) - {"chance"} - {n for n in metrics if n.endswith(("_lo", "_hi"))}:
+            assert metrics[f"{name}_lo"] <= metrics[name] + 1e-9 and metrics[name] <= metrics[f"{name}_hi"] + 1e-9, name
+    # per-item lastword log-likelihoods, resampled with the task's `perplexity` aggregation (exp of -mean)
+    lls = [ll for ll, _ in by_hand]
+    assert (lastword["perplexity_lo"], lastword["perplexity_hi"]) == pytest.approx(
+        [math.exp(-v) for v in reversed(evaluate.bootstrap_interval(lls))], rel=1e-4)
+    assert output["tasks"]["cocomix_choice"]["chance"] == pytest.approx(
+        np.mean([1 / len(json.loads(line)["choices"])
+                 for line in (tasks_dir / "cocomix_choice.jsonl").read_text().splitlines()[:3]]))
 
 
 def test_unknown_task_lists_the_known_ones(tasks_dir):
@@ -227,9 +270,11 @@ def test_sweep_evaluates_every_checkpoint_once(tmp_path, data_dir, tasks_dir, mo
         assert [r["step"] for r in results[kind]] == [5, 10]
         assert [step for step, _ in tracker.history("eval/val_ppl")] == [5, 10]
         assert tracker.history("eval/tokens_seen") == [(5, 320.0), (10, 640.0)]
+        point_metrics = {"eval/val_loss", "eval/val_ppl", "eval/cocomix_lastword/acc",
+                         "eval/cocomix_lastword/perplexity", "eval/cocomix_lastword/nll"}
         assert {name for _, name, _ in tracker.metrics} == {
-            "eval/val_loss", "eval/val_ppl", "eval/tokens_seen",
-            "eval/cocomix_lastword/acc", "eval/cocomix_lastword/perplexity", "eval/cocomix_lastword/nll",
+            "eval/tokens_seen", "eval/n_params", "eval/flops_per_token",
+            *point_metrics, *{f"{name}_{end}" for name in point_metrics for end in ("lo", "hi")},
         }
         stored = json.loads((arms[kind] / "checkpoints" / "step_000010" / RESULTS_FILE).read_text())
         assert stored["val"] == results[kind][1]["val"]
