@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from cocomix_core.report import (
-    VAL_PPL, BranchCurve, EvalPoint, comparison_table, curves_from_results, lower_is_better, match_all,
-    pair_branches, plot_curves, report_html, to_markdown, tokens_to_match, write_report,
+    VAL_PPL, BranchCurve, EvalPoint, compare, comparison_table, curves_from_results, lower_is_better, match_all,
+    pair_branches, plot_curves, report_html, to_markdown, tokens_to_match, verdict_rows, verdict_text, write_report,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -121,17 +121,93 @@ def test_plots_are_real_pngs(tmp_path: Path):
     assert sorted(tmp_path.iterdir()) == sorted(paths)  # no temporaries left
 
 
+def with_intervals(branch: BranchCurve, half_width: float) -> BranchCurve:
+    """The branch with a ± half_width interval on every metric of every checkpoint."""
+    points = [EvalPoint(point.step, point.tokens_seen, {
+        **point.metrics, **{f"{name}_{end}": value + sign * half_width for name, value in point.metrics.items()
+                            for end, sign in (("lo", -1), ("hi", 1))},
+    }) for point in branch.points]
+    return BranchCurve(branch.name, branch.kind, points, branch.seed)
+
+
+# ----- claims (SPEC §10) ------------------------------------------------------------------------
+def test_claim_better_beyond_noise_states_tokens_to_match():
+    ntp, cocomix = with_intervals(NTP, 1.0), with_intervals(COCOMIX, 1.0)  # 30 ± 1 vs 26 ± 1
+    comparison = compare([ntp], [cocomix], VAL_PPL)
+    assert comparison.claim == "better"
+    assert comparison.difference.value == -4.0
+    assert (comparison.difference.lo, comparison.difference.hi) == pytest.approx((-4 - 2**0.5, -4 + 2**0.5))
+    match = tokens_to_match(ntp, cocomix)
+    assert match.claim == "better" and "22.2%" in to_markdown(comparison_table([ntp, cocomix]), [match])
+
+
+def test_claim_within_noise_withholds_the_saving():
+    ntp, cocomix = with_intervals(NTP, 5.0), with_intervals(COCOMIX, 5.0)  # 30 ± 5 contains 26
+    assert compare([ntp], [cocomix], VAL_PPL).claim == "within noise"
+    match = tokens_to_match(ntp, cocomix)
+    markdown = to_markdown(comparison_table([ntp, cocomix]), [match])
+    assert match.claim == "within noise" and "22.2%" not in markdown and "within noise" in markdown
+    # an overlap that contains neither value is still within noise only if one value is inside the other's interval
+    assert compare([with_intervals(NTP, 2.1)], [with_intervals(COCOMIX, 2.1)], VAL_PPL).claim == "better"
+
+
+def test_claim_degenerate_when_both_arms_score_zero_or_chance():
+    zero_ntp = with_intervals(curve("ntp", "ntp", {1000: {ACC: 0.0}}), 0.0)
+    zero_cocomix = with_intervals(curve("cocomix", "cocomix", {1000: {ACC: 0.0}}), 0.0)
+    assert compare([zero_ntp], [zero_cocomix], ACC).claim == "degenerate"
+    assert tokens_to_match(zero_ntp, zero_cocomix, ACC, lower_is_better=False).claim == "degenerate"
+    choice = "eval/choice/acc"
+    at_chance = [with_intervals(curve(n, k, {1000: {choice: v, "eval/choice/chance": 0.25}}), 0.01)
+                 for n, k, v in (("ntp", "ntp", 0.22), ("cocomix", "cocomix", 0.25))]
+    assert compare(at_chance[:1], at_chance[1:], choice).claim == "degenerate"
+
+
+def test_seeds_aggregate_to_a_t_interval_and_paired_differences():
+    ntp = [ppl_curve(f"ntp-seed{s}", "ntp", {1000: v}, seed=s) for s, v in ((0, 30.0), (1, 32.0), (2, 31.0))]
+    kd = [ppl_curve(f"kd-seed{s}", "kd", {1000: v}, seed=s) for s, v in ((0, 28.0), (1, 29.0), (2, 28.5))]
+    for branch in ntp:
+        branch.arm = "ntp"
+    for branch in kd:
+        branch.arm = "kd"
+    comparison = compare(ntp, kd, VAL_PPL)
+    # independent: mean ± t(0.975, 2) · sd / sqrt(3), with t(0.975, 2) = 4.302653
+    half = 4.302653 * 1.0 / 3**0.5
+    assert (comparison.reference.value, comparison.reference.lo, comparison.reference.hi) == pytest.approx((31, 31 - half, 31 + half))
+    differences = [-2.0, -3.0, -2.5]
+    half_difference = 4.302653 * 0.5 / 3**0.5
+    assert (comparison.difference.lo, comparison.difference.hi) == pytest.approx((-2.5 - half_difference, -2.5 + half_difference))
+    assert comparison.claim == "better"  # 28.5 outside 31 ± 2.48 and 31 outside 28.5 ± 1.24
+    rows = verdict_rows(ntp + kd)
+    assert [(row["arm"], row["reference"], row["seeds"], row["claim"]) for row in rows] == [("kd", "ntp", 3, "better")]
+    assert "significantly better" in verdict_text(rows)[0] and "3 seeds" in verdict_text(rows)[0]
+
+
+def test_verdict_lists_every_arm_against_ntp_and_ablations_against_cocomix():
+    metrics = {"eval/n_params": 1000.0, "eval/flops_per_token": 6e3}
+    arms = [with_intervals(curve(name, kind, {1000: {VAL_PPL: ppl, **metrics}}), 0.5)
+            for name, kind, ppl in (("ntp", "ntp", 30.0), ("cocomix", "cocomix", 27.0), ("kd", "kd", 29.8),
+                                    ("pause", "pause", 31.0), ("cocomix_add", "cocomix", 27.2))]
+    rows = verdict_rows(arms)
+    assert [(row["arm"], row["reference"], row["claim"]) for row in rows] == [
+        ("cocomix", "ntp", "better"), ("kd", "ntp", "within noise"), ("pause", "ntp", "worse"),
+        ("cocomix_add", "ntp", "better"), ("cocomix_add", "cocomix", "within noise"),
+    ]
+    assert "1,000 parameters, 6e+03 training FLOPs/token" in verdict_text(rows)[0]
+
+
 def test_write_report_writes_every_file(tmp_path: Path):
-    files = write_report([NTP, COCOMIX], tmp_path / "report")
+    files = write_report([with_intervals(NTP, 1.0), with_intervals(COCOMIX, 1.0)], tmp_path / "report")
     content = json.loads(files.json_path.read_text())
     assert [row["branch"] for row in content["table"]] == ["ntp", "cocomix"]
     assert content["tokens_to_match"][0]["candidate_tokens"] == pytest.approx(2000 + 1000 / 3)
-    assert [BranchCurve.from_dict(data) for data in content["curves"]] == [NTP, COCOMIX]
+    assert [BranchCurve.from_dict(data) for data in content["curves"]] == [with_intervals(NTP, 1.0), with_intervals(COCOMIX, 1.0)]
+    assert content["verdict"][0].startswith("cocomix vs ntp: val_ppl 26 [25, 27] vs 30 [29, 31]")
     assert files.summary["cocomix/saving_fraction"] == pytest.approx(1 - (2000 + 1000 / 3) / 3000)
     assert files.summary["ntp/final_val_ppl"] == 30.0
 
     markdown = files.markdown_path.read_text()
     assert "ntp" in markdown and "cocomix" in markdown and "22.2%" in markdown
+    assert markdown.index("## Verdict") < markdown.index("## Tokens to match")
     page = files.html_path.read_text()
     assert page == report_html(files)
     assert page.count("data:image/png;base64,") == len(files.plots) == 1 and "<td>cocomix</td>" in page
