@@ -15,6 +15,13 @@ argo-workflows create` deploys with that preset's resources.
 either a JSON list (`'["train.lr=3e-4", "train.steps=100"]'`) or `;`-separated items
 (`'train.lr=3e-4; train.steps=100'`). Commas are not separators because YAML values
 contain them (`eval.tasks=[a, b]`).
+
+Gangs. With compute.train.nodes = N > 1 a training branch runs on N nodes (a Metaflow
+`@parallel` step); every node runs `training_command(..., node_rank=i, main_ip=...)`, and
+accelerate's launcher (torchrun underneath, static rendezvous at the main node) joins the
+processes of all nodes into one DDP or FSDP process group. The trainer's global rank 0 alone
+logs and writes checkpoints; every node must see the same run folder when it starts, so that
+a retried gang resumes all of its processes from the same trainer state.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import sys
 from typing import Mapping, Sequence
 
 from settings.loader import DEFAULT_PRESET
+from settings.schema import TrainResources
 
 SETTINGS_ENV = "COCOMIX_SETTINGS"
 OVERRIDES_ENV = "COCOMIX_SET"
@@ -89,39 +97,64 @@ def cpu_threads(
     return min(share, reserved) if reserved else share
 
 
+# The trainer's module holds the model's blocks in this class (GPT-2 and CoCoMix alike): FSDP wraps each one.
+FSDP_WRAPPED_BLOCK = "GPT2Block"
+
+
 def training_command(
     module_args: Sequence[str],
+    resources: TrainResources,
     *,
-    gpus: int,
-    nodes: int = 1,
     node_rank: int = 0,
     main_ip: str | None = None,
-    main_port: int = DEFAULT_MAIN_PORT,
-    mixed_precision: str = "no",
     module: str = "cocomix_core.train",
 ) -> list[str]:
-    """The `accelerate launch` command that runs `python -m <module> <module_args>` on every GPU.
+    """The `accelerate launch` command one node of a training gang runs: `python -m <module> <module_args>` per process.
 
-    One process per GPU on each of `nodes` machines; accelerate's DDP spans them all. A
-    multi-node launch needs the main node's address (Metaflow's `@parallel` exposes it as
-    `current.parallel.main_ip`), and each node passes its own `node_rank`. Mixed precision
-    defaults to "no" because the trainer applies the settings' precision itself.
+    `resources.processes_per_node` processes on each of `resources.nodes` nodes (one per GPU,
+    or `cpu_processes` on CPU nodes, where the trainer picks gloo); accelerate's launcher
+    (torchrun underneath) joins them into one process group. A gang needs the main node's
+    address (Metaflow's `current.parallel.main_ip`) and each node its own `node_rank`
+    (`current.parallel.node_index`). strategy=fsdp adds accelerate's FSDP options.
+    Mixed precision stays "no": the trainer autocasts to the settings' precision itself, and
+    FSDP then keeps fp32 parameter shards and optimizer state (bf16 compute, fp32 master weights).
     """
-    if gpus < 1:
-        raise ValueError(f"accelerate launch needs at least one GPU per node, got gpus={gpus}")
-    if nodes < 1 or not 0 <= node_rank < nodes:
-        raise ValueError(f"node_rank={node_rank} must lie in [0, nodes={nodes})")
+    nodes, per_node = resources.nodes, resources.processes_per_node
+    if not 0 <= node_rank < nodes:
+        raise ValueError(f"node_rank={node_rank} must lie in [0, compute.train.nodes={nodes})")
     if nodes > 1 and not main_ip:
-        raise ValueError(f"a launch over nodes={nodes} needs the main node's address (main_ip)")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus * nodes)]
-    if gpus * nodes > 1:
-        command.append("--multi_gpu")
+        raise ValueError(f"a gang of compute.train.nodes={nodes} needs the main node's address (main_ip)")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(per_node * nodes)]
+    if resources.strategy == "fsdp":
+        command += fsdp_arguments(resources)  # instead of --multi_gpu: accelerate allows one of the two
+    elif per_node * nodes > 1:
+        command.append("--multi_gpu")  # accelerate's name for torchrun's launcher; on CPU-only nodes it runs gloo
     if nodes > 1:
         command += [
             "--num_machines", str(nodes),
             "--machine_rank", str(node_rank),
             "--main_process_ip", str(main_ip),
-            "--main_process_port", str(main_port),
+            "--main_process_port", str(resources.main_port),
         ]
-    command += ["--mixed_precision", mixed_precision, "--dynamo_backend", "no", "-m", module, *module_args]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", module, *module_args]
     return command
+
+
+def fsdp_arguments(resources: TrainResources) -> list[str]:
+    """accelerate launch options for FSDP: the settings' sharding, one FSDP unit per transformer block.
+
+    The full (unsharded) state dict is what checkpoints hold, so a checkpoint loads anywhere;
+    use_orig_params keeps the parameters' names and shapes for the optimizer and the gradient norm.
+    """
+    return [
+        "--use_fsdp",
+        "--fsdp_version", "1",
+        "--fsdp_sharding_strategy", resources.fsdp_sharding,
+        "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+        "--fsdp_transformer_layer_cls_to_wrap", FSDP_WRAPPED_BLOCK,
+        "--fsdp_state_dict_type", "FULL_STATE_DICT",
+        "--fsdp_use_orig_params", "true",
+        "--fsdp_sync_module_states", "true",
+        "--fsdp_offload_params", "false",
+        "--fsdp_backward_prefetch", "BACKWARD_PRE",
+    ]

@@ -352,6 +352,16 @@ def _fresh_or_resumed(job: TrainJob, out_dir: Path, device: torch.device
     return model, optimizer, summary["step"], summary["val_loss"]
 
 
+def _check_same_start(start_step: int, out_dir: Path, accelerator: Accelerator) -> None:
+    """Every process must resume from the same trainer state: a gang node that cannot see rank 0's run folder would not."""
+    starts = accelerator.gather(torch.tensor([start_step], device=accelerator.device)).tolist()
+    if len(set(starts)) > 1:
+        raise RuntimeError(
+            f"processes would start at different steps {starts} (by global rank): every node of a gang must see the "
+            f"same run folder {out_dir} (materialize it on each node before launching)"
+        )
+
+
 def train(
     job: TrainJob,
     data_dir: str | Path,
@@ -394,6 +404,7 @@ def train(
     val_windows = validation_windows(load_split(data_dir, "val", block_size=job.block_size), job.block_size, settings.eval_windows)
 
     model, optimizer, start_step, last_val_loss = _fresh_or_resumed(job, out_dir, device)
+    _check_same_start(start_step, out_dir, accelerator)
     resumed = start_step > 0
     if is_main:
         remove_partial_leftovers(out_dir)

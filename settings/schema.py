@@ -235,8 +235,36 @@ class StepResources(Strict):
     cpus: PositiveInt = 1
     memory_mb: PositiveInt = 4096
     gpus: int = Field(0, ge=0)
-    nodes: PositiveInt = 1
     retries: int = Field(2, ge=0, le=4, description="@retry times; a retried training step continues from its checkpoint")
+
+
+class TrainResources(StepResources):
+    """Resources of a training branch: a gang of nodes, each running trainer processes under torch.distributed."""
+
+    nodes: PositiveInt = Field(1, description="nodes per training branch; >1 runs the branch as a Metaflow @parallel gang")
+    cpu_processes: PositiveInt = Field(
+        1, description="trainer processes per node when gpus=0 (DDP over gloo); GPU nodes run one process per GPU"
+    )
+    main_port: int = Field(29500, ge=1024, le=65535, description="rendezvous port on the gang's main node")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: every process holds the whole model; fsdp: parameters, gradients and optimizer "
+        "state sharded over processes (accelerate's FSDP, transformer blocks wrapped one by one)"
+    )
+    fsdp_sharding: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD"] = Field(
+        "FULL_SHARD", description="fsdp: what is sharded; HYBRID_SHARD shards within a node and replicates across nodes"
+    )
+
+    @model_validator(mode="after")
+    def _processes_to_launch(self) -> "TrainResources":
+        if self.strategy == "fsdp" and self.processes_per_node * self.nodes < 2:
+            raise ValueError("compute.train.strategy=fsdp shards over processes: it needs more than one (gpus, "
+                             "cpu_processes or nodes)")
+        return self
+
+    @property
+    def processes_per_node(self) -> int:
+        """Trainer processes on each node: one per GPU, else cpu_processes."""
+        return self.gpus or self.cpu_processes
 
 
 class ComputeSettings(Strict):
@@ -244,7 +272,7 @@ class ComputeSettings(Strict):
 
     prepare: StepResources = StepResources(cpus=2, memory_mb=8192)
     concepts: StepResources = StepResources(cpus=2, memory_mb=8192)
-    train: StepResources = StepResources()
+    train: TrainResources = TrainResources()
     evaluate: StepResources = StepResources()
     storage_root: str | None = Field(None, description="folder or s3:// URI for shards and checkpoints; None: <project>/artifacts")
 
