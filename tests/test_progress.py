@@ -129,7 +129,7 @@ def test_sae_fit_reports_progress(capsys):
     assert "nmse=" in lines[-1].string and "dead=" in lines[-1].string
 
 
-def _run_captured(args: list[str], tmp_path: Path) -> str:
+def _run_captured(args: list[str]) -> str:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                             timeout=600, check=True)
@@ -138,7 +138,7 @@ def _run_captured(args: list[str], tmp_path: Path) -> str:
 
 def test_captured_training_run_is_plain_lines_without_third_party_noise(smoke_data, tmp_path):
     output = _run_captured(["-m", "cocomix_core.train", "--settings", "smoke", "--arm", "ntp", "--data", str(smoke_data),
-                            "--out", str(tmp_path / "run"), "--threads", "1"], tmp_path)
+                            "--out", str(tmp_path / "run"), "--threads", "1"])
     assert not any(mark in output for mark in REDRAWS), output
     for noise in ("Writing model shards", "Loading weights", "loss_type"):
         assert noise not in output
