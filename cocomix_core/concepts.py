@@ -38,6 +38,7 @@ from torch import nn
 
 from cocomix_core.fileio import atomic_path, sha256_file
 from cocomix_core.modeling import row_chunks
+from cocomix_core.progress import Progress, quiet_third_party, say
 from cocomix_core.sae import TopKSAE
 
 LABEL_DTYPE = np.uint16
@@ -109,6 +110,7 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+@quiet_third_party()  # transformers' "Loading weights" bar
 def load_teacher(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
     """A pretrained causal LM (hub name such as `openai-community/gpt2`, or a local folder), eval and frozen."""
     from transformers import AutoModelForCausalLM
@@ -365,12 +367,13 @@ def build_label_cache(
         try:
             cache = LabelCache(out_dir)
             if not _matches(cache.manifest, core) and cache.verify_file():
+                say(f"label cache: {out_dir} already holds the labels of these {num_samples:,} samples; reused")
                 return out_dir
         except (ValueError, OSError, json.JSONDecodeError):
             pass  # unreadable or stale: rebuild
 
     block = windows.block_size
-    with atomic_path(out_dir) as temp:
+    with atomic_path(out_dir) as temp, Progress("label cache", num_samples, unit="sample") as progress:
         temp.mkdir(parents=True)
         labels = np.memmap(temp / LABELS_FILE, dtype=LABEL_DTYPE, mode="w+", shape=(num_samples, block, k))
         for first in range(0, num_samples, batch_size):
@@ -379,6 +382,7 @@ def build_label_cache(
             labels[first : first + count] = extractor.concept_labels(ids, k).cpu().numpy().astype(LABEL_DTYPE)
             if log_fn is not None:
                 log_fn({"label_cache_samples": first + count, "label_cache_total": num_samples})
+            progress.update(count)
         labels.flush()
         del labels
         manifest = dict(core, labels_file=LABELS_FILE, labels_sha256=sha256_file(temp / LABELS_FILE))

@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 from cocomix_core.fileio import atomic_path, sha256_file, sha256_json
+from cocomix_core.progress import track
 from cocomix_core.tokenizer import EOT_ID, VOCAB_SIZE, TokenizerError, encode_document, tokenizer_digest
 from settings.cli import add_settings_arguments, settings_from_args
 from settings.loader import SettingsError
@@ -331,8 +331,6 @@ def _write_splits(pairs: Iterable[tuple[str, Any]], threshold: float, seed: int,
     return {"train": train, "val": val}
 
 
-def _progress(items: Iterable, description: str) -> Iterable:
-    return tqdm(items, desc=description, unit="doc", mininterval=2.0, disable=None)
 
 
 def _encode_and_split(corpus: Corpus, data: DataSettings, folder: Path) -> tuple[dict[str, TokenWriter], float]:
@@ -343,17 +341,17 @@ def _encode_and_split(corpus: Corpus, data: DataSettings, folder: Path) -> tuple
 
     threshold = data.val_fraction or (None if corpus.bounded else HF_VAL_FRACTION)
     if threshold is not None:
-        pairs = _encoded(_progress(documents(), "encoding"), data)
+        pairs = _encoded(track(documents(), "encoding", unit="document"), data)
         return _write_splits(pairs, threshold, data.split_seed, folder), threshold
 
     staging = folder / STAGING_FILE
     with TokenWriter(staging, WRITE_CHUNK_TOKENS) as writer:
-        lengths = [writer.write(ids) for _, ids in _encoded(_progress(documents(), "encoding"), data)]
+        lengths = [writer.write(ids) for _, ids in _encoded(track(documents(), "encoding", unit="document"), data)]
     if not lengths:
         raise DataError(f"the corpus ({corpus.description}) has no documents")
     threshold = threshold_for_min_tokens(lengths, data.split_seed, data.min_val_tokens)
     # The second read is text only (no encoding); strict zip catches a corpus that changed meanwhile.
-    pairs = zip(_progress(documents(), "splitting"), _staged(staging, lengths), strict=True)
+    pairs = zip(track(documents(), "splitting", unit="document"), _staged(staging, lengths), strict=True)
     writers = _write_splits(pairs, threshold, data.split_seed, folder)
     staging.unlink()
     return writers, threshold

@@ -58,6 +58,7 @@ from cocomix_core.checkpoints import CHECKPOINT_META, checkpoint_info, list_chec
 from cocomix_core.fileio import sha256_file, write_json_atomic
 from cocomix_core.models import flops_per_token
 from cocomix_core.offline_tasks import TASK_NAMES, EvaluationError, build_offline_tasks, tasks_digest
+from cocomix_core.progress import quiet_third_party
 from cocomix_core.tokenizer import VOCAB_SIZE
 from cocomix_core.tracking import Tracker
 from cocomix_core.windows import validation_windows
@@ -247,6 +248,7 @@ def _task_metrics(results: dict[str, Any], samples: list[dict[str, Any]], config
     return metrics
 
 
+@quiet_third_party()  # lm-eval's request bars, its warnings about model objects; truncations summarised
 def run_lm_eval(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: Sequence[str],
     tasks_dir: str | Path | None, limit: int | None, batch_size: int, bootstrap_samples: int = 1000,
@@ -352,6 +354,7 @@ def tracker_metrics(results: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
+@quiet_third_party()  # transformers' "Loading weights" bar, and one truncation summary per checkpoint
 def evaluate_checkpoint(
     checkpoint_dir: str | Path, data_dir: str | Path, tasks_dir: str | Path | None, eval_settings: EvalSettings,
     block_size: int, tracker: Tracker | None = None, device: str | None = None, force: bool = False,

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cocomix_core.concepts import capture_residual, freeze
+from cocomix_core.progress import Progress
 from cocomix_core.sae import TopKSAE
 
 
@@ -227,6 +228,7 @@ def _train(teacher: nn.Module, windows: Any, layer_index: int, config: SAETrainC
     start_time = time.perf_counter()
 
     acts = first
+    progress = Progress("sae", config.steps)
     for step in range(config.steps):
         if step > 0:
             acts = stream.next()
@@ -269,6 +271,9 @@ def _train(teacher: nn.Module, windows: Any, layer_index: int, config: SAETrainC
                       "sae_auxk": float(auxk.detach()), "sae_dead_fraction": num_dead / config.num_latents}
             history.append(record)
             log_fn(record)
+        progress.set_values(nmse=float(main.detach()), dead=f"{num_dead / config.num_latents:.1%}")
+        progress.update()
+    progress.close()
 
     sae.eval()
     with torch.no_grad():

@@ -11,6 +11,7 @@ Metric names (stable; the flow's report and MLflow comparisons rely on them):
     val/loss, val/ppl                                     (step = optimizer step)
     eval/val_loss, eval/val_ppl, eval/tokens_seen,
     eval/<task>/<metric>                                  (step = checkpoint step)
+    <branch>/eval/...  in the parent run                  (step = training tokens; `log_branch_curves`)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, TypeVar
 
 # Keep MLflow quiet and local: no usage telemetry leaves the machine.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -38,6 +39,8 @@ DEFAULT_ARTIFACTS = PROJECT_ROOT / "mlartifacts"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
 MAX_PARAMS_PER_BATCH = 100
 MAX_TAGS_PER_BATCH = 100
+MAX_TAG_VALUE_CHARS = 8000  # MLflow's limit on a tag value, the run description included
+NOTE_TAG = "mlflow.note.content"  # the tag the MLflow UI shows (and edits) as a run's description
 LOCKED_RETRIES = 10  # SQLite allows one writer; parallel flow tasks wait their turn
 LOCKED_FIRST_WAIT_S = 0.05
 T = TypeVar("T")
@@ -369,3 +372,31 @@ def log_checkpoints(tracker: Tracker, checkpoints: list[dict[str, Any]], artifac
     listing.write_text(json.dumps(checkpoints, indent=2, sort_keys=True) + "\n")
     tracker.flush()
     tracker.log_artifact(listing)
+
+
+# ---------------------------------------------------------------- what the parent run shows first
+
+
+def log_branch_curves(
+    run_id: str, curves: Mapping[str, Iterable[tuple[int, Mapping[str, float]]]], tracking_uri: str | None = None
+) -> None:
+    """Log each branch's (training tokens, metrics) points into one run as `<branch>/<metric>` at step = tokens.
+
+    Given the parent run, its chart view then holds every branch's curve against the same
+    token axis (`ntp/eval/val_ppl`, `cocomix/eval/val_ppl`, ...) without opening the branch runs.
+    """
+    tracker = MlflowTracker(run_id, tracking_uri)
+    for branch, points in curves.items():
+        for tokens, metrics in points:
+            tracker.log_metrics({f"{branch}/{name}": value for name, value in metrics.items()}, step=int(tokens))
+    tracker.close()
+
+
+def set_description(run_id: str, markdown: str, tracking_uri: str | None = None) -> None:
+    """Set a run's description (the note the MLflow UI shows on the run page), in Markdown."""
+    if len(markdown) > MAX_TAG_VALUE_CHARS:
+        raise ValueError(
+            f"a run description holds at most {MAX_TAG_VALUE_CHARS} characters (MLflow's tag limit); "
+            f"this one has {len(markdown)}"
+        )
+    MlflowTracker(run_id, tracking_uri).set_tags({NOTE_TAG: markdown})

@@ -53,7 +53,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from cocomix_core.checkpoints import (
@@ -73,6 +72,7 @@ from cocomix_core.concepts import ConceptExtractor, LabelCache
 from cocomix_core.data import load_split
 from cocomix_core.distill import OnlineTeacher, TeacherLogitCache, distillation_kl
 from cocomix_core.models import TrainJob, flops_per_token, job_for_branch, teacher_job
+from cocomix_core.progress import Progress, quiet_third_party
 from cocomix_core.windows import TrainWindows, validation_windows
 from settings.schema import TrainSettings
 
@@ -362,6 +362,7 @@ def _check_same_start(start_step: int, out_dir: Path, accelerator: Accelerator) 
         )
 
 
+@quiet_third_party()  # transformers' "Writing model shards" bar at every checkpoint
 def train(
     job: TrainJob,
     data_dir: str | Path,
@@ -435,7 +436,7 @@ def train(
 
     save_steps = set(checkpoint_steps(settings))
     window_start, window_tokens = time.perf_counter(), 0
-    with tqdm(total=settings.steps, initial=start_step, desc=job.name, disable=not is_main, dynamic_ncols=True) as progress:
+    with Progress(job.name, settings.steps, initial=start_step, enabled=is_main) as progress:
         for step in range(start_step, settings.steps):
             lr = lr_at(step, settings)
             for group in optimizer.param_groups:
@@ -451,7 +452,6 @@ def train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             window_tokens += tokens_per_step
-            progress.update(1)
 
             if done % settings.log_every == 0 or done == settings.steps:
                 tokens_per_s = window_tokens / (time.perf_counter() - window_start)
@@ -464,14 +464,16 @@ def train(
                     metrics[AUXILIARY_METRIC[job.kind]] = auxiliary_loss
                 if tracker is not None:
                     tracker.log_metrics(metrics, step=done)
-                progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
+                progress.set_values(loss=loss, **{"tokens/s": round(tokens_per_s)})
                 window_start, window_tokens = time.perf_counter(), 0
             if done % settings.eval_every == 0 or done == settings.steps:
                 last_val_loss = evaluate(model, val_windows, micro, accelerator, autocast)
                 if tracker is not None:
                     tracker.log_metrics({"val/loss": last_val_loss, "val/ppl": math.exp(last_val_loss)}, step=done)
+                progress.set_values(val_ppl=math.exp(last_val_loss))
             if is_main and done in save_steps:
                 save(done)
+            progress.update(1)  # after logging, so the line of this step shows its own values
     accelerator.wait_for_everyone()
     if tracker is not None:
         tracker.flush()

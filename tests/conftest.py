@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,3 +72,58 @@ def s3_root(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
     for name, value in s3_server.env.items():
         monkeypatch.setenv(name, value)
     return f"s3://{s3_server.bucket}/test-{uuid.uuid4().hex[:8]}"
+
+
+# ----- a real MLflow tracking server: `mlflow server` on a free local port ------------------------
+MLFLOW_SERVER_START_S = 180  # the server imports its whole UI stack; minutes on a loaded machine
+
+
+@dataclass(frozen=True)
+class MlflowServer:
+    url: str  # the tracking URI clients use, http://127.0.0.1:<port>
+    backend_store: Path  # its SQLite file
+    artifacts: Path  # where the server puts artifacts that clients upload through it
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """An `mlflow server` process for the session: SQLite behind it, artifacts proxied (clients never
+    see the artifact folder), as a cluster's tracking server is. Tests pass `.url` as the tracking URI."""
+    folder = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    server = MlflowServer(f"http://127.0.0.1:{port}", folder / "mlflow.db", folder / "artifacts")
+    log = (folder / "server.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
+         "--backend-store-uri", f"sqlite:///{server.backend_store}",
+         "--serve-artifacts", "--artifacts-destination", str(server.artifacts)],
+        stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true"},
+        start_new_session=True,  # its own process group: stopping it stops its uvicorn workers too
+    )
+    deadline = time.monotonic() + MLFLOW_SERVER_START_S
+    while not _answers(server.url):
+        if process.poll() is not None or time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield server
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+    log.close()

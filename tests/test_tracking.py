@@ -86,3 +86,76 @@ def test_default_store_is_an_absolute_sqlite_path(monkeypatch):
     assert uri.startswith("sqlite:////") and uri.endswith("/mlruns.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/other.db")
     assert tracking.resolve_tracking_uri() == "sqlite:////tmp/other.db"
+
+
+def test_parent_run_gets_every_branch_curve_at_the_token_step(store: str):
+    experiment = tracking.ensure_experiment("exp", tracking_uri=store)
+    parent = tracking.create_run(experiment, "parent", tracking_uri=store)
+    curves = {
+        "ntp": [(512, {"eval/val_ppl": 40.0, "eval/cocomix_choice/acc": 0.25}), (1024, {"eval/val_ppl": 30.0})],
+        "cocomix": [(512, {"eval/val_ppl": 38.5}), (1024, {"eval/val_ppl": 28.25})],
+    }
+    tracking.log_branch_curves(parent, curves, tracking_uri=store)
+    client = MlflowClient(store)
+    assert set(client.get_run(parent).data.metrics) == {
+        "ntp/eval/val_ppl", "ntp/eval/cocomix_choice/acc", "cocomix/eval/val_ppl"}
+    history = {name: [(m.step, m.value) for m in client.get_metric_history(parent, name)]
+               for name in ("ntp/eval/val_ppl", "cocomix/eval/val_ppl")}
+    assert history == {"ntp/eval/val_ppl": [(512, 40.0), (1024, 30.0)],
+                       "cocomix/eval/val_ppl": [(512, 38.5), (1024, 28.25)]}
+
+
+def test_run_description_is_the_note_the_ui_shows(store: str):
+    experiment = tracking.ensure_experiment("exp", tracking_uri=store)
+    run_id = tracking.create_run(experiment, "parent", tracking_uri=store)
+    text = "**cocomix** beats ntp\n\n| a | b |\n|---|---|\n| 1 | 2 |\n"
+    tracking.set_description(run_id, text, tracking_uri=store)
+    assert MlflowClient(store).get_run(run_id).data.tags["mlflow.note.content"] == text
+    with pytest.raises(ValueError, match="at most 8000 characters .* this one has 8001"):
+        tracking.set_description(run_id, "x" * 8001, tracking_uri=store)
+
+
+# ----- against a real `mlflow server` (the cluster's setup): parallel branches log at once ----------
+BRANCH_LOGGER = """
+import sys
+from pathlib import Path
+from cocomix_core import tracking
+experiment, parent, name, steps, scratch = sys.argv[1:]
+with tracking.tracked_run(experiment, f"train/{name}", parent_run_id=parent, tags={"cocomix.branch": name}) as tracker:
+    tracker.flush_every = 7  # many small batches interleaved with the other processes'
+    for step in range(int(steps)):
+        tracker.log_metrics({"train/loss": 10.0 - step / 100, "train/lr": float(step)}, step=step)
+    note = Path(scratch) / f"{name}.txt"
+    note.write_text(name)
+    tracker.log_artifact(note, "notes")
+"""
+
+
+@pytest.mark.slow  # starting the server and four logging processes takes a minute or two
+def test_parallel_branches_lose_no_points_through_a_tracking_server(mlflow_server, tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    experiment = tracking.ensure_experiment("server-exp", tracking_uri=mlflow_server.url)
+    parent = tracking.create_run(experiment, "parent")
+    branches, steps = ["ntp", "cocomix", "cocomix-seed1", "ntp-seed1"], 300
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    processes = [subprocess.Popen([sys.executable, "-c", BRANCH_LOGGER, experiment, parent, name, str(steps),
+                                   str(tmp_path)], env=env) for name in branches]
+    assert [process.wait(timeout=300) for process in processes] == [0] * len(branches)
+
+    client = MlflowClient(mlflow_server.url)
+    children = tracking.find_runs(experiment, f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(run.data.tags["cocomix.branch"] for run in children) == sorted(branches)
+    for run in children:
+        assert run.info.status == "FINISHED"
+        history = client.get_metric_history(run.info.run_id, "train/loss")
+        assert [(m.step, m.value) for m in history] == [(s, 10.0 - s / 100) for s in range(steps)]
+        assert len(client.get_metric_history(run.info.run_id, "train/lr")) == steps
+        assert [f.path for f in client.list_artifacts(run.info.run_id, "notes")] == [
+            f"notes/{run.data.tags['cocomix.branch']}.txt"]
+    assert client.search_runs(["0"]) == []  # nothing landed in "Default"
+    # artifacts went through the server into its own folder; the clients never wrote there
+    assert sorted(p.name for p in mlflow_server.artifacts.rglob("*.txt")) == sorted(f"{b}.txt" for b in branches)

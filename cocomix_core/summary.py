@@ -1,0 +1,159 @@
+"""The result at the end of a run: who won, by how much, and the exact commands to look further.
+
+Input is the content of the report's `report.json` (its `table` and `tokens_to_match`; see
+report.py) and where the run's records live (`RunLinks`). `result_text` is what the flow's `end`
+step prints; `description_markdown` is the parent MLflow run's description (its note).
+
+Every CoCoMix branch is read against the NTP branch the report paired it with (the pairs of its
+val-ppl tokens-to-match rows): its final val ppl and each task metric at the final checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from cocomix_core.report import VAL_PPL, lower_is_better
+from settings.schema import ExperimentSettings, training_branches
+
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+_ROW_FIELDS = ("branch", "kind", "seed", "lam_concept", "final_step", "final_tokens", "final_val_ppl", "best_val_ppl")
+
+
+@dataclass(frozen=True)
+class RunLinks:
+    """Where one flow run's records live: its MLflow store, experiment and runs, and its report card."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    branch_run_ids: dict[str, str]
+    flow_file: str  # the flow's file as the user runs it, e.g. flows/cocomix_flow.py
+    card_pathspec: str  # <Metaflow run id>/report, or <run id>/report/<task id>
+    card_id: str = "report"
+
+
+def ui_base_url(tracking_uri: str) -> str:
+    """The MLflow UI for this store: the tracking server itself, or a local `mlflow ui`."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    return LOCAL_UI
+
+
+def mlflow_ui_command(tracking_uri: str) -> str | None:
+    """The command that serves a file-based store's UI at LOCAL_UI; None for a tracking server (it serves its own)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"mlflow ui --backend-store-uri {tracking_uri} --port {LOCAL_UI.rsplit(':', 1)[1]}"
+
+
+def compare_runs_url(tracking_uri: str, experiment_id: str, run_ids: list[str]) -> str:
+    """The MLflow UI's compare page for these runs (the route its own "Compare" button opens)."""
+    runs = json.dumps(run_ids, separators=(",", ":"))
+    return f"{ui_base_url(tracking_uri)}/#/compare-runs?runs={runs}&experiments={json.dumps([experiment_id])}"
+
+
+def card_view_command(links: RunLinks) -> str:
+    """The Metaflow command that opens the report card in a browser."""
+    return f"python {links.flow_file} card view {links.card_pathspec} --id {links.card_id}"
+
+
+def _number(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+
+
+def _columns(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+
+
+def branch_table(table: list[dict[str, Any]]) -> list[str]:
+    """Fixed-width lines: one row per branch with its final tokens and val ppl."""
+    rows = [["branch", "kind", "seed", "λ", "tokens", "final val ppl", "best val ppl"]]
+    for row in table:
+        rows.append([row["branch"], row["kind"], _number(row.get("seed")), _number(row.get("lam_concept")),
+                     _number(row.get("final_tokens")), _number(row.get("final_val_ppl")),
+                     _number(row.get("best_val_ppl"))])
+    return _columns(rows)
+
+
+def _comparison(metric: str, candidate: float | None, reference: float | None) -> str | None:
+    """`metric 12.3 vs 13.1 (-6.1%, better)`; None when either side did not measure it."""
+    if candidate is None or reference is None:
+        return None
+    better = candidate < reference if lower_is_better(metric) else candidate > reference
+    verdict = "better" if better else "same" if candidate == reference else "worse"
+    change = f"{(candidate - reference) / reference:+.1%}" if reference else f"{candidate - reference:+.4g}"
+    return f"{metric} {_number(candidate)} vs {_number(reference)} ({change}, {verdict})"
+
+
+def against_ntp(report: Mapping[str, Any]) -> list[str]:
+    """Lines reading each CoCoMix branch against its NTP reference: val ppl, tokens to match, task metrics."""
+    rows = {row["branch"]: row for row in report["table"]}
+    matches = [match for match in report["tokens_to_match"] if match["metric"] == VAL_PPL]
+    lines = []
+    for match in matches:
+        reference, candidate = rows[match["reference"]], rows[match["candidate"]]
+        lines.append(f"{candidate['branch']} against {reference['branch']}:")
+        val = _comparison("val ppl", candidate["final_val_ppl"], reference["final_val_ppl"])
+        if val is not None:
+            lines.append(f"  {val}")
+        if match["saving_fraction"] is not None:
+            lines.append(f"  reaches {reference['branch']}'s final val ppl with {match['saving_fraction']:.1%} "
+                         f"fewer tokens ({_number(round(match['candidate_tokens']))} of "
+                         f"{_number(match['reference_tokens'])})")
+        else:
+            lines.append(f"  does not reach {reference['branch']}'s final val ppl within "
+                         f"{_number(match['candidate_tokens_evaluated'])} tokens")
+        for metric in sorted(set(candidate) - set(_ROW_FIELDS)):
+            compared = _comparison(metric, candidate.get(metric), reference.get(metric))
+            if compared is not None:
+                lines.append(f"  {compared}")
+    return lines or ["no CoCoMix branch has an NTP branch to compare with"]
+
+
+def next_commands(links: RunLinks) -> list[str]:
+    """The commands (and the link) to open this run's records."""
+    branch_runs = list(links.branch_run_ids.values())
+    lines = []
+    if (command := mlflow_ui_command(links.tracking_uri)) is not None:
+        lines.append(f"  {command}")
+    lines += [
+        f"  then open {ui_base_url(links.tracking_uri)}/#/experiments/{links.experiment_id}/runs/{links.parent_run_id}"
+        "   (this run: curves of every branch, report, description)",
+        f"  compare the branch runs: {compare_runs_url(links.tracking_uri, links.experiment_id, branch_runs)}",
+        f"  {card_view_command(links)}   (the report card)",
+    ]
+    return lines
+
+
+def result_text(report: Mapping[str, Any], links: RunLinks) -> str:
+    """What the flow's `end` step prints: the branch table, each arm against NTP, and the next commands."""
+    parts = ["Result", "", *branch_table(report["table"]), "", *against_ntp(report), "", "Look further:",
+             *next_commands(links)]
+    return "\n".join(parts) + "\n"
+
+
+def settings_summary(settings: ExperimentSettings) -> str:
+    """One line of the settings that decide what a result means: preset, tokens per branch, branches, teacher, eval."""
+    train = settings.train
+    tokens = train.steps * train.batch_size * settings.data.block_size
+    branches = ", ".join(branch.name for branch in training_branches(settings))
+    teacher = settings.teacher.pretrained or "trained {width}×{depth}".format(**settings.teacher.model.model_dump())
+    limit = f", {settings.eval.limit} items each" if settings.eval.limit else ""
+    return (f"preset {settings.preset}; {train.steps:,} steps × {train.batch_size} × {settings.data.block_size} tokens "
+            f"= {tokens:,} tokens per branch; branches {branches}; teacher {teacher}; "
+            f"SAE {settings.sae.pretrained or f'{settings.sae.num_latents:,} latents, k={settings.sae.k}'}; "
+            f"eval {', '.join(settings.eval.tasks)}{limit}")
+
+
+def description_markdown(report: Mapping[str, Any], settings_summary: str) -> str:
+    """The parent MLflow run's description: the settings in brief and the result, as Markdown."""
+    verdict = "\n".join(against_ntp(report))
+    table = "\n".join(branch_table(report["table"]))
+    return f"**Settings**: {settings_summary}\n\n**Result**\n\n```\n{table}\n\n{verdict}\n```\n"
