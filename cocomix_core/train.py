@@ -265,8 +265,18 @@ def _concept_labels(source: LabelSource, first_sample: int, input_ids: torch.Ten
     return labels.to(input_ids.device)
 
 
-def _check_label_cache(source: LabelSource, job: TrainJob) -> None:
-    """A LabelCache must hold labels of this job's windows for every sample the run will consume."""
+def _check_label_source(source: LabelSource, job: TrainJob) -> None:
+    """Labels must index the concept head the student is built with; a cache must cover the whole run.
+
+    Without the size check an SAE of 128 latents trains a head sized for sae.num_latents=256:
+    no error, half the head never labelled.
+    """
+    if source.concept_dim != job.concept_dim:
+        raise ValueError(
+            f"the SAE behind the concept labels has {source.concept_dim} latents, but the student's concept head is "
+            f"sized from sae.num_latents={job.concept_dim}; set sae.num_latents={source.concept_dim} or use the SAE "
+            f"with {job.concept_dim} latents"
+        )
     if not isinstance(source, LabelCache):
         return
     source.check({
@@ -369,7 +379,7 @@ def train(
     if job.kind == "cocomix" and labels is None:
         raise ValueError(f"job {job.name!r} is a CoCoMix job: pass labels (a LabelCache or a ConceptExtractor)")
     if job.kind == "cocomix":
-        _check_label_cache(labels, job)
+        _check_label_source(labels, job)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, world_size = accelerator.device, accelerator.num_processes
     is_main = accelerator.is_main_process
