@@ -140,7 +140,7 @@ def _hub_cached_file(repo: str, filename: str) -> Path | None:
 
 
 # ----- the checks --------------------------------------------------------------------------------
-def check_data(settings: ExperimentSettings) -> list[Problem]:
+def check_data(settings: ExperimentSettings, timeout_s: float = PROBE_TIMEOUT_S) -> list[Problem]:
     """The corpus exists and is readable UTF-8 text (its first bytes), or the hub is reachable."""
     from cocomix_core.data import FOREIGN_BOMS, DataError, corpus_files, sotu_speech_files
 
@@ -165,23 +165,23 @@ def check_data(settings: ExperimentSettings) -> list[Problem]:
     local = Path(data.hf_dataset)
     if local.exists():
         return [] if os.access(local, os.R_OK) else [Problem("data.hf_dataset", f"{local} is not readable")]
-    return _hub_problems("data.hf_dataset", data.hf_dataset, "dataset")
+    return _hub_problems("data.hf_dataset", data.hf_dataset, "dataset", timeout_s)
 
 
-def _hub_problems(setting: str, name: str, kind: str) -> list[Problem]:
+def _hub_problems(setting: str, name: str, kind: str, timeout_s: float = PROBE_TIMEOUT_S) -> list[Problem]:
     """Problems of a Hugging Face hub name that is not cached: offline mode, or an unreachable hub."""
     if hf_offline():
         return [Problem(setting, f"{name!r} is not a local path and HF_HUB_OFFLINE is set; expected a local folder "
                                  f"or a {kind} already in the Hugging Face cache")]
     endpoint = _hub_endpoint()
-    reason = tcp_reachable(endpoint)
+    reason = tcp_reachable(endpoint, timeout_s)
     if reason:
         return [Problem(setting, f"{name!r} is not a local path and the hub {endpoint} is unreachable ({reason}); "
                                  f"expected a local folder or a reachable hub")]
     return []
 
 
-def teacher_config(settings: ExperimentSettings) -> tuple[dict[str, Any] | None, list[Problem]]:
+def teacher_config(settings: ExperimentSettings, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[dict[str, Any] | None, list[Problem]]:
     """The pretrained teacher's config.json (local folder, or hub cache) and the problems found on the way."""
     name = settings.teacher.pretrained
     if name is None:
@@ -197,9 +197,10 @@ def teacher_config(settings: ExperimentSettings) -> tuple[dict[str, Any] | None,
     cached = _hub_cached_file(name, "config.json")
     if cached is not None:
         return json.loads(cached.read_text()), []
-    problems = _hub_problems("teacher.pretrained", name, "model")
+    problems = _hub_problems("teacher.pretrained", name, "model", timeout_s)
     if not problems:  # the hub answers: does it know this model?
-        problems = _url_problems("teacher.pretrained", f"{_hub_endpoint()}/{name}/resolve/main/config.json", "model on the hub")
+        config_url = f"{_hub_endpoint()}/{name}/resolve/main/config.json"
+        problems = _url_problems("teacher.pretrained", config_url, "model on the hub", timeout_s)
     return None, problems
 
 
@@ -219,7 +220,7 @@ def check_teacher(settings: ExperimentSettings, config: dict[str, Any] | None) -
     return problems
 
 
-def check_sae(settings: ExperimentSettings, teacher_width: int | None) -> list[Problem]:
+def check_sae(settings: ExperimentSettings, teacher_width: int | None, timeout_s: float = PROBE_TIMEOUT_S) -> list[Problem]:
     """A pretrained SAE file resolves, and its size and width agree with sae.num_latents and the teacher."""
     from cocomix_core.sae import SAEError, sae_cache_path, sae_file_shape
 
@@ -229,7 +230,7 @@ def check_sae(settings: ExperimentSettings, teacher_width: int | None) -> list[P
     if source.startswith(("http://", "https://")):
         cached = sae_cache_path(source)
         if not cached.is_file():
-            return _url_problems("sae.pretrained", source)
+            return _url_problems("sae.pretrained", source, timeout_s=timeout_s)
         path = cached
     else:
         path = Path(source).expanduser()
@@ -259,12 +260,12 @@ def _url_problems(setting: str, url: str, what: str = "downloadable SAE file", t
         return [Problem(setting, f"{url} is unreachable ({reason}); expected a reachable {what} or a local file")]
 
 
-def check_tracking(tracking_uri: str | None) -> list[Problem]:
+def check_tracking(tracking_uri: str | None, timeout_s: float = PROBE_TIMEOUT_S) -> list[Problem]:
     """The MLflow store answers within a few seconds and can be written."""
     from cocomix_core.tracking import TrackingError, check_tracking_store
 
     try:
-        check_tracking_store(tracking_uri, timeout_s=PROBE_TIMEOUT_S)
+        check_tracking_store(tracking_uri, timeout_s=timeout_s)
     except TrackingError as error:
         return [Problem("tracking.mlflow_uri", str(error))]
     return []
@@ -318,29 +319,33 @@ def check_eval_tasks(settings: ExperimentSettings) -> list[Problem]:
     return [Problem("eval.tasks", reason) for reason in unavailable_paper_tasks(settings.eval.tasks).values()]
 
 
-def preflight(settings: ExperimentSettings, storage_root: str | None = None, tracking_uri: str | None = None) -> list[Problem]:
+def preflight(settings: ExperimentSettings, storage_root: str | None = None, tracking_uri: str | None = None,
+              timeout_s: float = PROBE_TIMEOUT_S) -> list[Problem]:
     """Every problem a run of `settings` would meet that can be found cheaply now; empty when none.
 
     `storage_root`: the resolved root (default: compute.storage_root, else the local default);
-    `tracking_uri`: the resolved MLflow URI (default: tracking.mlflow_uri, $MLFLOW_TRACKING_URI, local SQLite).
+    `tracking_uri`: the resolved MLflow URI (default: tracking.mlflow_uri, $MLFLOW_TRACKING_URI, local SQLite);
+    `timeout_s`: the longest wait of each network probe.
     """
     from cocomix_core.storage import default_storage_root
 
-    config, problems = teacher_config(settings)
+    config, problems = teacher_config(settings, timeout_s)
     problems += check_teacher(settings, config)
     width = hidden_size(config) if config is not None else (
         settings.teacher.model.width if settings.teacher.pretrained is None else None
     )
-    problems += check_sae(settings, width)
-    problems += check_data(settings)
+    problems += check_sae(settings, width, timeout_s)
+    problems += check_data(settings, timeout_s)
     problems += check_eval_tasks(settings)
-    problems += check_tracking(tracking_uri or settings.tracking.mlflow_uri)
-    problems += check_storage_root(storage_root or settings.compute.storage_root or default_storage_root(None))
+    problems += check_tracking(tracking_uri or settings.tracking.mlflow_uri, timeout_s)
+    root = storage_root or settings.compute.storage_root or default_storage_root(None)
+    problems += check_storage_root(root, timeout_s)
     return problems
 
 
-def require(settings: ExperimentSettings, storage_root: str | None = None, tracking_uri: str | None = None) -> None:
+def require(settings: ExperimentSettings, storage_root: str | None = None, tracking_uri: str | None = None,
+            timeout_s: float = PROBE_TIMEOUT_S) -> None:
     """Raise PreflightError listing every problem `preflight` finds."""
-    problems = preflight(settings, storage_root, tracking_uri)
+    problems = preflight(settings, storage_root, tracking_uri, timeout_s)
     if problems:
         raise PreflightError(problems)

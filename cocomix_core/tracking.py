@@ -273,7 +273,7 @@ def ensure_experiment(name: str, tracking_uri: str | None = None) -> str:
         return client.create_experiment(name, artifact_location=default_artifact_location(uri))
 
 
-def check_tracking_store(tracking_uri: str | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> str:
+def check_tracking_store(tracking_uri: str | None = None, timeout_s: float | None = None) -> str:
     """Raise TrackingError unless the store answers within `timeout_s` and can be written; returns the URI.
 
     Cheap enough to run before any work: a SQLite store's folder must be writable (and an existing
@@ -284,7 +284,7 @@ def check_tracking_store(tracking_uri: str | None = None, timeout_s: float = PRO
     if store is not None:
         _check_sqlite_store(uri, store)
     elif uri.startswith(("http://", "https://")):
-        _check_server(uri, timeout_s)
+        _check_server(uri, PROBE_TIMEOUT_S if timeout_s is None else timeout_s)
     return uri
 
 
