@@ -90,11 +90,36 @@ def _stat_fingerprint(files: list[Path]) -> str:
     return sha256_json([[str(path), path.stat().st_size, path.stat().st_mtime_ns] for path in files])
 
 
-def _read_utf8(path: Path) -> str:
+# Byte-order marks of encodings that are not UTF-8: such text decoded as UTF-8 is wrong or NUL-ridden.
+FOREIGN_BOMS = {
+    b"\xff\xfe\x00\x00": "UTF-32-LE", b"\x00\x00\xfe\xff": "UTF-32-BE",
+    b"\xff\xfe": "UTF-16-LE", b"\xfe\xff": "UTF-16-BE",
+}
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def decode_utf8_text(raw: bytes, where: str) -> str:
+    """`raw` as UTF-8 text (a UTF-8 byte-order mark dropped); UTF-16/32, NUL bytes or invalid bytes are a DataError.
+
+    UTF-16 text of ASCII characters has a NUL every other byte, all valid UTF-8: without these
+    checks it would be "prepared" into a corpus of NUL tokens.
+    """
+    for bom, encoding in FOREIGN_BOMS.items():
+        if raw.startswith(bom):
+            raise DataError(f"{where}: {encoding} text (byte-order mark found); expected UTF-8, re-encode the file")
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise DataError(
+            f"{where}: NUL byte at offset {nul}; expected UTF-8 text (UTF-16 without a byte-order mark, or binary?)"
+        )
     try:
-        return path.read_bytes().decode("utf-8")
+        return raw.removeprefix(UTF8_BOM).decode("utf-8")
     except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {error.start})") from None
+        raise DataError(f"{where}: not UTF-8 text (invalid byte at offset {error.start})") from None
+
+
+def _read_utf8(path: Path) -> str:
+    return decode_utf8_text(path.read_bytes(), str(path))
 
 
 def sotu_speech_files() -> list[Path]:
@@ -142,10 +167,7 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
     """One document per non-blank line of a JSON-lines file: the line's `text_field`."""
     with open(path, "rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DataError(f"{path}:{line_number}: not UTF-8 text") from None
+            line = decode_utf8_text(raw, f"{path}:{line_number}")
             if not line.strip():
                 continue
             try:
@@ -201,8 +223,22 @@ def _huggingface_corpus(data: DataSettings) -> Corpus:
     else:  # a Hub dataset: its name and split identify it (no revision is visible offline)
         fingerprint = sha256_json([data.hf_dataset, data.hf_split])
 
+    def rows() -> Iterator[tuple[int, dict[str, Any]]]:
+        """The dataset's rows; a file that breaks while streaming (bad JSON, bad parquet) is a DataError."""
+        stream = enumerate(_load_streaming_dataset(data))
+        while True:
+            try:
+                item = next(stream)
+            except StopIteration:
+                return
+            except Exception as error:  # datasets/pyarrow raise many kinds while parsing a broken file
+                raise DataError(
+                    f"data.hf_dataset={data.hf_dataset!r}: reading failed ({type(error).__name__}: {error})"
+                ) from error
+            yield item
+
     def read() -> Iterator[str]:
-        for index, row in enumerate(_load_streaming_dataset(data)):
+        for index, row in rows():
             text = row.get(data.text_field)
             if not isinstance(text, str):
                 raise DataError(f"{data.hf_dataset} row {index}: no string field {data.text_field!r} (data.text_field)")

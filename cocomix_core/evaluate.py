@@ -58,6 +58,7 @@ from cocomix_core.checkpoints import CHECKPOINT_META, checkpoint_info, list_chec
 from cocomix_core.fileio import sha256_file, write_json_atomic
 from cocomix_core.models import flops_per_token
 from cocomix_core.offline_tasks import TASK_NAMES, EvaluationError, build_offline_tasks, tasks_digest
+from cocomix_core.preflight import ModelFolderError, check_model_folder
 from cocomix_core.progress import quiet_third_party
 from cocomix_core.tokenizer import VOCAB_SIZE
 from cocomix_core.tracking import Tracker
@@ -312,6 +313,10 @@ def load_checkpoint(checkpoint_dir: str | Path, device: str | torch.device = "cp
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_checkpoint_folder(checkpoint_dir)
+    try:  # header-only: an invalid config.json or a truncated weight file is named here, not deep in transformers
+        check_model_folder(checkpoint_dir)
+    except ModelFolderError as error:
+        raise EvaluationError(str(error)) from None
     config = AutoConfig.from_pretrained(checkpoint_dir)
     if config.vocab_size < VOCAB_SIZE:
         raise EvaluationError(

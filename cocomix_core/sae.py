@@ -17,6 +17,7 @@ it, so OpenAI's strict loader still accepts our dicts.
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import urllib.parse
 import urllib.request
@@ -25,6 +26,7 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from cocomix_core.fileio import atomic_path
@@ -46,6 +48,13 @@ TENSOR_KEYS = (
 REQUIRED_TENSOR_KEYS = TENSOR_KEYS[:4]
 NON_TENSOR_KEYS = ("activation", "activation_state_dict", "normalize")
 SAFETENSORS_FORMAT = "cocomix-topk-sae-v1"
+# Seconds an SAE download may wait on connect or on one read: an address that never answers
+# fails in this time instead of holding a flow step for minutes.
+DOWNLOAD_TIMEOUT_S = 20.0
+
+
+class SAEError(ValueError):
+    """An SAE file that cannot be used (corrupt, truncated, not an SAE), naming the file."""
 
 
 class TopKSAE(nn.Module):
@@ -240,11 +249,16 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("COCOMIX_CACHE", Path.home() / ".cache" / "cocomix")) / "sae"
 
 
-def download(url: str, cache_dir: str | os.PathLike | None = None, timeout: float = 60.0) -> Path:
-    """Fetch `url` once into the cache (atomic rename); later calls reuse the file."""
+def sae_cache_path(url: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where `download` keeps the file of `url`."""
     parsed = urllib.parse.urlparse(url)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache / parsed.netloc.replace(":", "_") / parsed.path.lstrip("/")
+    return cache / parsed.netloc.replace(":", "_") / parsed.path.lstrip("/")
+
+
+def download(url: str, cache_dir: str | os.PathLike | None = None, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
+    """Fetch `url` once into the cache (atomic rename); later calls reuse the file. `timeout` bounds each wait."""
+    target = sae_cache_path(url, cache_dir)
     if target.is_file():
         return target
     try:
@@ -275,25 +289,63 @@ def save_sae(sae: TopKSAE, path: str | os.PathLike) -> Path:
 
 
 def load_sae(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None, map_location: str | torch.device = "cpu") -> TopKSAE:
-    """Load an SAE from a `.safetensors` file (ours), a `.pt` OpenAI-format state dict, or an http(s) URL of one."""
+    """Load an SAE from a `.safetensors` file (ours), a `.pt` OpenAI-format state dict, or an http(s) URL of one.
+
+    A missing file raises FileNotFoundError, a failed download OSError, a file that is not a
+    usable SAE (corrupt, truncated, inconsistent shapes) SAEError; each names the file or URL.
+    """
     text = str(source)
     if text.startswith(("http://", "https://")):
         source = download(text, cache_dir)
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"SAE file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+    try:
+        if path.suffix == ".safetensors":
+            return _load_safetensors_sae(path, map_location)
+        return _load_state_dict_sae(path, map_location)
+    except SAEError:
+        raise
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as error:
+        # torch.load reports a truncated or foreign file as RuntimeError/UnpicklingError/EOFError
+        raise SAEError(f"{path}: not a usable SAE file ({_first_line(error)})") from None
 
-        with safe_open(str(path), framework="pt", device=str(map_location)) as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        if "k" not in metadata:
-            raise ValueError(f"{path} has no 'k' in its safetensors metadata; not written by save_sae")
-        return TopKSAE.from_state_dict(
-            tensors, k=int(metadata["k"]), normalize=metadata.get("normalize", "true") == "true"
-        )
+
+def _load_safetensors_sae(path: Path, map_location: str | torch.device) -> TopKSAE:
+    with safe_open(str(path), framework="pt", device=str(map_location)) as handle:
+        metadata = handle.metadata() or {}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    if "k" not in metadata:
+        raise SAEError(f"{path} has no 'k' in its safetensors metadata; not written by save_sae")
+    return TopKSAE.from_state_dict(tensors, k=int(metadata["k"]), normalize=metadata.get("normalize", "true") == "true")
+
+
+def _load_state_dict_sae(path: Path, map_location: str | torch.device) -> TopKSAE:
     state = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(state, Mapping):
-        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
+        raise SAEError(f"{path} does not hold a state dict (got {type(state).__name__})")
     return TopKSAE.from_state_dict(state)
+
+
+def _first_line(error: Exception) -> str:
+    """The error's kind and first line: torch's unpickling errors run to a page of advice."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def sae_file_shape(path: str | os.PathLike) -> tuple[int, int]:
+    """(num_latents, width) of an SAE file from its encoder's shape, without reading the weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SAE file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as handle:
+                shape = handle.get_slice("encoder.weight").get_shape()
+        else:  # a memory-mapped load reads the zip index and tensor headers only
+            shape = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["encoder.weight"].shape
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, ValueError, KeyError, TypeError) as error:
+        raise SAEError(f"{path}: not a usable SAE file ({_first_line(error)})") from None
+    if len(shape) != 2:
+        raise SAEError(f"{path}: encoder.weight has shape {tuple(shape)}, expected (num_latents, width)")
+    return int(shape[0]), int(shape[1])

@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import boto3
+import botocore.config
 from botocore.exceptions import ClientError
 
 from cocomix_core import PROJECT_ROOT
@@ -234,6 +235,23 @@ def _s3_endpoint_url() -> str | None:
     return None
 
 
+# Bounds on every S3 call: an endpoint that refuses or never answers fails in well under a
+# minute instead of botocore's default 60 s per read times several retries.
+S3_CONNECT_TIMEOUT_S = 5.0
+S3_READ_TIMEOUT_S = 30.0
+S3_MAX_ATTEMPTS = 3
+
+
+def s3_client(connect_timeout_s: float = S3_CONNECT_TIMEOUT_S, read_timeout_s: float = S3_READ_TIMEOUT_S,
+              max_attempts: int = S3_MAX_ATTEMPTS) -> Any:
+    """A boto3 S3 client on the configured endpoint, with bounded timeouts and retries."""
+    config = botocore.config.Config(
+        connect_timeout=connect_timeout_s, read_timeout=read_timeout_s,
+        retries={"max_attempts": max_attempts, "mode": "standard"},
+    )
+    return boto3.client("s3", endpoint_url=_s3_endpoint_url(), config=config)
+
+
 def _default_cache_dir() -> Path:
     return Path(os.environ.get("COCOMIX_CACHE") or Path.home() / ".cache" / "cocomix")
 
@@ -250,7 +268,7 @@ class S3Storage(Storage):
         super().__init__(root_uri)
         parsed = urlparse(root_uri)
         self.bucket, self.prefix = parsed.netloc, parsed.path.strip("/")
-        self.client = boto3.client("s3", endpoint_url=_s3_endpoint_url())
+        self.client = s3_client()
 
     def _object_key(self, key: str) -> str:
         return "/".join(part for part in (self.prefix, _normalize_key(key)) if part)

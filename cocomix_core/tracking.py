@@ -17,16 +17,26 @@ Metric names (stable; the flow's report and MLflow comparisons rely on them):
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import socket
+import sqlite3
 import subprocess
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, TypeVar
 
 # Keep MLflow quiet and local: no usage telemetry leaves the machine.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+# MLflow's own defaults (120 s per request, 7 retries with doubling backoff) make a server that
+# does not answer hold a step for many minutes; these bound it to about a minute and a half.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 
 import mlflow  # noqa: E402
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag  # noqa: E402
@@ -43,7 +53,12 @@ MAX_TAG_VALUE_CHARS = 8000  # MLflow's limit on a tag value, the run description
 NOTE_TAG = "mlflow.note.content"  # the tag the MLflow UI shows (and edits) as a run's description
 LOCKED_RETRIES = 10  # SQLite allows one writer; parallel flow tasks wait their turn
 LOCKED_FIRST_WAIT_S = 0.05
+PROBE_TIMEOUT_S = 5.0  # a tracking store that does not answer a probe in this time is reported unreachable
 T = TypeVar("T")
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used (unreachable, unwritable, unknown run), naming the URI or run."""
 
 
 def when_unlocked(call: Callable[[], T], attempts: int = LOCKED_RETRIES) -> T:
@@ -220,18 +235,104 @@ def default_artifact_location(tracking_uri: str) -> str | None:
     return None
 
 
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI, else None."""
+    return Path(tracking_uri.removeprefix("sqlite:///")) if tracking_uri.startswith("sqlite:///") else None
+
+
+@contextlib.contextmanager
+def store_creation_lock(tracking_uri: str) -> Iterator[None]:
+    """Serialise store-schema and experiment creation across processes on one machine.
+
+    Two flows started together on a fresh SQLite file both run MLflow's schema migration;
+    the loser dies in alembic ("expected to match one row ... 0 found"). An exclusive flock on
+    `<store>.lock` makes the second wait until the first has created schema and experiment.
+    Servers serialise creation themselves: no lock for them.
+    """
+    store = sqlite_path(tracking_uri)
+    if store is None:
+        yield
+        return
+    store.parent.mkdir(parents=True, exist_ok=True)
+    with open(store.with_name(store.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def ensure_experiment(name: str, tracking_uri: str | None = None) -> str:
     """Create the experiment (and the store's schema) once, or return the existing one's id.
 
-    Call this from one process before fanning out: concurrent first-time
-    creation of a SQLite store's schema or an experiment corrupts it.
+    Safe to call from several processes at once on one SQLite store (see `store_creation_lock`).
     """
     uri = resolve_tracking_uri(uri=tracking_uri)
-    client = MlflowClient(tracking_uri=uri)
-    existing = client.get_experiment_by_name(name)
-    if existing is not None:
-        return existing.experiment_id
-    return client.create_experiment(name, artifact_location=default_artifact_location(uri))
+    with store_creation_lock(uri):
+        client = MlflowClient(tracking_uri=uri)
+        existing = client.get_experiment_by_name(name)
+        if existing is not None:
+            return existing.experiment_id
+        return client.create_experiment(name, artifact_location=default_artifact_location(uri))
+
+
+def check_tracking_store(tracking_uri: str | None = None, timeout_s: float | None = None) -> str:
+    """Raise TrackingError unless the store answers within `timeout_s` and can be written; returns the URI.
+
+    Cheap enough to run before any work: a SQLite store's folder must be writable (and an existing
+    file a SQLite database); a server must accept a connection and answer its /health page.
+    """
+    uri = resolve_tracking_uri(tracking_uri)
+    store = sqlite_path(uri)
+    if store is not None:
+        _check_sqlite_store(uri, store)
+    elif uri.startswith(("http://", "https://")):
+        _check_server(uri, PROBE_TIMEOUT_S if timeout_s is None else timeout_s)
+    return uri
+
+
+def _check_sqlite_store(uri: str, store: Path) -> None:
+    folder = store.parent
+    existing = next((path for path in (folder, *folder.parents) if path.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise TrackingError(f"tracking store {uri}: folder {existing or folder} is not a writable folder")
+    if not store.exists():
+        return
+    if not os.access(store, os.R_OK | os.W_OK):
+        raise TrackingError(f"tracking store {uri}: {store} is not readable and writable")
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=1)) as db:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.DatabaseError as error:
+        raise TrackingError(f"tracking store {uri}: {store} is not a SQLite database ({error})") from None
+
+
+def _check_server(uri: str, timeout_s: float) -> None:
+    parsed = urllib.parse.urlparse(uri)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
+    except OSError as error:
+        raise TrackingError(f"tracking server {uri} is unreachable ({error}); check tracking.mlflow_uri / MLFLOW_TRACKING_URI") from None
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+            response.read(64)
+    except urllib.error.HTTPError as error:
+        if error.code in (401, 403):
+            return  # the server answers; credentials are MLflow's business
+        raise TrackingError(f"tracking server {uri} answered /health with HTTP {error.code}; is it an MLflow server?") from None
+    except OSError as error:  # includes timeouts of a server that accepts connections but never answers
+        raise TrackingError(f"tracking server {uri} did not answer within {timeout_s:g} s ({error})") from None
+
+
+def check_run(run_id: str, tracking_uri: str | None = None) -> None:
+    """Raise TrackingError unless `run_id` is a run of the store (which must answer within a few seconds)."""
+    uri = check_tracking_store(tracking_uri)
+    try:
+        MlflowClient(tracking_uri=uri).get_run(run_id)
+    except mlflow.exceptions.MlflowException as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TrackingError(f"MLflow run {run_id!r} not found in {uri} ({first_line})") from None
 
 
 def create_run(

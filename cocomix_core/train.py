@@ -44,6 +44,7 @@ import ctypes
 import ctypes.util
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -259,8 +260,18 @@ def _check_teacher_cache(source: TeacherSource, job: TrainJob) -> None:
         raise ValueError(f"teacher-logit cache holds {source.num_samples} samples; this run consumes {needed}")
 
 
-def _check_label_cache(source: LabelSource, job: TrainJob) -> None:
-    """A LabelCache must hold labels of this job's windows for every sample the run will consume."""
+def _check_label_source(source: LabelSource, job: TrainJob) -> None:
+    """Labels must index the concept head the student is built with; a cache must cover the whole run.
+
+    Without the size check an SAE of 128 latents trains a head sized for sae.num_latents=256:
+    no error, half the head never labelled.
+    """
+    if source.concept_dim != job.concept_dim:
+        raise ValueError(
+            f"the SAE behind the concept labels has {source.concept_dim} latents, but the student's concept head is "
+            f"sized from sae.num_latents={job.concept_dim}; set sae.num_latents={source.concept_dim} or use the SAE "
+            f"with {job.concept_dim} latents"
+        )
     if not isinstance(source, LabelCache):
         return
     source.check({
@@ -384,7 +395,7 @@ def train(
     if job.kind == "cocomix" and labels is None:
         raise ValueError(f"job {job.name!r} is a CoCoMix job: pass labels (a LabelCache or a ConceptExtractor)")
     if job.kind == "cocomix":
-        _check_label_cache(labels, job)
+        _check_label_source(labels, job)
     if job.kind == "kd" and teacher is None:
         raise ValueError(f"job {job.name!r} is a KD job: pass teacher (a TeacherLogitCache or an OnlineTeacher)")
     if job.kind == "kd":
@@ -493,24 +504,103 @@ def train(
     )
 
 
-# ----- command line --------------------------------------------------------------------------
-def _label_source(args: argparse.Namespace, settings: Any, device: torch.device) -> LabelSource | None:
-    """A LabelCache from --labels, or an online ConceptExtractor from --teacher and --sae."""
+# ----- command line ---------------------------------------------------------------------------
+class InputError(ValueError):
+    """A bad command-line input (folder, file, run id), worded for the user."""
+
+
+def _load_teacher_arg(name: str, device: torch.device) -> torch.nn.Module:
+    """The --teacher model: a local folder is checked (config.json, weight files) before transformers sees it."""
     from cocomix_core.concepts import load_teacher
-    from cocomix_core.sae import load_sae
+    from cocomix_core.preflight import ModelFolderError, check_model_folder
+
+    folder = Path(name).expanduser()
+    if folder.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        try:
+            check_model_folder(folder)
+        except (ModelFolderError, OSError) as error:
+            raise InputError(f"--teacher {name}: {error}") from None
+    try:
+        return load_teacher(name, device)
+    except OSError as error:  # transformers: not on the hub, hub unreachable, offline and not cached
+        raise InputError(f"--teacher {name}: cannot load the model ({str(error).strip().splitlines()[0]})") from None
+
+
+def _label_source(args: argparse.Namespace, settings: Any, job: TrainJob, device: torch.device) -> LabelSource:
+    """A LabelCache from --labels, or an online ConceptExtractor from --teacher and --sae, checked against the job."""
+    from cocomix_core.sae import SAEError, load_sae
 
     if args.labels:
-        return LabelCache(args.labels)
-    if args.teacher and args.sae:
-        teacher = load_teacher(args.teacher, device)
-        return ConceptExtractor(teacher, load_sae(args.sae, map_location=device), settings.sae.layer_index)
-    return None
+        try:
+            source: LabelSource = LabelCache(args.labels)
+        except (OSError, ValueError, KeyError) as error:
+            raise InputError(f"--labels {args.labels}: not a label cache ({error})") from None
+    elif args.teacher and args.sae:
+        teacher = _load_teacher_arg(args.teacher, device)
+        try:
+            sae = load_sae(args.sae, map_location=device)
+        except (SAEError, OSError) as error:
+            raise InputError(f"--sae {args.sae}: {error}") from None
+        try:
+            source = ConceptExtractor(teacher, sae, settings.sae.layer_index)
+        except ValueError as error:  # width or layer mismatch between the SAE and the teacher
+            raise InputError(f"--sae {args.sae} with --teacher {args.teacher}: {error}") from None
+    else:
+        raise InputError(f"--arm {job.name} is a CoCoMix branch: give --labels, or --teacher and --sae")
+    try:
+        _check_label_source(source, job)
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    return source
+
+
+def _check_output_folder(out: str) -> None:
+    folder = Path(out)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise InputError(f"--out {out}: not a writable folder ({error.strerror or error})") from None
+
+
+def _open_inputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[TrainJob, Any, LabelSource | None]:
+    """Settings, job, tracker and labels of the command line, every input checked before training starts."""
+    from cocomix_core.data import load_manifest
+    from cocomix_core.tracking import ConsoleTracker, MlflowTracker, check_run
+    from settings.cli import settings_from_args
+    from settings.schema import training_branches
+
+    settings = settings_from_args(args)
+    if args.arm == "teacher":
+        job = teacher_job(settings)
+    else:
+        branches = {branch.name: branch for branch in training_branches(settings)}
+        if args.arm not in branches:
+            parser.error(f"--arm {args.arm!r} is not a branch; choose from teacher, {', '.join(branches)}")
+        job = job_for_branch(settings, branches[args.arm])
+    load_manifest(args.data)  # a missing or broken data folder fails here, before any model is built
+    _check_output_folder(args.out)
+    if args.mlflow_run_id:
+        check_run(args.mlflow_run_id, settings.tracking.mlflow_uri)
+        tracker = MlflowTracker(args.mlflow_run_id, settings.tracking.mlflow_uri)
+    else:
+        tracker = ConsoleTracker(f"[{job.name}] ")
+    device = Accelerator(cpu=not torch.cuda.is_available()).device
+    labels = _label_source(args, settings, job, device) if job.kind == "cocomix" else None
+    return job, tracker, labels
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command-line entry point: train one branch (or the teacher) of an experiment's settings."""
-    from settings.cli import add_settings_arguments, settings_from_args
-    from settings.schema import training_branches
+    """Command-line entry point: train one branch (or the teacher) of an experiment's settings.
+
+    Bad input (settings, data folder, teacher, SAE, labels, run id) exits with one line naming it.
+    """
+    from cocomix_core.data import DataError
+    from cocomix_core.tracking import TrackingError
+    from settings.cli import add_settings_arguments
+    from settings.loader import SettingsError
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_settings_arguments(parser)
@@ -524,21 +614,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mlflow-run-id", help="log to this existing MLflow run (default: the console)")
     args = parser.parse_args(argv)
 
-    settings = settings_from_args(args)
-    if args.arm == "teacher":
-        job = teacher_job(settings)
-    else:
-        branches = {branch.name: branch for branch in training_branches(settings)}
-        if args.arm not in branches:
-            parser.error(f"--arm {args.arm!r} is not a branch; choose from teacher, {', '.join(branches)}")
-        job = job_for_branch(settings, branches[args.arm])
-
-    from cocomix_core.tracking import ConsoleTracker, MlflowTracker
-
-    tracker = MlflowTracker(args.mlflow_run_id, settings.tracking.mlflow_uri) if args.mlflow_run_id else ConsoleTracker(f"[{job.name}] ")
-    device = Accelerator(cpu=not torch.cuda.is_available()).device
-    labels = _label_source(args, settings, device) if job.kind == "cocomix" else None
-    result = train(job, args.data, args.out, tracker=tracker, labels=labels, num_threads=args.threads)
+    try:
+        job, tracker, labels = _open_inputs(args, parser)
+        # DataError inside train: split files missing, resized or not matching the manifest's sha256
+        result = train(job, args.data, args.out, tracker=tracker, labels=labels, num_threads=args.threads)
+    except (SettingsError, DataError, InputError, TrackingError) as error:
+        sys.exit(f"error: {error}")
     tracker.close()
     if PartialState().is_main_process:
         print(f"done: step {result.final_step}, val ppl {result.final_val_ppl:.3f}, final checkpoint {result.final_checkpoint}")

@@ -117,6 +117,38 @@ def test_malformed_override_and_missing_file(tmp_path: Path):
         load_settings("cpu", ["train.lr.x=1"])
 
 
+@pytest.mark.parametrize(
+    "text, key, line, first",
+    [
+        # Two `ntp:` arms: plain YAML kept the second (a CoCoMix arm) and silently dropped the baseline.
+        ("extends: smoke\narms:\n  ntp:\n    kind: ntp\n  ntp:\n    kind: cocomix\n", "ntp", 5, 3),
+        ("extends: smoke\ntrain:\n  lr: 0.001\n  steps: 12\n  lr: 0.1\n", "lr", 5, 3),
+        ("extends: smoke\ntrain: {lr: 0.001, lr: 0.1}\n", "lr", 2, 2),
+        ("extends: smoke\nextends: cpu\n", "extends", 2, 1),
+    ],
+)
+def test_duplicate_yaml_key_is_an_error_naming_key_and_lines(tmp_path: Path, text, key, line, first):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(SettingsError, match=rf"duplicate key '{key}' on line {line} \(first given on line {first}\)") as info:
+        load_settings(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_same_key_in_sibling_sections_is_fine(tmp_path: Path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("extends: smoke\ntrain:\n  lr: 0.002\nsae:\n  lr: 0.003\n")
+    settings = load_settings(str(path))
+    assert (settings.train.lr, settings.sae.lr) == (0.002, 0.003)
+
+
+def test_settings_file_that_is_not_utf8_is_named(tmp_path: Path):
+    path = tmp_path / "utf16.yaml"
+    path.write_bytes("extends: smoke\n".encode("utf-16"))
+    with pytest.raises(SettingsError, match=rf"{path}: not UTF-8 text"):
+        load_settings(str(path))
+
+
 def test_flat_params_are_dotted_and_bounded():
     s = load_settings("cpu", ["data.path=" + "x" * 10_000, "data.source=files"])
     params = flat_params(s)
