@@ -29,6 +29,9 @@ Metrics (main process only; `step` = optimizer steps done):
     params: job, kind, n_params, flops_per_token
     tags:   mfu_peak_flops, mfu_peak_source, world_size, resumed_from_step
 Only tokens_per_s and mfu depend on wall time; a resumed run logs every other value identically.
+Each (metric, step) point is logged once: metrics are flushed before the checkpoint of their
+step is saved, and a resumed or retried run skips the points its tracker already holds (those
+a killed attempt logged after its last checkpoint), so interruptions leave no duplicates.
 
 FLOPs per token (fwd + bwd = 3 × fwd; matmuls only; d width, L layers, T block size, V vocab):
     NTP:     6·(L·P_block + V·d) + 12·L·T·d
@@ -398,6 +401,14 @@ def train(
     tokens_per_step = settings.batch_size * job.block_size
     step_flops = flops_per_token(model.config, job.block_size)
     peak, peak_source = peak_flops(device)
+    already_logged = tracker.logged_points() if tracker is not None else set()
+
+    def log(metrics: dict[str, float], step: int) -> None:
+        """Log the points of `step` the tracker does not hold yet (main process only)."""
+        fresh = {name: value for name, value in metrics.items() if (name, step) not in already_logged}
+        if tracker is not None and fresh:
+            tracker.log_metrics(fresh, step=step)
+
     if tracker is not None:
         tracker.log_params({"job": job.name, "kind": job.kind, "n_params": str(model.num_parameters()),
                             "flops_per_token": f"{step_flops:.6g}"})
@@ -443,14 +454,12 @@ def train(
                 }
                 if job.kind == "cocomix":
                     metrics["train/concept_loss"] = concept_loss
-                if tracker is not None:
-                    tracker.log_metrics(metrics, step=done)
+                log(metrics, done)
                 progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
                 window_start, window_tokens = time.perf_counter(), 0
             if done % settings.eval_every == 0 or done == settings.steps:
                 last_val_loss = evaluate(model, val_windows, micro, accelerator, autocast)
-                if tracker is not None:
-                    tracker.log_metrics({"val/loss": last_val_loss, "val/ppl": math.exp(last_val_loss)}, step=done)
+                log({"val/loss": last_val_loss, "val/ppl": math.exp(last_val_loss)}, done)
             if is_main and done in save_steps:
                 save(done)
     accelerator.wait_for_everyone()
@@ -512,13 +521,19 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--arm {args.arm!r} is not a branch; choose from teacher, {', '.join(branches)}")
         job = job_for_branch(settings, branches[args.arm])
 
-    from cocomix_core.tracking import ConsoleTracker, MlflowTracker
+    from cocomix_core.tracking import ConsoleTracker, MlflowTracker, ended_on_failure
 
-    tracker = MlflowTracker(args.mlflow_run_id, settings.tracking.mlflow_uri) if args.mlflow_run_id else ConsoleTracker(f"[{job.name}] ")
+    uri = settings.tracking.mlflow_uri
+    tracker = MlflowTracker(args.mlflow_run_id, uri) if args.mlflow_run_id else ConsoleTracker(f"[{job.name}] ")
+    # The run belongs to the caller, who ends it; an interrupted or failed attempt ends it KILLED or FAILED.
+    owns_status = args.mlflow_run_id and PartialState().is_main_process
     device = Accelerator(cpu=not torch.cuda.is_available()).device
     labels = _label_source(args, settings, device) if job.kind == "cocomix" else None
-    result = train(job, args.data, args.out, tracker=tracker, labels=labels, num_threads=args.threads)
-    tracker.close()
+    with ended_on_failure([args.mlflow_run_id], uri) if owns_status else contextlib.nullcontext():
+        try:
+            result = train(job, args.data, args.out, tracker=tracker, labels=labels, num_threads=args.threads)
+        finally:
+            tracker.close()
     if PartialState().is_main_process:
         print(f"done: step {result.final_step}, val ppl {result.final_val_ppl:.3f}, final checkpoint {result.final_checkpoint}")
 
