@@ -32,6 +32,7 @@ from cocomix_core.checkpoints import (
     verify_checkpoint,
 )
 from cocomix_core.models import job_for_branch
+from cocomix_core.storage import MARKER, Storage
 from cocomix_core.train import train
 from settings import load_settings, training_branches
 
@@ -190,3 +191,36 @@ def test_a_block_that_fails_ends_its_runs_failed_and_a_retry_reopens_them(tmp_pa
             time.sleep(5)  # the handler raises here
     assert tracking.run_status(parent, store) == "KILLED"
     assert signal.getsignal(signal.SIGTERM) == handler_before
+
+
+# ----- a full disk -----------------------------------------------------------------------------
+@pytest.fixture()
+def tiny_disk(tmp_path: Path):
+    """A 400 KiB tmpfs: smaller than one checkpoint of the smoke model, so the first save fails."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_full_disk_fails_each_retry_honestly(smoke_data, tiny_disk, tmp_path):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = tracking.create_run(tracking.ensure_experiment("faults", tracking_uri=store), "train/ntp", tracking_uri=store)
+    storage = Storage(str(tiny_disk))
+    for attempt in range(3):  # the flow's retries: each one continues the same MLflow run and run folder
+        with pytest.raises(Exception, match="No space left on device"):
+            with tracking.active_run(run_id, store) as tracker, storage.stored_folder("runs/r1/ntp", resumable=True) as out:
+                train(ntp_job(), smoke_data, out, tracker=tracker, num_threads=1)
+        assert tracking.run_status(run_id, store) == "FAILED", attempt
+
+    assert not list(tiny_disk.rglob(MARKER)) and not storage.exists("runs/r1/ntp")
+    assert storage.exists("runs/r1/ntp", resumable=True)
+    client = MlflowClient(tracking_uri=store)
+    for name in client.get_run(run_id).data.metrics:
+        steps = Counter(point.step for point in client.get_metric_history(run_id, name))
+        assert set(steps.values()) == {1}, f"{name}: points per step {dict(steps)}"
+    assert sorted(point.step for point in client.get_metric_history(run_id, "train/loss")) == [1, 2, 3, 4]
