@@ -8,6 +8,7 @@ corrupted files are refused or rebuilt.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -224,3 +225,43 @@ def test_a_full_disk_fails_each_retry_honestly(smoke_data, tiny_disk, tmp_path):
         steps = Counter(point.step for point in client.get_metric_history(run_id, name))
         assert set(steps.values()) == {1}, f"{name}: points per step {dict(steps)}"
     assert sorted(point.step for point in client.get_metric_history(run_id, "train/loss")) == [1, 2, 3, 4]
+
+
+# ----- a zeroed shard --------------------------------------------------------------------------
+def test_the_data_command_prepares_a_zeroed_shard_again(smoke_data, tmp_path):
+    folder = shutil.copytree(smoke_data, tmp_path / "data")
+    original = (folder / "train.bin").read_bytes()
+    zero_in_place(folder / "train.bin")
+    result = subprocess.run(
+        [sys.executable, "-m", "cocomix_core.data", "--settings", "smoke", "--out", str(folder)],
+        cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "does not match the sha256 in manifest.json: preparing the data again" in result.stderr
+    assert "skipped" not in result.stderr
+    assert (folder / "train.bin").read_bytes() == original
+
+
+def test_digest_cache_sees_a_same_size_overwrite(tmp_path):
+    from cocomix_core.fileio import cached_sha256, sha256_file
+
+    path = tmp_path / "shard.bin"
+    path.write_bytes(b"tokens" * 1000)
+    assert cached_sha256(path) == sha256_file(path)
+    zero_in_place(path)  # same size, new mtime
+    assert cached_sha256(path) == sha256_file(path) == hashlib.sha256(bytes(6000)).hexdigest()
+
+
+# ----- temporary folders -----------------------------------------------------------------------
+def test_scratch_folders_are_removed_when_the_task_ends(tmp_path):
+    from cocomix_core.fileio import scratch_folder
+
+    with pytest.raises(RuntimeError):
+        with scratch_folder("report") as folder:
+            (folder / "report.md").write_text("half")
+            assert folder.name.startswith("cocomix-report-")
+            raise RuntimeError("the step failed")
+    assert not folder.exists()
+    with scratch_folder("checkpoints") as folder:
+        (folder / "checkpoints.json").write_text("[]")
+    assert not folder.exists()
