@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
-from cocomix_core.fileio import atomic_path, cached_sha256, is_local_only, is_partial, sha256_file
+from cocomix_core.fileio import atomic_path, cached_sha256, is_partial, sha256_file
 from cocomix_core.tokenizer import save_hf_tokenizer
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -115,13 +115,9 @@ def verify_checkpoint(checkpoint: str | Path) -> None:
     recorded = checkpoint_info(folder).get("files_sha256")
     if recorded is None:
         raise CheckpointError(f"{folder / CHECKPOINT_META} records no files_sha256: written by an older version; train again")
-    unexpected = [
-        path.name for path in folder.iterdir()
-        if path.is_file() and path.name not in recorded and path.name != CHECKPOINT_META
-        and not is_local_only(path) and path.name != "eval_results.json"
-    ]
-    if any(name.endswith(".safetensors") for name in unexpected):
-        raise CheckpointError(f"{folder} holds weight files its {CHECKPOINT_META} does not list: {unexpected}")
+    unlisted = [path.name for path in folder.glob("*.safetensors") if path.name not in recorded]
+    if unlisted:  # weights added after the fact would be loaded beside the vouched-for ones
+        raise CheckpointError(f"{folder} holds weight files its {CHECKPOINT_META} does not list: {unlisted}")
     _verify_files(folder, recorded, CHECKPOINT_META)
 
 
