@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from cocomix_core.fileio import atomic_path, sha256_file, sha256_json
+from cocomix_core.fileio import atomic_path, cached_sha256, sha256_file, sha256_json
 from cocomix_core.progress import track
 from cocomix_core.tokenizer import EOT_ID, VOCAB_SIZE, TokenizerError, encode_document, tokenizer_digest
 from settings.cli import add_settings_arguments, settings_from_args
@@ -433,7 +433,10 @@ def data_digest(manifest: dict[str, Any]) -> str:
 
 
 def _reusable_manifest(out_dir: Path, inputs_digest: str) -> dict[str, Any] | None:
-    """The existing manifest when out_dir already holds these inputs' outputs (files present at their sizes)."""
+    """The existing manifest when out_dir already holds these inputs' outputs, every file matching its sha256.
+
+    Digests are cached beside the files by (size, mtime, inode), so reuse hashes a folder once.
+    """
     try:
         manifest = load_manifest(out_dir)
     except DataError:
@@ -442,7 +445,8 @@ def _reusable_manifest(out_dir: Path, inputs_digest: str) -> dict[str, Any] | No
         return None
     for name, info in manifest["files"].items():
         path = out_dir / name
-        if not path.is_file() or path.stat().st_size != info["bytes"]:
+        if not path.is_file() or path.stat().st_size != info["bytes"] or cached_sha256(path) != info["sha256"]:
+            log.warning("%s is missing or does not match the sha256 in %s: preparing the data again", path, MANIFEST_FILE)
             return None
     return manifest
 
@@ -515,7 +519,7 @@ def load_split(data_dir: str | Path, split: str, verify: bool = True, block_size
         raise DataError(f"{path} is missing; prepare the data again")
     if path.stat().st_size != expected["bytes"]:
         raise DataError(f"{path} is {path.stat().st_size} bytes, the manifest says {expected['bytes']}: corrupted; prepare again")
-    if verify and sha256_file(path) != expected["sha256"]:
+    if verify and cached_sha256(path) != expected["sha256"]:
         raise DataError(f"{path}: sha256 does not match the manifest: the file is corrupted; prepare the data again")
     if block_size is not None:
         check_block_size(manifest, block_size)

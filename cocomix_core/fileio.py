@@ -1,7 +1,10 @@
-"""Atomic file and folder writes, and content digests.
+"""Atomic file and folder writes, content digests, and scratch folders.
 
 Every output of the pipeline is written under a temporary name and renamed into
 place at the end, so an interrupted write never leaves a valid-looking file.
+Content is verified by sha256; `cached_sha256` remembers a file's digest in a
+small sidecar next to it, keyed by (size, mtime, inode), so verifying a reused
+folder costs one hash per file once, then a stat per file.
 """
 
 from __future__ import annotations
@@ -11,11 +14,14 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 PARTIAL_MARKER = ".partial"
+LOCAL_ONLY_PREFIX = ".local-"  # files about this machine's copy (digest caches): never published
+DIGEST_SIDECAR = f"{LOCAL_ONLY_PREFIX}sha256.json"
 
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
@@ -81,3 +87,47 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 def is_partial(path: str | os.PathLike) -> bool:
     """True for leftovers of an interrupted atomic write."""
     return PARTIAL_MARKER in Path(path).name
+
+
+def is_local_only(path: str | os.PathLike) -> bool:
+    """True for files that describe this machine's copy of a folder (e.g. the digest sidecar), not its content."""
+    return Path(path).name.startswith(LOCAL_ONLY_PREFIX)
+
+
+def _stat_key(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+
+
+def cached_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, hashed again only when its size, mtime or inode changed since the last call.
+
+    Digests live in `.local-sha256.json` beside the file. An in-place overwrite (even of the
+    same size) changes the mtime, so it is hashed again; the sidecar is only a cache.
+    """
+    path = Path(path)
+    sidecar = path.parent / DIGEST_SIDECAR
+    try:
+        known = json.loads(sidecar.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        known = {}
+    entry = known.get(path.name, {})
+    stat_key = _stat_key(path)
+    if entry.get("stat") == stat_key:
+        return entry["sha256"]
+    digest = sha256_file(path)
+    if _stat_key(path) == stat_key:  # unchanged while hashing: safe to remember
+        known[path.name] = {"stat": stat_key, "sha256": digest}
+        with contextlib.suppress(OSError):  # a read-only folder just stays uncached
+            write_json_atomic(sidecar, known)
+    return digest
+
+
+@contextlib.contextmanager
+def scratch_folder(name: str) -> Iterator[Path]:
+    """A fresh folder under $TMPDIR (named cocomix-<name>-*) for a task's small files, removed when the block ends."""
+    folder = Path(tempfile.mkdtemp(prefix=f"cocomix-{name}-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

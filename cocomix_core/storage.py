@@ -11,17 +11,23 @@ folder by default, or object storage (`s3://bucket/prefix`) when steps run remot
 
 A folder is valid only once its `_COMPLETE` marker exists. The marker is written last and
 lists every file with its size and sha256, so an interrupted publish is never mistaken for
-a finished one, and a download can be verified file by file.
+a finished one, and a download can be verified file by file. A step that failed halfway may
+publish what it has with `complete=False` (a trainer's run folder, whose checkpoints are each
+written atomically): the folder then carries a `_RESUMABLE` marker instead, which only
+`resumable=True` readers accept, so a retry continues from it and no later step takes it for
+finished. `stored_folder` wraps this round trip for a step.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import urlparse
 
 import boto3
@@ -29,13 +35,17 @@ import botocore.config
 from botocore.exceptions import ClientError
 
 from cocomix_core import PROJECT_ROOT
-from cocomix_core.fileio import atomic_path, is_partial, sha256_file, write_json_atomic
+from cocomix_core.fileio import atomic_path, cached_sha256, is_local_only, is_partial, sha256_file, write_json_atomic
 
 MARKER = "_COMPLETE"
+RESUMABLE_MARKER = "_RESUMABLE"
+MARKERS = (MARKER, RESUMABLE_MARKER)
 MARKER_FORMAT = 1
 
 # {relative posix path: {"size": bytes, "sha256": hex}}
 FileTable = dict[str, dict[str, Any]]
+
+log = logging.getLogger(__name__)
 
 
 class IncompleteError(FileNotFoundError):
@@ -61,35 +71,49 @@ def _normalize_key(key: str) -> str:
     return "/".join(parts)
 
 
+def _unpublished(name: str) -> bool:
+    """Markers, leftovers of interrupted writes and this machine's digest caches are never published."""
+    return name in MARKERS or is_partial(name) or is_local_only(name)
+
+
 def _publishable_files(folder: Path) -> list[str]:
-    """Relative paths of the files under `folder`, minus markers and leftovers of interrupted writes."""
+    """Relative paths of the files under `folder`, minus what `_unpublished` names."""
     if not folder.is_dir():
         raise FileNotFoundError(f"no folder to publish at {folder}")
     found = []
     for path in folder.rglob("*"):
         relative = path.relative_to(folder)
-        if path.is_file() and relative.name != MARKER and not any(is_partial(part) for part in relative.parts):
+        if path.is_file() and not any(_unpublished(part) for part in relative.parts):
             found.append(relative.as_posix())
     return sorted(found)
 
 
 def _unpublished_names(directory: str, names: list[str]) -> list[str]:
     """`shutil.copytree` filter with the same rule as `_publishable_files`."""
-    return [name for name in names if name == MARKER or is_partial(name)]
+    return [name for name in names if _unpublished(name)]
 
 
-def _read_local_marker(folder: Path) -> dict[str, Any] | None:
+def _marker_name(complete: bool) -> str:
+    return MARKER if complete else RESUMABLE_MARKER
+
+
+def _read_local_marker(folder: Path, name: str) -> dict[str, Any] | None:
     try:
-        return json.loads((folder / MARKER).read_text())
+        return json.loads((folder / name).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
 
-def _missing_or_resized(folder: Path, files: FileTable) -> list[str]:
-    """Files of the table that are absent under `folder` or have another size (a cheap check)."""
+def _damaged(folder: Path, files: FileTable) -> list[str]:
+    """Files of the table that are absent under `folder` or whose content differs from their sha256.
+
+    Digests are cached beside the files by (size, mtime, inode): checking an unchanged folder
+    again costs a stat per file.
+    """
     return [
         relative for relative, entry in files.items()
         if not (folder / relative).is_file() or (folder / relative).stat().st_size != entry["size"]
+        or cached_sha256(folder / relative) != entry["sha256"]
     ]
 
 
@@ -109,9 +133,6 @@ class _DigestCache:
 
     def table(self, folder: Path) -> FileTable:
         return {relative: self.entry(folder / relative) for relative in _publishable_files(folder)}
-
-    def is_intact(self, path: Path, entry: dict[str, Any]) -> bool:
-        return path.is_file() and path.stat().st_size == entry["size"] and self.entry(path) == entry
 
 
 class Storage(abc.ABC):
@@ -143,12 +164,16 @@ class Storage(abc.ABC):
         """The local folder a step should write into before calling `publish(folder, key)`."""
 
     @abc.abstractmethod
-    def publish(self, local_dir: str | os.PathLike, key: str) -> str:
-        """Make `local_dir` available at `key` and mark it complete (idempotent); returns its URI."""
+    def publish(self, local_dir: str | os.PathLike, key: str, complete: bool = True) -> str:
+        """Make `local_dir` available at `key` and mark it complete, or only resumable (idempotent); returns its URI."""
 
     @abc.abstractmethod
-    def materialize(self, key: str, cache_dir: str | os.PathLike | None = None) -> Path:
-        """A local folder holding the complete, verified contents published at `key`."""
+    def materialize(self, key: str, cache_dir: str | os.PathLike | None = None, resumable: bool = False) -> Path:
+        """A local folder holding the verified contents published at `key`: complete ones, or resumable ones too."""
+
+    @abc.abstractmethod
+    def withdraw(self, key: str) -> None:
+        """Remove `key`'s markers, so nothing trusts its files any more (they stay, for a rebuild to reuse)."""
 
     @abc.abstractmethod
     def read_json(self, key: str) -> Any:
@@ -158,24 +183,59 @@ class Storage(abc.ABC):
     def write_json(self, key: str, obj: Any) -> str:
         """Store a small JSON object at `key` in one atomic write; returns its URI."""
 
-    def exists(self, key: str) -> bool:
-        """True when `key` holds a completely published folder."""
-        return self._read_marker(key) is not None
+    def exists(self, key: str, resumable: bool = False) -> bool:
+        """True when `key` holds a completely published folder (or, with `resumable`, a resumable one)."""
+        return self._find_marker(key, resumable) is not None
 
-    def _read_marker(self, key: str) -> dict[str, Any] | None:
+    @contextlib.contextmanager
+    def stored_folder(self, key: str, resumable: bool = False) -> Iterator[Path]:
+        """A local folder holding what `key` has (if anything) for a step to complete; published when the block succeeds.
+
+        With `resumable` (a folder whose files are each written atomically, like a trainer's), a
+        block that fails or is interrupted publishes what it has without the completion marker, so
+        a retry on any node continues from it. A complete folder whose content no longer matches
+        its marker is withdrawn and handed over to be rebuilt.
+        """
         try:
-            return self.read_json(f"{_normalize_key(key)}/{MARKER}")
+            found = self.exists(key, resumable)
+            folder = self.materialize(key, resumable=resumable) if found else self.local_workdir(key)
+        except (IntegrityError, IncompleteError) as error:
+            log.warning("%s: withdrawn, the step rebuilds it", error)
+            self.withdraw(key)
+            folder = self.local_workdir(key)
+        try:
+            yield folder
+        except BaseException as error:
+            if resumable:
+                try:
+                    self.publish(folder, key, complete=False)
+                except Exception as publish_error:  # e.g. the same full disk: the original error matters more
+                    error.add_note(f"publishing the resumable state of {self.uri(key)} failed too: {publish_error}")
+            raise
+        self.publish(folder, key)
+
+    def _read_marker(self, key: str, name: str = MARKER) -> dict[str, Any] | None:
+        try:
+            return self.read_json(f"{_normalize_key(key)}/{name}")
         except FileNotFoundError:
             return None
 
-    def _require_marker(self, key: str) -> dict[str, Any]:
-        marker = self._read_marker(key)
-        if marker is None:
-            raise IncompleteError(
-                f"{self.uri(key)} is not a complete folder: its {MARKER} marker is missing "
-                "(never published, or the publish was interrupted)"
-            )
-        return marker
+    def _find_marker(self, key: str, resumable: bool) -> tuple[str, dict[str, Any]] | None:
+        """(marker name, marker) of `key`: the completion marker, else (when accepted) the resumable one."""
+        for name in MARKERS if resumable else (MARKER,):
+            marker = self._read_marker(key, name)
+            if marker is not None:
+                return name, marker
+        return None
+
+    def _require_marker(self, key: str, resumable: bool = False) -> tuple[str, dict[str, Any]]:
+        found = self._find_marker(key, resumable)
+        if found is None:
+            resumable_only = not resumable and self._read_marker(key, RESUMABLE_MARKER) is not None
+            why = ("it holds only the resumable state of a step that did not finish" if resumable_only
+                   else "never published, or the publish was interrupted")
+            raise IncompleteError(f"{self.uri(key)} is not a complete folder: its {MARKER} marker is missing ({why})")
+        return found
 
     def _marker_for(self, folder: Path) -> dict[str, Any]:
         return {"format": MARKER_FORMAT, "files": self._digests.table(folder)}
@@ -200,24 +260,40 @@ class LocalStorage(Storage):
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def publish(self, local_dir: str | os.PathLike, key: str) -> str:
+    def publish(self, local_dir: str | os.PathLike, key: str, complete: bool = True) -> str:
         source, target = Path(local_dir).resolve(), self._path(key)
+        name = _marker_name(complete)
         if source == target:
-            write_json_atomic(target / MARKER, self._marker_for(target))
+            if not complete:
+                (target / MARKER).unlink(missing_ok=True)  # withdraw the claim of completeness first
+            write_json_atomic(target / name, self._marker_for(target))
+            if complete:
+                (target / RESUMABLE_MARKER).unlink(missing_ok=True)
         else:
             # Built under a temporary name and renamed: a failed copy leaves nothing at `key`.
             with atomic_path(target) as temp:
                 shutil.copytree(source, temp, ignore=_unpublished_names)
-                write_json_atomic(temp / MARKER, self._marker_for(temp))
+                write_json_atomic(temp / name, self._marker_for(temp))
         return self.uri(key)
 
-    def materialize(self, key: str, cache_dir: str | os.PathLike | None = None) -> Path:
-        """The folder itself (already local; `cache_dir` is ignored), after checking it is complete."""
+    def materialize(self, key: str, cache_dir: str | os.PathLike | None = None, resumable: bool = False) -> Path:
+        """The folder itself (already local; `cache_dir` is ignored), after checking its content against its marker."""
         folder = self._path(key)
-        missing = _missing_or_resized(folder, self._require_marker(key)["files"])
+        name, marker = self._require_marker(key, resumable)
+        damaged = _damaged(folder, marker["files"])
+        missing = [relative for relative in damaged if not (folder / relative).is_file()]
         if missing:
-            raise IncompleteError(f"{folder} lacks files its {MARKER} marker lists: {missing[:5]}")
+            raise IncompleteError(f"{folder} lacks files its {name} marker lists: {missing[:5]}")
+        if damaged:
+            raise IntegrityError(
+                f"{folder}: {damaged[:5]} missing or not matching the sha256 in its {name} marker "
+                "(changed after publishing); the step that writes it must run again"
+            )
         return folder
+
+    def withdraw(self, key: str) -> None:
+        for name in MARKERS:
+            (self._path(key) / name).unlink(missing_ok=True)
 
     def read_json(self, key: str) -> Any:
         return json.loads(self._path(key).read_text())
@@ -285,26 +361,35 @@ class S3Storage(Storage):
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def publish(self, local_dir: str | os.PathLike, key: str) -> str:
+    def publish(self, local_dir: str | os.PathLike, key: str, complete: bool = True) -> str:
         """Upload new and changed files, then write the marker last; remove files no longer present."""
         local_dir, key = Path(local_dir), _normalize_key(key)
-        marker = self._marker_for(local_dir)
-        previous = self._read_marker(key)
-        previous_files: FileTable = previous["files"] if previous else {}
-        if previous is not None and previous_files == marker["files"]:
+        marker, name = self._marker_for(local_dir), _marker_name(complete)
+        previous = self._find_marker(key, resumable=True)
+        previous_files: FileTable = previous[1]["files"] if previous else {}
+        if previous == (name, marker):
             return self.uri(key)
         changed = [relative for relative, entry in marker["files"].items() if previous_files.get(relative) != entry]
-        if any(relative in previous_files for relative in changed):
-            # An object the current marker vouches for is about to change: withdraw the marker
-            # first, so no reader trusts a mix of old and new files.
-            self.client.delete_object(Bucket=self.bucket, Key=self._object_key(f"{key}/{MARKER}"))
+        if not complete or any(relative in previous_files for relative in changed):
+            # An object a marker vouches for is about to change, or the folder stops being complete:
+            # withdraw the markers first, so no reader trusts a mix of old and new files.
+            self.withdraw(key)
         for relative in changed:
             self._upload(local_dir / relative, self._object_key(f"{key}/{relative}"), marker["files"][relative])
-        self.write_json(f"{key}/{MARKER}", marker)
+        self.write_json(f"{key}/{name}", marker)
+        self._delete(f"{key}/{_marker_name(not complete)}")
         for relative in set(previous_files) - set(marker["files"]):
-            self.client.delete_object(Bucket=self.bucket, Key=self._object_key(f"{key}/{relative}"))
-        write_json_atomic(local_dir / MARKER, marker)
+            self._delete(f"{key}/{relative}")
+        write_json_atomic(local_dir / name, marker)
+        (local_dir / _marker_name(not complete)).unlink(missing_ok=True)
         return self.uri(key)
+
+    def withdraw(self, key: str) -> None:
+        for name in MARKERS:
+            self._delete(f"{_normalize_key(key)}/{name}")
+
+    def _delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._object_key(key))
 
     def _upload(self, path: Path, object_key: str, entry: dict[str, Any]) -> None:
         """Upload one file (multipart when large), unless the object already holds these bytes.
@@ -324,7 +409,7 @@ class S3Storage(Storage):
             raise
         return head.get("Metadata", {}).get("sha256")
 
-    def materialize(self, key: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    def materialize(self, key: str, cache_dir: str | os.PathLike | None = None, resumable: bool = False) -> Path:
         """Download into the key's mirror under `cache_dir` (default `$COCOMIX_CACHE` or
         `~/.cache/cocomix`), skipping files already there with the right size and sha256.
 
@@ -333,15 +418,16 @@ class S3Storage(Storage):
         so parallel tasks on one node can share the mirror while another task reads it.
         """
         key = _normalize_key(key)
-        marker = self._require_marker(key)
+        name, marker = self._require_marker(key, resumable)
         folder = self._mirror(key, cache_dir)
-        if _read_local_marker(folder) == marker and not _missing_or_resized(folder, marker["files"]):
+        damaged = _damaged(folder, marker["files"])
+        if _read_local_marker(folder, name) == marker and not damaged:
             return folder
-        (folder / MARKER).unlink(missing_ok=True)
-        for relative, entry in marker["files"].items():
-            if not self._digests.is_intact(folder / relative, entry):
-                self._download(self._object_key(f"{key}/{relative}"), folder / relative, entry)
-        write_json_atomic(folder / MARKER, marker)
+        for stale in MARKERS:
+            (folder / stale).unlink(missing_ok=True)
+        for relative in damaged:
+            self._download(self._object_key(f"{key}/{relative}"), folder / relative, marker["files"][relative])
+        write_json_atomic(folder / name, marker)
         return folder
 
     def _download(self, object_key: str, path: Path, entry: dict[str, Any]) -> None:

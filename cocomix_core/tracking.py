@@ -20,9 +20,11 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import socket
 import sqlite3
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -92,6 +94,10 @@ class Tracker(Protocol):
 
     def close(self) -> None: ...
 
+    def logged_points(self) -> set[tuple[str, int]]:
+        """(metric, step) pairs already in the store, so a resumed or retried run logs none of them twice."""
+        ...
+
 
 class ConsoleTracker:
     """Prints metrics as one compact line per step; for command-line runs."""
@@ -117,6 +123,9 @@ class ConsoleTracker:
 
     def close(self) -> None:
         pass
+
+    def logged_points(self) -> set[tuple[str, int]]:
+        return set()  # the console keeps nothing: a resumed run prints its steps again
 
 
 class MemoryTracker:
@@ -150,6 +159,9 @@ class MemoryTracker:
     def close(self) -> None:
         pass
 
+    def logged_points(self) -> set[tuple[str, int]]:
+        return {(name, step) for step, name, _ in self.metrics}
+
 
 class JsonlTracker:
     """Appends one JSON line per metric record to a file; lets subprocess runs be compared exactly."""
@@ -176,6 +188,12 @@ class JsonlTracker:
 
     def close(self) -> None:
         pass
+
+    def logged_points(self) -> set[tuple[str, int]]:
+        if not self.path.is_file():
+            return set()
+        records = (json.loads(line) for line in self.path.read_text().splitlines() if line.strip())
+        return {(name, record["step"]) for record in records for name in record["metrics"]}
 
 
 class MlflowTracker:
@@ -217,6 +235,14 @@ class MlflowTracker:
 
     def close(self) -> None:
         self.flush()
+
+    def logged_points(self) -> set[tuple[str, int]]:
+        self.flush()
+        names = when_unlocked(lambda: self.client.get_run(self.run_id)).data.metrics
+        return {
+            (name, point.step) for name in names
+            for point in when_unlocked(lambda: self.client.get_metric_history(self.run_id, name))
+        }
 
 
 # ---------------------------------------------------------------- run hierarchy
@@ -353,9 +379,51 @@ def create_run(
 
 
 def end_run(run_id: str, status: str = "FINISHED", tracking_uri: str | None = None) -> None:
-    """Mark a run FINISHED or FAILED."""
+    """Mark a run FINISHED, FAILED or KILLED."""
     client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
     when_unlocked(lambda: client.set_terminated(run_id, status=status))
+
+
+def run_status(run_id: str, tracking_uri: str | None = None) -> str:
+    """RUNNING, FINISHED, FAILED, KILLED or SCHEDULED."""
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    return when_unlocked(lambda: client.get_run(run_id)).info.status
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a scheduler or an operator stopping the task); raised like KeyboardInterrupt."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(f"signal {signal.Signals(signum).name}")
+
+
+@contextlib.contextmanager
+def ended_on_failure(run_ids: list[str], tracking_uri: str | None = None) -> Iterator[None]:
+    """Keep runs honest about a block of work: reopen them, and end them KILLED or FAILED if the block does not finish.
+
+    On entry, runs a previous attempt ended FAILED or KILLED are set RUNNING again (a retry or a
+    resume continues them). If the block is interrupted (Ctrl-C, or SIGTERM, which this turns into
+    `Terminated` while the block runs in the main thread) the runs still RUNNING end KILLED; if it
+    raises anything else, FAILED. A block that succeeds leaves them RUNNING: their owner ends them.
+    """
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    for run_id in run_ids:
+        if run_status(run_id, tracking_uri) in ("FAILED", "KILLED"):
+            when_unlocked(lambda: client.update_run(run_id, status="RUNNING"))
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    try:
+        yield
+    except BaseException as error:
+        status = "KILLED" if isinstance(error, (KeyboardInterrupt, Terminated)) else "FAILED"
+        for run_id in run_ids:
+            if run_status(run_id, tracking_uri) == "RUNNING":
+                end_run(run_id, status, tracking_uri)
+        raise
+    finally:
+        if in_main_thread:  # None: the previous handler was not set from Python
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def log_dataset_input(
@@ -430,15 +498,13 @@ def lineage_tags(
 
 @contextlib.contextmanager
 def active_run(run_id: str, tracking_uri: str | None = None) -> Iterator[MlflowTracker]:
-    """Log to an existing run for the length of a block; end it FINISHED, or FAILED if the block raises."""
+    """Log to an existing run for the length of a block; end it FINISHED, or as `ended_on_failure` does."""
     tracker = MlflowTracker(run_id, tracking_uri)
-    try:
-        yield tracker
-    except BaseException:
-        tracker.close()
-        end_run(run_id, "FAILED", tracking_uri)
-        raise
-    tracker.close()
+    with ended_on_failure([run_id], tracking_uri):
+        try:
+            yield tracker
+        finally:
+            tracker.close()  # what was logged before a failure is kept; a retry skips those points
     end_run(run_id, "FINISHED", tracking_uri)
 
 

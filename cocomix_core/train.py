@@ -32,6 +32,9 @@ Metrics (main process only; `step` = optimizer steps done):
     params: job, kind, n_params, flops_per_token
     tags:   mfu_peak_flops, mfu_peak_source, world_size, resumed_from_step
 Only tokens_per_s and mfu depend on wall time; a resumed run logs every other value identically.
+Each (metric, step) point is logged once: metrics are flushed before the checkpoint of their
+step is saved, and a resumed or retried run skips the points its tracker already holds (those
+a killed attempt logged after its last checkpoint), so interruptions leave no duplicates.
 
 FLOPs per token of every arm: `models.flops_per_token` (formulas in models.py's docstring).
 """
@@ -429,6 +432,14 @@ def train(
     tokens_per_step = settings.batch_size * job.block_size
     step_flops = flops_per_token(model.config, job.block_size)
     peak, peak_source = peak_flops(device)
+    already_logged = tracker.logged_points() if tracker is not None else set()
+
+    def log(metrics: dict[str, float], step: int) -> None:
+        """Log the points of `step` the tracker does not hold yet (main process only)."""
+        fresh = {name: value for name, value in metrics.items() if (name, step) not in already_logged}
+        if tracker is not None and fresh:
+            tracker.log_metrics(fresh, step=step)
+
     if tracker is not None:
         tracker.log_params({"job": job.name, "kind": job.kind, "n_params": str(model.num_parameters()),
                             "flops_per_token": f"{step_flops:.6g}"})
@@ -473,14 +484,12 @@ def train(
                 }
                 if job.kind in AUXILIARY_METRIC:
                     metrics[AUXILIARY_METRIC[job.kind]] = auxiliary_loss
-                if tracker is not None:
-                    tracker.log_metrics(metrics, step=done)
+                log(metrics, done)
                 progress.set_values(loss=loss, **{"tokens/s": round(tokens_per_s)})
                 window_start, window_tokens = time.perf_counter(), 0
             if done % settings.eval_every == 0 or done == settings.steps:
                 last_val_loss = evaluate(model, val_windows, micro, accelerator, autocast)
-                if tracker is not None:
-                    tracker.log_metrics({"val/loss": last_val_loss, "val/ppl": math.exp(last_val_loss)}, step=done)
+                log({"val/loss": last_val_loss, "val/ppl": math.exp(last_val_loss)}, done)
                 progress.set_values(val_ppl=math.exp(last_val_loss))
             if is_main and done in save_steps:
                 save(done)
@@ -599,7 +608,7 @@ def main(argv: list[str] | None = None) -> None:
     """
     from cocomix_core.data import DataError
     from cocomix_core.tracking import TrackingError
-    from settings.cli import add_settings_arguments
+    from settings.cli import add_settings_arguments, settings_from_args
     from settings.loader import SettingsError
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -614,13 +623,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mlflow-run-id", help="log to this existing MLflow run (default: the console)")
     args = parser.parse_args(argv)
 
+    from cocomix_core.tracking import ended_on_failure
+
     try:
         job, tracker, labels = _open_inputs(args, parser)
-        # DataError inside train: split files missing, resized or not matching the manifest's sha256
-        result = train(job, args.data, args.out, tracker=tracker, labels=labels, num_threads=args.threads)
     except (SettingsError, DataError, InputError, TrackingError) as error:
         sys.exit(f"error: {error}")
-    tracker.close()
+    # The run belongs to the caller, who ends it; an interrupted or failed attempt ends it KILLED or FAILED.
+    owns_status = args.mlflow_run_id and PartialState().is_main_process
+    uri = settings_from_args(args).tracking.mlflow_uri
+    with ended_on_failure([args.mlflow_run_id], uri) if owns_status else contextlib.nullcontext():
+        try:
+            # DataError inside train: split files missing, resized or not matching the manifest's sha256
+            result = train(job, args.data, args.out, tracker=tracker, labels=labels, num_threads=args.threads)
+        except (DataError, InputError) as error:
+            sys.exit(f"error: {error}")
+        finally:
+            tracker.close()
     if PartialState().is_main_process:
         print(f"done: step {result.final_step}, val ppl {result.final_val_ppl:.3f}, final checkpoint {result.final_checkpoint}")
 

@@ -15,6 +15,7 @@ import pytest
 
 from cocomix_core import data as prep
 from cocomix_core.data import DataError, data_digest, load_manifest, load_split, prepare_corpus
+from cocomix_core.fileio import is_local_only
 from cocomix_core.tokenizer import EOT_ID, gpt2_encoding
 from settings.schema import DataSettings
 
@@ -145,7 +146,21 @@ def test_rerun_with_same_inputs_is_skipped(corpus, tmp_path, caplog):
         second = prepare_corpus(files_settings(corpus, block_size=8, encode_workers=1), tmp_path / "out")
     assert second == first
     assert "skipped" in caplog.text
-    assert {path.name: path.stat().st_mtime_ns for path in (tmp_path / "out").iterdir()} == mtimes
+    # Only the digest cache is new (reuse hashed each file once against the manifest).
+    after = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "out").iterdir() if not is_local_only(path)}
+    assert after == mtimes
+
+
+def test_a_shard_zeroed_in_place_is_prepared_again(corpus, tmp_path, caplog):
+    prepare_corpus(files_settings(corpus), tmp_path / "out")
+    original = folder_bytes(tmp_path / "out")
+    prepare_corpus(files_settings(corpus), tmp_path / "out")  # a reuse: caches the digests
+    train = tmp_path / "out" / "train.bin"
+    train.write_bytes(bytes(train.stat().st_size))  # same size, every token zero
+    with caplog.at_level(logging.INFO, logger="cocomix_core.data"):
+        prepare_corpus(files_settings(corpus), tmp_path / "out")
+    assert "train.bin is missing or does not match the sha256" in caplog.text and "skipped" not in caplog.text
+    assert folder_bytes(tmp_path / "out") == original
 
 
 def test_changed_corpus_or_settings_are_prepared_again(corpus, tmp_path):

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from cocomix_core.fileio import is_local_only
 from cocomix_core.storage import (
-    MARKER, IncompleteError, LocalStorage, S3Storage, Storage, default_storage_root,
+    MARKER, RESUMABLE_MARKER, IncompleteError, IntegrityError, LocalStorage, S3Storage, Storage, default_storage_root,
 )
 
 UPLOAD_CALLS = ("PutObject", "CreateMultipartUpload", "UploadPart")
@@ -29,7 +30,7 @@ def write_files(folder: Path, files: dict[str, bytes]) -> Path:
 def read_files(folder: Path) -> dict[str, bytes]:
     return {
         path.relative_to(folder).as_posix(): path.read_bytes()
-        for path in folder.rglob("*") if path.is_file() and path.name != MARKER
+        for path in folder.rglob("*") if path.is_file() and path.name not in (MARKER, RESUMABLE_MARKER) and not is_local_only(path)
     }
 
 
@@ -76,9 +77,45 @@ def test_local_publish_copies_a_folder_from_elsewhere_and_detects_missing_files(
     folder = storage.materialize("data/x")
     assert folder != source and read_files(folder) == {"a.bin": b"a", "sub/b.bin": b"bb"}
 
+    (folder / "sub" / "b.bin").write_bytes(b"\0\0")  # zeroed in place: same size, other content
+    with pytest.raises(IntegrityError, match="sub/b.bin"):
+        storage.materialize("data/x")
     (folder / "sub" / "b.bin").unlink()
     with pytest.raises(IncompleteError, match="sub/b.bin"):
         storage.materialize("data/x")
+
+
+def test_a_failed_step_publishes_a_resumable_folder_that_never_counts_as_complete(tmp_path: Path):
+    storage = Storage(str(tmp_path / "store"))
+    with pytest.raises(OSError, match="No space"):
+        with storage.stored_folder("runs/r1/ntp", resumable=True) as folder:
+            write_files(folder, {"checkpoints/step_000004/model.safetensors": b"w4"})
+            raise OSError(28, "No space left on device")
+    assert not (folder / MARKER).exists() and (folder / RESUMABLE_MARKER).exists()
+    assert not storage.exists("runs/r1/ntp") and storage.exists("runs/r1/ntp", resumable=True)
+    with pytest.raises(IncompleteError, match="resumable state of a step that did not finish"):
+        storage.materialize("runs/r1/ntp")
+
+    with storage.stored_folder("runs/r1/ntp", resumable=True) as retry:  # the retry continues from it
+        assert read_files(retry) == {"checkpoints/step_000004/model.safetensors": b"w4"}
+        write_files(retry, {"checkpoints/step_000008/model.safetensors": b"w8"})
+    assert storage.exists("runs/r1/ntp") and not (retry / RESUMABLE_MARKER).exists()
+    assert len(read_files(storage.materialize("runs/r1/ntp"))) == 2
+
+
+def test_a_corrupted_complete_folder_is_withdrawn_and_rebuilt(tmp_path: Path):
+    storage = Storage(str(tmp_path / "store"))
+    with storage.stored_folder("data/x") as folder:
+        write_files(folder, {"train.bin": b"tokens"})
+    (folder / "train.bin").write_bytes(b"\0" * 6)
+    with pytest.raises(RuntimeError, match="rebuild failed"):
+        with storage.stored_folder("data/x") as rebuilding:
+            assert not storage.exists("data/x")  # withdrawn before the step runs: nobody trusts it meanwhile
+            raise RuntimeError("rebuild failed")
+    assert not storage.exists("data/x", resumable=True)
+    with storage.stored_folder("data/x") as rebuilding:
+        write_files(rebuilding, {"train.bin": b"tokens"})
+    assert read_files(storage.materialize("data/x")) == {"train.bin": b"tokens"}
 
 
 def test_failed_local_publish_leaves_no_valid_looking_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -234,3 +271,22 @@ def test_s3_json_and_pickling(s3_root: str):
     with pytest.raises(FileNotFoundError):
         clone.read_json("data/absent.json")
     assert json.loads(json.dumps(clone.uri("data/abc"))) == f"{s3_root}/data/abc"
+
+
+def test_s3_resumable_publish_withdraws_completion_until_the_folder_is_complete(s3_root: str, tmp_path: Path):
+    writer = Storage(s3_root)
+    folder = write_files(tmp_path / "node-1", TRAINING_FOLDER)
+    writer.publish(folder, "runs/r1/ntp")
+    writer.publish(folder, "runs/r1/ntp", complete=False)  # a retry failed after the earlier success
+    reader = Storage(s3_root)
+    assert not reader.exists("runs/r1/ntp") and reader.exists("runs/r1/ntp", resumable=True)
+    with pytest.raises(IncompleteError, match="resumable state"):
+        reader.materialize("runs/r1/ntp", cache_dir=tmp_path / "node-2")
+    mirror = reader.materialize("runs/r1/ntp", cache_dir=tmp_path / "node-2", resumable=True)
+    assert read_files(mirror) == TRAINING_FOLDER and (mirror / RESUMABLE_MARKER).exists()
+
+    writer.publish(folder, "runs/r1/ntp")
+    assert reader.exists("runs/r1/ntp")
+    assert reader._read_marker("runs/r1/ntp", RESUMABLE_MARKER) is None
+    complete = reader.materialize("runs/r1/ntp", cache_dir=tmp_path / "node-2")
+    assert (complete / MARKER).exists() and not (complete / RESUMABLE_MARKER).exists()
