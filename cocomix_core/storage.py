@@ -17,11 +17,12 @@ a finished one, and a download can be verified file by file.
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import urlparse
 
 import boto3
@@ -346,3 +347,20 @@ class S3Storage(Storage):
         body = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
         self.client.put_object(Bucket=self.bucket, Key=self._object_key(key), Body=body, ContentType="application/json")
         return self.uri(key)
+
+
+@contextlib.contextmanager
+def stored_folder(storage: Storage, key: str, resumable: bool = False) -> Iterator[Path]:
+    """A local folder holding what `storage` has at `key` (if anything), published back when the block succeeds.
+
+    `resumable` folders (a trainer's: every checkpoint in them is written atomically) are
+    published even when the block fails, so a retry on another node continues from them.
+    """
+    folder = storage.materialize(key) if storage.exists(key) else storage.local_workdir(key)
+    try:
+        yield folder
+    except Exception:
+        if resumable:
+            storage.publish(folder, key)
+        raise
+    storage.publish(folder, key)
