@@ -4,8 +4,8 @@
     teacher = obtain_teacher(settings, storage, data, tracker)
     sae = fit_sae(settings, storage, data, teacher, tracker)
     labels = build_labels(settings, storage, data, teacher, sae)
-    checkpoints = train_branch(settings, storage, branch, run_folder_key(experiment, branch.name), data, teacher, sae,
-                               labels, tracker)
+    trained = train_branch(settings, storage, branch, run_folder_key(experiment, branch.name), data, teacher, sae,
+                           labels, tracker)
     metrics = evaluate_checkpoint_job(settings, storage, data, checkpoint, parallel_tasks=1)
     files = write_report(evaluations, out_dir, tracker)
 
@@ -105,6 +105,14 @@ class Checkpoint:
     tokens_seen: int
     key: str
     uri: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedBranch:
+    """A branch's published checkpoints, oldest first."""
+
+    checkpoints: list[Checkpoint]
+    note: str
 
 
 # ----- small pieces ----------------------------------------------------------------------------
@@ -305,7 +313,7 @@ def train_branch(
     sae: SAE,
     labels: Labels,
     tracker: MlflowTracker,
-) -> list[Checkpoint]:
+) -> TrainedBranch:
     """Train one branch into `folder_key`, continuing from its last checkpoint; publish and list its checkpoints.
 
     In-process on CPUs or one GPU; under `accelerate launch` over several GPUs. Metrics go to
@@ -316,17 +324,18 @@ def train_branch(
     tracker.log_params(section_params(settings, "train") | branch_params(settings, branch))
     log_dataset(tracker, data)
     with stored_folder(storage, folder_key, resumable=True) as out_dir:
-        _run_trainer(settings, storage, branch, data, teacher, sae, labels, out_dir, tracker)
+        done = _run_trainer(settings, storage, branch, data, teacher, sae, labels, out_dir, tracker)
         checkpoints = publish_checkpoints(out_dir, folder_key, storage)
     log_checkpoints(tracker, [dataclasses.asdict(checkpoint) for checkpoint in checkpoints],
                     tempfile.mkdtemp(prefix="cocomix-checkpoints-"))
-    return checkpoints
+    return TrainedBranch(checkpoints, f"{branch.name}: {done}; {len(checkpoints)} checkpoints at {storage.uri(folder_key)}")
 
 
 def _run_trainer(
     settings: ExperimentSettings, storage: Storage, branch: Branch, data: PreparedData, teacher: Teacher, sae: SAE,
     labels: Labels, out_dir: Path, tracker: MlflowTracker,
-) -> None:
+) -> str:
+    """Train in this process or under `accelerate launch`; says what was done."""
     import torch
 
     from cocomix_core.launch import training_command
@@ -346,13 +355,17 @@ def _run_trainer(
             args += ["--teacher", teacher.local(storage), "--sae", sae.local(storage)]
         environment = os.environ | {"MLFLOW_TRACKING_URI": tracker.client.tracking_uri}
         subprocess.run(training_command(args, gpus=gpus), check=True, env=environment)
-        return
+        return f"trained on {gpus} GPUs to step {settings.train.steps}"
     label_source = None
     if cocomix:
         label_source = _label_source(settings, storage, teacher, sae, labels)
     threads = threads_for(settings, "train", len(training_branches(settings)))
-    train(job_for_branch(settings, branch), data.folder(storage), out_dir, tracker=tracker, labels=label_source,
-          num_threads=threads)
+    result = train(job_for_branch(settings, branch), data.folder(storage), out_dir, tracker=tracker,
+                   labels=label_source, num_threads=threads)
+    if result.resumed_from_step == result.final_step:
+        return f"already trained to step {result.final_step}, nothing to do"
+    resumed = f" (continued from step {result.resumed_from_step})" if result.resumed_from_step is not None else ""
+    return f"trained to step {result.final_step}{resumed}, val ppl {result.final_val_ppl:.4g}"
 
 
 def _label_source(

@@ -3,12 +3,17 @@
     python flows/cocomix_flow.py run                               # the `cpu` preset, ~10 min on 2 cores
     python flows/cocomix_flow.py run --settings smoke --set 'train.steps=8; eval.limit=4'
     python flows/cocomix_flow.py resume                            # after a failed step
-    python flows/cocomix_flow.py card server                       # the report card
+    python flows/cocomix_flow.py card server                       # the report card (id `report`)
     mlflow ui --backend-store-uri sqlite:///<project>/mlruns.db    # every run, metric and artifact
 
 Graph: start -> prepare -> concepts -> train (a foreach over branches: arm × seed × λ, in parallel)
        -> evaluate (a nested foreach over that branch's checkpoints) -> join_checkpoints -> report -> end
 A branch's checkpoints are evaluated as soon as it finishes, while other branches still train.
+Each step is orchestration only: it reads the settings, calls one stage of cocomix_core/stages.py
+(which runs the same without Metaflow), prints the stage's note (what it did, or why it did
+nothing) and keeps the stage's small result as an artifact. The foreach values are short names
+(`cocomix-s0-lam0.1`, `step_000040`: readable labels in the Metaflow UI); the full branches and
+checkpoints are the `branches` and `checkpoints` artifacts, keyed by those names.
 
 Settings. `--settings` names a preset or a YAML file; `--set` holds dotted overrides, either
 `;`-separated (`'train.lr=3e-4; train.steps=100'`) or a JSON list. Both are validated when
@@ -26,7 +31,8 @@ MLflow run ids as artifacts. A `resume` clones the steps that finished (their co
 run, so they log nothing twice) and, with them, the run ids: resumed steps log into the
 origin's parent, branch and evaluation runs; runs they create or train into are tagged
 `metaflow.origin_run_id`, and `end` tags the parent with both ids. Metaflow
-links the two runs itself (the resumed run's origin-run-id).
+links the two runs' tasks itself (origin-run-id); `end`, which a resume always runs (`start`
+is cloned), gives the resumed run the Metaflow tag `origin_run:<origin run id>`.
 
 Storage. Shards, checkpoints and caches live under a storage root (`compute.storage_root`;
 default: <project>/artifacts, or next to an S3 datastore) at keys derived from what they
@@ -78,6 +84,7 @@ if TYPE_CHECKING:  # heavy imports (torch, mlflow) happen inside the steps that 
     from cocomix_core.tracking import MlflowTracker
 
 FAIL_ONCE_ENV = "COCOMIX_FAIL_ONCE"
+CARD_TABLE_COLUMNS = 7  # columns per card table (the branch included): wider tables run off the page
 
 
 def _launch_settings() -> ExperimentSettings:
@@ -137,7 +144,9 @@ class CocomixFlow(FlowSpec):
         if settings.compute != LAUNCH.compute:  # e.g. a deployed flow triggered with other settings
             print(f"warning: step resources come from {os.environ[SETTINGS_ENV]!r} settings, not these; "
                   f"set {SETTINGS_ENV}/{OVERRIDES_ENV} to match when deploying", file=sys.stderr)
-        self.branches = [branch.model_dump() for branch in training_branches(settings)]
+        # The foreach runs over short names (readable labels in the UI); the full branches stay in `branches`.
+        self.branches = {branch.name: branch.model_dump() for branch in training_branches(settings)}
+        self.branch_names = list(self.branches)
         self.storage_root = settings.compute.storage_root or default_storage_root(self._datastore_root())
         self.tracking_uri = tracking.resolve_tracking_uri(settings.tracking.mlflow_uri)
         self.experiment_id = tracking.ensure_experiment(settings.tracking.experiment_name, self.tracking_uri)
@@ -154,7 +163,7 @@ class CocomixFlow(FlowSpec):
                 tags=self._tags() | {"cocomix.branch": branch["name"], "cocomix.kind": branch["kind"]},
                 tracking_uri=self.tracking_uri,
             )
-            for branch in self.branches
+            for branch in self.branches.values()
         }
         self.evaluation_run_id = tracking.create_run(
             self.experiment_id, "evaluation", parent_run_id=self.parent_run_id, tags=self._tags(),
@@ -198,7 +207,7 @@ class CocomixFlow(FlowSpec):
         with self._timed("build_labels"):
             self.labels = stages.build_labels(settings, storage, self.data, self.teacher, self.sae)
         print("\n".join((self.teacher.note, self.sae.note, self.labels.note)))
-        self.next(self.train, foreach="branches")
+        self.next(self.train, foreach="branch_names")
 
     @resources(**_resources("train"))
     @retry(times=LAUNCH.compute.train.retries, minutes_between_retries=0)
@@ -209,18 +218,21 @@ class CocomixFlow(FlowSpec):
         from settings import Branch
 
         settings = self._settings()
-        self.branch = self.input
+        self.branch = self.branches[self.input]
         self._fail_once()
         branch = Branch(**self.branch)
         with tracking.active_run(self.branch_run_ids[branch.name], self.tracking_uri) as tracker:
             tracker.set_tags(self._tags())  # the branch's run now points at the task that trains it
             with self._timed("train_branch"):
-                self.checkpoints = stages.train_branch(
+                trained = stages.train_branch(
                     settings, self._storage(), branch, stages.run_folder_key(self._origin_run_id(), branch.name),
                     self.data, self.teacher, self.sae, self.labels, tracker,
                 )
-        print(f"{branch.name}: {len(self.checkpoints)} checkpoints, the last at step {self.checkpoints[-1].step}")
-        self.next(self.evaluate, foreach="checkpoints")
+        print(trained.note)
+        # The evaluate foreach runs over checkpoint names (step_000040); the checkpoints stay in `checkpoints`.
+        self.checkpoints = {checkpoint.name: checkpoint for checkpoint in trained.checkpoints}
+        self.checkpoint_names = list(self.checkpoints)
+        self.next(self.evaluate, foreach="checkpoint_names")
 
     @resources(**_resources("evaluate"))
     @step
@@ -229,7 +241,7 @@ class CocomixFlow(FlowSpec):
         from cocomix_core.tracking import MlflowTracker
 
         settings = self._settings()
-        self.checkpoint = self.input
+        self.checkpoint = self.checkpoints[self.input]
         # Every checkpoint of every branch may be under evaluation at once on this machine.
         parallel = len(self.branches) * len(self.checkpoints)
         with self._timed("evaluate_checkpoint"):
@@ -239,6 +251,8 @@ class CocomixFlow(FlowSpec):
             self.metrics, self.checkpoint, name, MlflowTracker(self.branch_run_ids[name], self.tracking_uri),
             MlflowTracker(self.evaluation_run_id, self.tracking_uri),
         )
+        print(f"{name} {self.checkpoint.name} ({self.checkpoint.tokens_seen:,} tokens): "
+              f"val ppl {self.metrics['eval/val_ppl']:.4g}")
         self.next(self.join_checkpoints)
 
     @step
@@ -246,9 +260,10 @@ class CocomixFlow(FlowSpec):
         """Gather one branch's evaluations."""
         self.merge_artifacts(inputs, include=_SHARED_ARTIFACTS + ["branch"])
         self.evaluations = [(task.checkpoint, task.metrics) for task in inputs]
+        print(f"{self.branch['name']}: {len(self.evaluations)} checkpoint evaluations gathered")
         self.next(self.report)
 
-    @card(type="blank")
+    @card(type="blank", id="report")
     @step
     def report(self, inputs: Any) -> None:
         """Per-branch curves against training tokens, tokens-to-match, table and plots: MLflow artifacts and a card."""
@@ -265,20 +280,27 @@ class CocomixFlow(FlowSpec):
             )
         self.report_summary = written.summary
         tracking.end_run(self.evaluation_run_id, "FINISHED", self.tracking_uri)
-        current.card.append(Markdown(written.markdown_path.read_text()))
+        # Wide tables are split so the card fits a page; plots are captioned in words, not file names.
+        current.card.append(Markdown(stages.split_wide_tables(written.markdown_path.read_text(), CARD_TABLE_COLUMNS)))
         for plot in written.plots:
-            current.card.append(Image(plot.read_bytes(), label=plot.stem))
+            current.card.append(Image(plot.read_bytes(), label=stages.plot_caption(plot)))
+        print(f"report: {len(evaluations)} checkpoint evaluations of {len(self.branches)} branches, card `report`")
         self.next(self.end)
 
     @step
     def end(self) -> None:
-        """Close the parent MLflow run."""
+        """Close the parent MLflow run; tag a resumed run with its origin."""
+        from metaflow import Run, namespace
+
         from cocomix_core import tracking
 
         if current.origin_run_id:  # the parent was created by the origin run; record who finished it
             tracking.MlflowTracker(self.parent_run_id, self.tracking_uri).set_tags(
                 {"metaflow.origin_run_id": current.origin_run_id, "metaflow.resumed_run_id": current.run_id}
             )
+            namespace(None)  # the run itself, whatever namespace this task's client would default to
+            Run(f"{current.flow_name}/{current.run_id}").add_tag(f"origin_run:{current.origin_run_id}")
+            print(f"resumed from run {current.origin_run_id}: tagged origin_run:{current.origin_run_id}")
         tracking.end_run(self.parent_run_id, "FINISHED", self.tracking_uri)
 
     # ------------------------------------------------------------------ helpers
@@ -348,7 +370,7 @@ class CocomixFlow(FlowSpec):
 
 # Artifacts every branch of a foreach carries unchanged; joins take them from any input.
 _SHARED_ARTIFACTS = [
-    "settings_yaml", "settings_digest", "branches", "storage_root", "tracking_uri", "experiment_id", "parent_run_id",
+    "settings_yaml", "settings_digest", "branches", "branch_names", "storage_root", "tracking_uri", "experiment_id", "parent_run_id",
     "branch_run_ids", "evaluation_run_id", "data", "prepare_run_id", "teacher", "teacher_run_id", "sae", "sae_run_id",
     "labels",
 ]

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from cocomix_core import stages, tracking
 from cocomix_core.storage import Storage, stored_folder
-from settings import ExperimentSettings, load_settings, training_branches
+from settings import Branch, ExperimentSettings, load_settings, training_branches
 
 STEPS, BATCH, BLOCK = 4, 4, 32  # the smoke preset's batch and block, trained for 4 steps
 OVERRIDES = [
@@ -41,6 +41,8 @@ class Experiment:
     labels: stages.Labels
     run_ids: dict[str, str]  # MLflow run per piece of work
     checkpoints: dict[str, list[stages.Checkpoint]]  # per branch
+    first_notes: dict[str, str]  # per branch: what its first training said it did
+    trained_again: stages.TrainedBranch  # the NTP branch trained a second time into the same folder
     metrics: dict[str, dict[str, float]]  # per branch: its one checkpoint's evaluation
     report: object
     report_dir: Path
@@ -72,25 +74,34 @@ def experiment(tmp_path_factory: pytest.TempPathFactory) -> Experiment:
         run_ids["sae"] = tracker.run_id
     labels = stages.build_labels(settings, storage, data, teacher, sae)
 
-    checkpoints, metrics, evaluations = {}, {}, []
+    checkpoints, first_notes, metrics, evaluations = {}, {}, {}, []
     with child("evaluation") as evaluation_tracker:
         for branch in training_branches(settings):
             with child(f"train/{branch.name}") as tracker:
                 run_ids[branch.name] = tracker.run_id
-                checkpoints[branch.name] = stages.train_branch(
+                trained = stages.train_branch(
                     settings, storage, branch, stages.run_folder_key("local", branch.name), data, teacher, sae,
                     labels, tracker,
                 )
+                checkpoints[branch.name], first_notes[branch.name] = trained.checkpoints, trained.note
                 last = checkpoints[branch.name][-1]
                 metrics[branch.name] = stages.evaluate_checkpoint_job(settings, storage, data, last, parallel_tasks=1)
                 stages.log_evaluation(metrics[branch.name], last, branch.name, tracker, evaluation_tracker)
                 evaluations.append((branch, last, metrics[branch.name]))
         run_ids["evaluation"] = evaluation_tracker.run_id
+    with child("train/ntp again") as tracker:  # as a resumed flow does after the branch finished
+        trained_again = stages.train_branch(settings, storage, branch_named(settings, "ntp"),
+                                            stages.run_folder_key("local", "ntp"), data, teacher, sae, labels, tracker)
     report_dir = root / "report"
     with tracking.active_run(parent, uri) as tracker:
         report = stages.write_report(evaluations, report_dir, tracker)
     return Experiment(settings, storage, MlflowClient(uri), experiment_id, uri, data, data_again, teacher, sae, labels,
-                      run_ids, checkpoints, metrics, report, report_dir)
+                      run_ids, checkpoints, first_notes, trained_again, metrics, report, report_dir)
+
+
+def branch_named(settings: ExperimentSettings, name: str) -> Branch:
+    (branch,) = [branch for branch in training_branches(settings) if branch.name == name]
+    return branch
 
 
 def test_prepared_data_counts_the_tokens_in_its_shards_and_is_reused_by_a_second_call(experiment: Experiment):
@@ -147,6 +158,12 @@ def test_each_branch_trains_to_its_checkpoint_and_its_evaluation_is_in_mlflow(ex
         assert [entry["step"] for entry in listed] == [4]
         params = experiment.client.get_run(experiment.run_ids[name]).data.params
         assert params["branch.name"] == name and params["train.steps"] == str(STEPS)
+
+
+def test_training_a_finished_branch_again_does_nothing_and_says_so(experiment: Experiment):
+    assert experiment.trained_again.checkpoints == experiment.checkpoints["ntp"]
+    assert experiment.trained_again.note.startswith("ntp: already trained to step 4, nothing to do")
+    assert experiment.first_notes["ntp"].startswith("ntp: trained to step 4, val ppl")
 
 
 def test_the_report_compares_both_branches_and_is_logged_on_the_parent(experiment: Experiment):
