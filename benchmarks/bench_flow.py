@@ -5,9 +5,9 @@
     python benchmarks/bench_flow.py --root DIR --run-id ID   # analyse a run that already exists under DIR
 
 Per step: its wall time (first task created -> last task finished), the seconds its tasks
-spent in total, and the seconds spent inside library calls (each step records them in its
-`library_seconds` artifact: prepare_corpus, train_teacher, train_sae, build_label_cache,
-train, evaluate_checkpoint, write_report). Everything else a task spends is orchestration:
+spent in total, and the seconds spent inside library calls (each step records the stages of
+cocomix_core.stages it runs in its `library_seconds` artifact: prepare_data, obtain_teacher,
+fit_sae, build_labels, train_branch, evaluate_checkpoint, write_report). Everything else a task spends is orchestration:
 process start, imports, Metaflow's artifact persistence, MLflow bookkeeping, storage.
 
 Overhead is reported two ways: in task-seconds (all tasks' time minus all library time) and in

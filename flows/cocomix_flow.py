@@ -3,12 +3,17 @@
     python flows/cocomix_flow.py run                               # the `cpu` preset, ~10 min on 2 cores
     python flows/cocomix_flow.py run --settings smoke --set 'train.steps=8; eval.limit=4'
     python flows/cocomix_flow.py resume                            # after a failed step
-    python flows/cocomix_flow.py card server                       # the report card
+    python flows/cocomix_flow.py card server                       # the report card (id `report`)
     mlflow ui --backend-store-uri sqlite:///<project>/mlruns.db    # every run, metric and artifact
 
 Graph: start -> prepare -> concepts -> train (a foreach over branches: arm × seed × λ, in parallel)
        -> evaluate (a nested foreach over that branch's checkpoints) -> join_checkpoints -> report -> end
 A branch's checkpoints are evaluated as soon as it finishes, while other branches still train.
+Each step is orchestration only: it reads the settings, calls one stage of cocomix_core/stages.py
+(which runs the same without Metaflow), prints the stage's note (what it did, or why it did
+nothing) and keeps the stage's small result as an artifact. The foreach values are short names
+(`cocomix-s0-lam0.1`, `step_000040`: readable labels in the Metaflow UI); the full branches and
+checkpoints are the `branches` and `checkpoints` artifacts, keyed by those names.
 
 Settings. `--settings` names a preset or a YAML file; `--set` holds dotted overrides, either
 `;`-separated (`'train.lr=3e-4; train.steps=100'`) or a JSON list. Both are validated when
@@ -26,7 +31,8 @@ MLflow run ids as artifacts. A `resume` clones the steps that finished (their co
 run, so they log nothing twice) and, with them, the run ids: resumed steps log into the
 origin's parent, branch and evaluation runs; runs they create or train into are tagged
 `metaflow.origin_run_id`, and `end` tags the parent with both ids. Metaflow
-links the two runs itself (the resumed run's origin-run-id).
+links the two runs' tasks itself (origin-run-id); `end`, which a resume always runs (`start`
+is cloned), gives the resumed run the Metaflow tag `origin_run:<origin run id>`.
 
 Storage. Shards, checkpoints and caches live under a storage root (`compute.storage_root`;
 default: <project>/artifacts, or next to an S3 datastore) at keys derived from what they
@@ -59,7 +65,6 @@ def _user_name() -> str:
 os.environ.setdefault("METAFLOW_USER", _user_name())
 
 import contextlib  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -70,17 +75,16 @@ import yaml  # noqa: E402
 from metaflow import FlowSpec, Parameter, card, current, package_sources, resources, retry, step  # noqa: E402
 from metaflow.cards import Image, Markdown  # noqa: E402
 
+from cocomix_core import stages  # noqa: E402
 from cocomix_core.launch import OVERRIDES_ENV, SETTINGS_ENV, parse_overrides, settings_source  # noqa: E402
+from cocomix_core.storage import Storage  # noqa: E402
 from settings import ExperimentSettings, SettingsError, load_settings, validate_settings  # noqa: E402
 
-if TYPE_CHECKING:  # heavy imports (torch, mlflow, boto3) happen inside the steps that need them
-    from cocomix_core.storage import Storage
+if TYPE_CHECKING:  # heavy imports (torch, mlflow) happen inside the steps that need them
     from cocomix_core.tracking import MlflowTracker
 
 FAIL_ONCE_ENV = "COCOMIX_FAIL_ONCE"
-SAE_FILE = "sae.safetensors"
-TASKS_DIR = "lm_tasks"  # the offline lm-eval tasks, inside the prepared data folder
-SAE_METRICS_FILE = "metrics.json"
+CARD_TABLE_COLUMNS = 7  # columns per card table (the branch included): wider tables run off the page
 
 
 def _launch_settings() -> ExperimentSettings:
@@ -140,7 +144,9 @@ class CocomixFlow(FlowSpec):
         if settings.compute != LAUNCH.compute:  # e.g. a deployed flow triggered with other settings
             print(f"warning: step resources come from {os.environ[SETTINGS_ENV]!r} settings, not these; "
                   f"set {SETTINGS_ENV}/{OVERRIDES_ENV} to match when deploying", file=sys.stderr)
-        self.branches = [branch.model_dump() for branch in training_branches(settings)]
+        # The foreach runs over short names (readable labels in the UI); the full branches stay in `branches`.
+        self.branches = {branch.name: branch.model_dump() for branch in training_branches(settings)}
+        self.branch_names = list(self.branches)
         self.storage_root = settings.compute.storage_root or default_storage_root(self._datastore_root())
         self.tracking_uri = tracking.resolve_tracking_uri(settings.tracking.mlflow_uri)
         self.experiment_id = tracking.ensure_experiment(settings.tracking.experiment_name, self.tracking_uri)
@@ -157,37 +163,27 @@ class CocomixFlow(FlowSpec):
                 tags=self._tags() | {"cocomix.branch": branch["name"], "cocomix.kind": branch["kind"]},
                 tracking_uri=self.tracking_uri,
             )
-            for branch in self.branches
+            for branch in self.branches.values()
         }
         self.evaluation_run_id = tracking.create_run(
             self.experiment_id, "evaluation", parent_run_id=self.parent_run_id, tags=self._tags(),
             tracking_uri=self.tracking_uri,
         )
-        tracking.MlflowTracker(self.evaluation_run_id, self.tracking_uri).log_params(_section_params(settings, "eval"))
+        tracking.MlflowTracker(self.evaluation_run_id, self.tracking_uri).log_params(
+            stages.section_params(settings, "eval")
+        )
         self.next(self.prepare)
 
     @resources(**_resources("prepare"))
     @step
     def prepare(self) -> None:
-        """Corpus -> token shards + manifest, and the offline lm-eval tasks (skipped when already prepared)."""
-        from cocomix_core import data, offline_tasks
-
+        """Corpus -> token shards + manifest, and the offline lm-eval tasks (reused when already prepared)."""
         settings = self._settings()
-        self.data_key = _cache_key("data", settings.data.model_dump(mode="json"), settings.tokenizer.name)
-        with self._child_run("prepare", params=_section_params(settings, "data")) as tracker, self._stored(
-            self.data_key
-        ) as folder:
-            with self._timed("prepare_corpus"):
-                manifest = data.prepare_corpus(settings.data, folder)
-            with self._timed("build_offline_tasks"):
-                offline_tasks.build_offline_tasks(
-                    folder, folder / TASKS_DIR, settings.data.offline_task_items, settings.data.split_seed
-                )
-            self.data_digest = data.data_digest(manifest)
-            self.data_summary = {split: counts["tokens"] for split, counts in manifest["splits"].items()}
-            tracker.log_metrics({f"data/{split}_tokens": tokens for split, tokens in self.data_summary.items()}, step=0)
-            self._log_dataset(tracker.run_id, manifest)
+        with self._child_run("prepare", params=stages.section_params(settings, "data")) as tracker:
+            with self._timed("prepare_data"):
+                self.data = stages.prepare_data(settings, self._storage(), tracker)
         self.prepare_run_id = tracker.run_id
+        print(self.data.note)
         self.next(self.concepts)
 
     @resources(**_resources("concepts"))
@@ -195,19 +191,23 @@ class CocomixFlow(FlowSpec):
     def concepts(self) -> None:
         """The concept teacher and its SAE (pretrained, or trained on the corpus), and the label cache."""
         from cocomix_core.train import keep_freed_memory, set_threads
-        from settings import training_branches
 
-        settings = self._settings()
-        set_threads(self._threads(settings, "concepts", parallel_tasks=1))
+        settings, storage = self._settings(), self._storage()
+        set_threads(stages.threads_for(settings, "concepts", parallel_tasks=1))
         if settings.train.keep_freed_memory:  # the teacher and SAE passes reallocate big tensors like training does
             keep_freed_memory()
-        self.teacher_key, self.teacher_run_id = self._train_teacher(settings)
-        self.sae_key, self.sae_run_id = self._train_sae(settings)
-        # Only CoCoMix branches read labels; a run of NTP arms alone needs none.
-        needs_labels = any(branch.kind == "cocomix" for branch in training_branches(settings))
-        cached = needs_labels and settings.concepts.label_source == "cache"
-        self.labels_key = self._label_cache(settings) if cached else None
-        self.next(self.train, foreach="branches")
+        with self._child_run("teacher", params=stages.section_params(settings, "teacher")) as tracker:
+            with self._timed("obtain_teacher"):
+                self.teacher = stages.obtain_teacher(settings, storage, self.data, tracker)
+        self.teacher_run_id = tracker.run_id
+        with self._child_run("sae", params=stages.section_params(settings, "sae")) as tracker:
+            with self._timed("fit_sae"):
+                self.sae = stages.fit_sae(settings, storage, self.data, self.teacher, tracker)
+        self.sae_run_id = tracker.run_id
+        with self._timed("build_labels"):
+            self.labels = stages.build_labels(settings, storage, self.data, self.teacher, self.sae)
+        print("\n".join((self.teacher.note, self.sae.note, self.labels.note)))
+        self.next(self.train, foreach="branch_names")
 
     @resources(**_resources("train"))
     @retry(times=LAUNCH.compute.train.retries, minutes_between_retries=0)
@@ -215,251 +215,93 @@ class CocomixFlow(FlowSpec):
     def train(self) -> None:
         """Train one branch into its run folder, continuing from its last checkpoint when retried or resumed."""
         from cocomix_core import tracking
+        from settings import Branch
 
         settings = self._settings()
-        self.branch = self.input
+        self.branch = self.branches[self.input]
         self._fail_once()
-        run_id = self.branch_run_ids[self.branch["name"]]
-        key = f"runs/{self._origin_run_id()}/{self.branch['name']}"
-        with tracking.active_run(run_id, self.tracking_uri) as tracker:
+        branch = Branch(**self.branch)
+        with tracking.active_run(self.branch_run_ids[branch.name], self.tracking_uri) as tracker:
             tracker.set_tags(self._tags())  # the branch's run now points at the task that trains it
-            tracker.log_params(_section_params(settings, "train") | _branch_params(settings, self.branch))
-            self._log_dataset(run_id, self._data_manifest())
-            with self._stored(key, resumable=True) as out_dir:
-                with self._timed("train"):
-                    self._run_trainer(settings, out_dir, tracker)
-                self.checkpoints = _publish_checkpoints(out_dir, key, self._storage())
-            tracking.log_checkpoints(tracker, self.checkpoints, self._scratch("checkpoints"))
-        self.next(self.evaluate, foreach="checkpoints")
+            with self._timed("train_branch"):
+                trained = stages.train_branch(
+                    settings, self._storage(), branch, stages.run_folder_key(self._origin_run_id(), branch.name),
+                    self.data, self.teacher, self.sae, self.labels, tracker,
+                )
+        print(trained.note)
+        # The evaluate foreach runs over checkpoint names (step_000040); the checkpoints stay in `checkpoints`.
+        self.checkpoints = {checkpoint.name: checkpoint for checkpoint in trained.checkpoints}
+        self.checkpoint_names = list(self.checkpoints)
+        self.next(self.evaluate, foreach="checkpoint_names")
 
     @resources(**_resources("evaluate"))
     @step
     def evaluate(self) -> None:
         """Validation perplexity and the lm-eval tasks of one checkpoint, logged at its step in the branch's run."""
-        from cocomix_core import evaluate, tracking
-        from cocomix_core.train import set_threads
+        from cocomix_core.tracking import MlflowTracker
 
         settings = self._settings()
-        self.eval_job = {"branch": self.branch, **self.input}
-        name = self.branch["name"]
+        self.checkpoint = self.checkpoints[self.input]
         # Every checkpoint of every branch may be under evaluation at once on this machine.
-        set_threads(self._threads(settings, "evaluate", len(self.branches) * len(self.checkpoints)))
-        data_dir = self._data_dir()
+        parallel = len(self.branches) * len(self.checkpoints)
         with self._timed("evaluate_checkpoint"):
-            results = evaluate.evaluate_checkpoint(
-                self._storage().materialize(self.eval_job["key"]), data_dir, data_dir / TASKS_DIR, settings.eval,
-                settings.data.block_size,
-            )
-        self.metrics = evaluate.tracker_metrics(results)
-        # In the branch's run, MLflow's compare view charts both arms on one axis; the evaluation run groups them all.
-        for run_id, prefix in ((self.branch_run_ids[name], ""), (self.evaluation_run_id, f"{name}/")):
-            tracker = tracking.MlflowTracker(run_id, self.tracking_uri)
-            named = {prefix + metric: value for metric, value in self.metrics.items()}
-            tracker.log_metrics(named, step=self.eval_job["step"])
-            tracker.close()
+            self.metrics = stages.evaluate_checkpoint_job(settings, self._storage(), self.data, self.checkpoint, parallel)
+        name = self.branch["name"]
+        stages.log_evaluation(
+            self.metrics, self.checkpoint, name, MlflowTracker(self.branch_run_ids[name], self.tracking_uri),
+            MlflowTracker(self.evaluation_run_id, self.tracking_uri),
+        )
+        print(f"{name} {self.checkpoint.name} ({self.checkpoint.tokens_seen:,} tokens): "
+              f"val ppl {self.metrics['eval/val_ppl']:.4g}")
         self.next(self.join_checkpoints)
 
     @step
     def join_checkpoints(self, inputs: Any) -> None:
         """Gather one branch's evaluations."""
         self.merge_artifacts(inputs, include=_SHARED_ARTIFACTS + ["branch"])
-        self.evaluations = [(task.eval_job, task.metrics) for task in inputs]
+        self.evaluations = [(task.checkpoint, task.metrics) for task in inputs]
+        print(f"{self.branch['name']}: {len(self.evaluations)} checkpoint evaluations gathered")
         self.next(self.report)
 
-    @card(type="blank")
+    @card(type="blank", id="report")
     @step
     def report(self, inputs: Any) -> None:
         """Per-branch curves against training tokens, tokens-to-match, table and plots: MLflow artifacts and a card."""
-        from cocomix_core import report, tracking
+        from cocomix_core import tracking
+        from settings import Branch
 
         self.merge_artifacts(inputs, include=_SHARED_ARTIFACTS)
         self._fail_once()
-        out_dir = self._scratch("report")
+        evaluations = [(Branch(**task.branch), checkpoint, metrics)
+                       for task in inputs for checkpoint, metrics in task.evaluations]
         with self._timed("write_report"):
-            curves = report.curves_from_results(evaluation for task in inputs for evaluation in task.evaluations)
-            written = report.write_report(curves, out_dir)
+            written = stages.write_report(
+                evaluations, self._scratch("report"), tracking.MlflowTracker(self.parent_run_id, self.tracking_uri)
+            )
         self.report_summary = written.summary
-        tracking.MlflowTracker(self.parent_run_id, self.tracking_uri).log_artifact(out_dir, "report")  # unbatched
         tracking.end_run(self.evaluation_run_id, "FINISHED", self.tracking_uri)
-        current.card.append(Markdown(written.markdown_path.read_text()))
+        # Wide tables are split so the card fits a page; plots are captioned in words, not file names.
+        current.card.append(Markdown(stages.split_wide_tables(written.markdown_path.read_text(), CARD_TABLE_COLUMNS)))
         for plot in written.plots:
-            current.card.append(Image(plot.read_bytes(), label=plot.stem))
+            current.card.append(Image(plot.read_bytes(), label=stages.plot_caption(plot)))
+        print(f"report: {len(evaluations)} checkpoint evaluations of {len(self.branches)} branches, card `report`")
         self.next(self.end)
 
     @step
     def end(self) -> None:
-        """Close the parent MLflow run."""
+        """Close the parent MLflow run; tag a resumed run with its origin."""
+        from metaflow import Run, namespace
+
         from cocomix_core import tracking
 
-        tracker = tracking.MlflowTracker(self.parent_run_id, self.tracking_uri)
         if current.origin_run_id:  # the parent was created by the origin run; record who finished it
-            tracker.set_tags(
+            tracking.MlflowTracker(self.parent_run_id, self.tracking_uri).set_tags(
                 {"metaflow.origin_run_id": current.origin_run_id, "metaflow.resumed_run_id": current.run_id}
             )
-        tracker.log_metrics({f"report/{name}": value for name, value in self.report_summary.items()}, step=0)
-        tracker.close()
+            namespace(None)  # the run itself, whatever namespace this task's client would default to
+            Run(f"{current.flow_name}/{current.run_id}").add_tag(f"origin_run:{current.origin_run_id}")
+            print(f"resumed from run {current.origin_run_id}: tagged origin_run:{current.origin_run_id}")
         tracking.end_run(self.parent_run_id, "FINISHED", self.tracking_uri)
-
-    # ------------------------------------------------------------------ concepts and training
-
-    def _train_teacher(self, settings: ExperimentSettings) -> tuple[str | None, str]:
-        """Train the small teacher (cached by data and job digest).
-
-        Returns its storage key (None for a pretrained teacher) and its MLflow run id.
-        """
-        from cocomix_core.models import teacher_job
-        from cocomix_core.train import train
-
-        params = _section_params(settings, "teacher")
-        with self._child_run("teacher", params=params) as tracker:
-            if settings.teacher.pretrained:
-                return None, tracker.run_id
-            job = teacher_job(settings)
-            key = _cache_key("teacher", self.data_digest, job.digest())
-            self._log_dataset(tracker.run_id, self._data_manifest())
-            with self._stored(key, resumable=True) as out_dir, self._timed("train_teacher"):
-                threads = self._threads(settings, "concepts", 1)
-                train(job, self._data_dir(), out_dir, tracker=tracker, num_threads=threads)
-            tracker.set_tags({"cocomix.storage_uri": self._storage().uri(key)})
-        return key, tracker.run_id
-
-    def _train_sae(self, settings: ExperimentSettings) -> tuple[str | None, str]:
-        """Train the SAE on the teacher's residual stream (cached by data, teacher and SAE settings).
-
-        Returns its storage key (None for a pretrained SAE) and its MLflow run id.
-        """
-        from cocomix_core import sae as sae_io
-        from cocomix_core.fileio import write_json_atomic
-
-        self.sae_metrics: dict[str, float] = {}
-        with self._child_run("sae", params=_section_params(settings, "sae")) as tracker:
-            if settings.sae.pretrained:
-                return None, tracker.run_id
-            key = _cache_key("sae", self.data_digest, self._teacher_ref(settings), settings.sae.model_dump(mode="json"))
-            with self._stored(key) as folder:
-                if not (folder / SAE_FILE).is_file():
-                    with self._timed("train_sae"):
-                        teacher = self._teacher_ref(settings, local=True)
-                        trained, metrics = _fit_sae(settings, teacher, self._data_dir(), tracker)
-                    write_json_atomic(folder / SAE_METRICS_FILE, metrics)
-                    sae_io.save_sae(trained, folder / SAE_FILE)
-                metrics = json.loads((folder / SAE_METRICS_FILE).read_text())
-            self.sae_metrics = {name: metrics[name] for name in ("fvu", "dead_fraction", "mean_l0")}
-            final = {f"sae/{name}": value for name, value in self.sae_metrics.items()}
-            tracker.log_metrics(final, step=settings.sae.steps)
-            tracker.set_tags({"cocomix.storage_uri": self._storage().uri(key)})
-        return key, tracker.run_id
-
-    def _label_cache(self, settings: ExperimentSettings) -> str:
-        """One teacher pass over every training sample the branches will read, shared by all CoCoMix branches."""
-        from cocomix_core.concepts import build_label_cache
-
-        provenance = {"data": self.data_digest, "teacher": self._teacher_ref(settings), "sae": self._sae_ref(settings),
-                      "layer_index": settings.sae.layer_index}
-        key = _cache_key("labels", provenance, settings.concepts.model_dump(mode="json"), settings.train.steps,
-                         settings.train.batch_size)
-        with self._stored(key) as folder, self._timed("build_label_cache"):
-            build_label_cache(
-                self._extractor(settings), _train_windows(settings, self._data_dir()),
-                num_samples=settings.train.steps * settings.train.batch_size,
-                batch_size=settings.concepts.extract_batch_size, k=settings.concepts.labels_per_token,
-                out_dir=folder, provenance=provenance,
-            )
-        return key
-
-    def _run_trainer(self, settings: ExperimentSettings, out_dir: Path, tracker: MlflowTracker) -> None:
-        """Train this branch: in-process on CPUs or one GPU; under `accelerate launch` over several GPUs."""
-        import subprocess
-
-        import torch
-
-        from cocomix_core.launch import training_command
-        from cocomix_core.models import job_for_branch
-        from cocomix_core.train import train
-        from settings import Branch
-
-        gpus = min(settings.compute.train.gpus, torch.cuda.device_count())
-        cocomix = self.branch["kind"] == "cocomix"
-        if gpus > 1:
-            settings_file = self._scratch("settings") / "settings.yaml"
-            settings_file.write_text(self.settings_yaml)
-            args = ["--settings", str(settings_file), "--arm", self.branch["name"], "--data", str(self._data_dir()),
-                    "--out", str(out_dir), "--mlflow-run-id", tracker.run_id]
-            if cocomix and self.labels_key:
-                args += ["--labels", str(self._storage().materialize(self.labels_key))]
-            elif cocomix:
-                args += ["--teacher", self._teacher_ref(settings, local=True)]
-                args += ["--sae", self._sae_ref(settings, local=True)]
-            environment = os.environ | {"MLFLOW_TRACKING_URI": self.tracking_uri}
-            subprocess.run(training_command(args, gpus=gpus), check=True, env=environment)
-            return
-        labels = self._labels(settings) if cocomix else None
-        job = job_for_branch(settings, Branch(**self.branch))
-        threads = self._threads(settings, "train", len(self.branches))
-        train(job, self._data_dir(), out_dir, tracker=tracker, labels=labels, num_threads=threads)
-
-    def _labels(self, settings: ExperimentSettings) -> Any:
-        """What a CoCoMix branch reads its labels from: the shared cache, or the extractor itself (online)."""
-        from cocomix_core.concepts import LabelCache
-
-        if self.labels_key:
-            return LabelCache(self._storage().materialize(self.labels_key))
-        return self._extractor(settings)
-
-    def _extractor(self, settings: ExperimentSettings) -> Any:
-        from cocomix_core.concepts import ConceptExtractor, load_teacher
-        from cocomix_core.sae import load_sae
-
-        teacher = load_teacher(self._teacher_ref(settings, local=True))
-        return ConceptExtractor(teacher, load_sae(self._sae_ref(settings, local=True)), settings.sae.layer_index)
-
-    def _teacher_ref(self, settings: ExperimentSettings, local: bool = False) -> str:
-        """The teacher's HF name, or its storage URI (`local`: a local folder of its final checkpoint)."""
-        from cocomix_core.checkpoints import final_checkpoint
-
-        if self.teacher_key is None:
-            return settings.teacher.pretrained
-        if local:
-            return str(final_checkpoint(self._storage().materialize(self.teacher_key)))
-        return self._storage().uri(self.teacher_key)
-
-    def _sae_ref(self, settings: ExperimentSettings, local: bool = False) -> str:
-        """The SAE's file or URL, or its storage URI (`local`: a local file)."""
-        if self.sae_key is None:
-            return settings.sae.pretrained
-        if local:
-            return str(self._storage().materialize(self.sae_key) / SAE_FILE)
-        return f"{self._storage().uri(self.sae_key)}/{SAE_FILE}"
-
-    def _threads(self, settings: ExperimentSettings, kind: str, parallel_tasks: int) -> int:
-        from cocomix_core.launch import cpu_threads
-
-        return cpu_threads(parallel_tasks, configured=settings.train.cpu_threads,
-                           reserved=getattr(settings.compute, kind).cpus)
-
-    def _data_dir(self) -> Path:
-        return self._storage().materialize(self.data_key)
-
-    @contextlib.contextmanager
-    def _stored(self, key: str, resumable: bool = False) -> Iterator[Path]:
-        """A local folder holding what storage has at `key` (if anything), published back when the block succeeds.
-
-        `resumable` folders (a trainer's: every checkpoint in them is written atomically) are
-        published even when the block fails, so a retry on another node continues from them.
-        """
-        storage = self._storage()
-        folder = storage.materialize(key) if storage.exists(key) else storage.local_workdir(key)
-        try:
-            yield folder
-        except Exception:
-            if resumable:
-                storage.publish(folder, key)
-            raise
-        storage.publish(folder, key)
-
-    def _scratch(self, name: str) -> Path:
-        """A fresh local folder (under $TMPDIR) for this task's small files."""
-        return Path(tempfile.mkdtemp(prefix=f"cocomix-{name}-"))
 
     # ------------------------------------------------------------------ helpers
     # Small pieces shared by the steps above; all real work happens in cocomix_core.
@@ -469,9 +311,11 @@ class CocomixFlow(FlowSpec):
         return validate_settings(yaml.safe_load(self.settings_yaml))
 
     def _storage(self) -> Storage:
-        from cocomix_core.storage import Storage
-
         return Storage(self.storage_root)
+
+    def _scratch(self, name: str) -> Path:
+        """A fresh local folder (under $TMPDIR) for this task's small files."""
+        return Path(tempfile.mkdtemp(prefix=f"cocomix-{name}-"))
 
     def _datastore_root(self) -> str:
         # Metaflow has no public accessor for the datastore a run writes to; storage sits beside it.
@@ -523,91 +367,13 @@ class CocomixFlow(FlowSpec):
             marker.open("x").close()  # exclusive create: only the first task of the step fails
             raise RuntimeError(f"{FAIL_ONCE_ENV}={current.step_name}: failing this step once, as asked")
 
-    def _data_manifest(self) -> dict[str, Any]:
-        from cocomix_core.data import load_manifest
-
-        return load_manifest(self._storage().materialize(self.data_key))
-
-    def _log_dataset(self, run_id: str, manifest: dict[str, Any]) -> None:
-        from cocomix_core.tracking import log_dataset_input
-
-        log_dataset_input(
-            run_id, name=f"corpus:{manifest['source']}", digest=self.data_digest,
-            source=self._storage().uri(self.data_key), profile={"splits": manifest["splits"]},
-            tracking_uri=self.tracking_uri,
-        )
-
 
 # Artifacts every branch of a foreach carries unchanged; joins take them from any input.
 _SHARED_ARTIFACTS = [
-    "settings_yaml", "settings_digest", "branches", "storage_root", "tracking_uri", "experiment_id", "parent_run_id",
-    "branch_run_ids", "evaluation_run_id", "data_key", "data_digest", "data_summary", "prepare_run_id",
-    "teacher_key", "teacher_run_id", "sae_key", "sae_run_id", "sae_metrics", "labels_key",
+    "settings_yaml", "settings_digest", "branches", "branch_names", "storage_root", "tracking_uri", "experiment_id", "parent_run_id",
+    "branch_run_ids", "evaluation_run_id", "data", "prepare_run_id", "teacher", "teacher_run_id", "sae", "sae_run_id",
+    "labels",
 ]
-
-
-def _publish_checkpoints(out_dir: Path, key: str, storage: Storage) -> list[dict[str, Any]]:
-    """Publish each checkpoint of a run folder at its own key (evaluation fetches one, not the run); list them."""
-    from cocomix_core.checkpoints import checkpoint_info, list_checkpoints
-
-    listing = []
-    for folder in list_checkpoints(out_dir):
-        info = checkpoint_info(folder)
-        checkpoint_key = f"{key}/{folder.relative_to(out_dir).as_posix()}"
-        listing.append({"step": int(info["step"]), "tokens_seen": int(info["tokens_seen"]), "key": checkpoint_key,
-                        "uri": storage.publish(folder, checkpoint_key)})
-    return listing
-
-
-def _train_windows(settings: ExperimentSettings, data_dir: Path) -> Any:
-    """The training windows every branch reads (same seed), so cached labels line up with their samples."""
-    from cocomix_core.data import load_split
-    from cocomix_core.windows import TrainWindows
-
-    return TrainWindows(load_split(data_dir, "train"), settings.data.block_size, settings.data.window_seed)
-
-
-def _fit_sae(
-    settings: ExperimentSettings, teacher: str, data_dir: Path, tracker: MlflowTracker
-) -> tuple[Any, dict[str, Any]]:
-    """Train the SAE with the settings' knobs; progress goes to `tracker` at the SAE's step."""
-    from cocomix_core.concepts import load_teacher
-    from cocomix_core.sae_training import SAETrainConfig, train_sae
-
-    sae = settings.sae
-    batch_tokens = sae.batch_size * settings.data.block_size
-    config = SAETrainConfig(
-        num_latents=sae.num_latents, k=sae.k, steps=sae.steps, batch_tokens=batch_tokens, lr=sae.lr,
-        aux_k=sae.aux_k, aux_coef=sae.aux_coef, dead_steps_threshold=max(1, sae.dead_after_tokens // batch_tokens),
-        teacher_batch_size=sae.batch_size, seed=sae.seed,
-    )
-
-    def log(record: dict[str, Any]) -> None:
-        tracker.log_metrics({f"sae/{name[4:]}": value for name, value in record.items() if name != "sae_step"},
-                            step=int(record["sae_step"]))
-
-    return train_sae(load_teacher(teacher), _train_windows(settings, data_dir), sae.layer_index, config, log_fn=log)
-
-
-def _cache_key(kind: str, *parts: Any) -> str:
-    """A storage key for a cached product: its kind plus a digest of everything it is computed from."""
-    from cocomix_core.fileio import sha256_json
-
-    return f"{kind}/{sha256_json(parts)[:16]}"
-
-
-def _section_params(settings: ExperimentSettings, *sections: str) -> dict[str, str]:
-    from settings import flat_params
-
-    return {key: value for key, value in flat_params(settings).items() if key.split(".", 1)[0] in sections}
-
-
-def _branch_params(settings: ExperimentSettings, branch: dict[str, Any]) -> dict[str, str]:
-    """The branch's own settings (its arm, seed, λ) as params of its MLflow run."""
-    prefix = f"arms.{branch['arm']}."
-    arm = {f"arm.{key.removeprefix(prefix)}": value for key, value in _section_params(settings, "arms").items()
-           if key.startswith(prefix)}
-    return arm | {f"branch.{key}": str(value) for key, value in branch.items()}
 
 
 if __name__ == "__main__":

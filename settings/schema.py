@@ -210,6 +210,24 @@ class SweepSettings(Strict):
     seeds: list[int] = [0]
     lam_concept: list[float] | None = None
 
+    @model_validator(mode="after")
+    def _distinct_branch_names(self) -> "SweepSettings":
+        # Each seed and λ becomes part of a branch's name (its run folder, MLflow run, foreach label).
+        if len(set(self.seeds)) < len(self.seeds):
+            raise ValueError(f"sweep.seeds={self.seeds} repeats a seed: each seed names one branch")
+        suffixes = [_lam_suffix(lam) for lam in self.lam_concept or []]
+        if len(set(suffixes)) < len(suffixes):
+            raise ValueError(
+                f"sweep.lam_concept={self.lam_concept} has values that name the same branch "
+                f"({', '.join(suffixes)}): give values that differ in their first 6 significant digits"
+            )
+        return self
+
+
+def _lam_suffix(lam: float) -> str:
+    """A λ as it appears in a branch name: 0.1 -> "lam0.1" (6 significant digits)."""
+    return f"lam{lam:g}"
+
 
 class EvalSettings(Strict):
     """Checkpoint evaluation: perplexity and lm-eval tasks (SPEC §6)."""
@@ -332,7 +350,11 @@ class Branch(BaseModel):
 
 
 def training_branches(settings: ExperimentSettings) -> list[Branch]:
-    """Expand arms × sweep seeds (× sweep λ for CoCoMix arms) into named branches, in a stable order."""
+    """Expand arms × sweep seeds (× sweep λ for CoCoMix arms) into named branches, in a stable order.
+
+    Names are short (the flow's foreach labels): the arm, then `-s<seed>` when several seeds run and
+    `-lam<λ>` when several λ values do, e.g. `cocomix-s0-lam0.1`; the sweep's validation keeps them distinct.
+    """
     branches = []
     multi_seed = len(settings.sweep.seeds) > 1
     for arm_name, arm in settings.arms.items():
@@ -341,8 +363,8 @@ def training_branches(settings: ExperimentSettings) -> list[Branch]:
             for lam in lams:
                 name = arm_name
                 if multi_seed:
-                    name += f"-seed{seed}"
+                    name += f"-s{seed}"
                 if len(lams) > 1:
-                    name += f"-lam{lam:g}"
+                    name += f"-{_lam_suffix(lam)}"
                 branches.append(Branch(name=name, arm=arm_name, kind=arm.kind, seed=seed, lam_concept=lam))
     return branches

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from cocomix_core.checkpoints import save_checkpoint
-from cocomix_core.concepts import ActivationConceptExtractor, LabelCache
+from cocomix_core.concepts import ActivationConceptExtractor
 from cocomix_core.distill import (
     OnlineTeacher,
     TeacherLogitCache,

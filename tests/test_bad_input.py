@@ -9,7 +9,6 @@ addresses that never answer.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket

@@ -7,8 +7,10 @@ finishes the run. So one ~2-minute run covers the lineage, the retry and the res
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -38,6 +40,8 @@ def flow_env(root: Path, **extra: str) -> dict[str, str]:
         "COCOMIX_CACHE": str(root / "cache"),
         "HF_HUB_OFFLINE": "1",
     }
+    if "PYTHONPATH" in os.environ:  # a checkout put first on the path (a worktree) must stay first in the flow
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     return env | extra
 
 
@@ -191,10 +195,46 @@ def test_the_report_is_logged_on_the_parent_and_shown_in_a_card(smoke: Experimen
     cards = metaflow_query(
         "from metaflow.cards import get_cards\n"
         "task = Flow('CocomixFlow').latest_run['report'].task\n"
-        "print(json.dumps([card.get() for card in get_cards(task)]))",
+        "print(json.dumps([[card.id, card.get()] for card in get_cards(task)]))",
         smoke.env,
     )
-    assert cards and "final" in cards[0].lower() and "data:image/png" in cards[0]
+    ((card_id, html),) = cards
+    assert card_id == "report"
+    # A blank card's HTML carries its components as base64-encoded JSON.
+    (encoded,) = re.findall(r'__MF_DATA__\["[^"]+"\] = "([^"]+)"', html)
+    content = base64.b64decode(encoded).decode()
+    assert "Final checkpoints" in content and "data:image/png" in content
+    # Plots are captioned in words, not with their file names; tables are split to fit the page.
+    assert "cocomix_choice: accuracy by training tokens" in content and "cocomix_choice__acc" not in content
+    table_rows = [line for line in "\n".join(_strings(json.loads(content))).splitlines() if line.startswith("|")]
+    assert table_rows and max(line.count("|") - 1 for line in table_rows) <= 7
+
+
+def _strings(tree: Any) -> list[str]:
+    """Every string inside a JSON tree."""
+    if isinstance(tree, str):
+        return [tree]
+    values = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, list) else []
+    return [text for value in values for text in _strings(value)]
+
+
+@pytest.mark.slow
+def test_foreach_tasks_are_labelled_with_short_branch_and_checkpoint_names(smoke: Experiment):
+    labels = metaflow_query(
+        "run = Flow('CocomixFlow').latest_run\n"
+        "print(json.dumps({step: sorted(task['_foreach_stack'].data[-1].value for task in run[step])"
+        " for step in ('train', 'evaluate')}))",
+        smoke.env,
+    )
+    assert labels == {"train": sorted(ARMS), "evaluate": sorted(["step_000004", "step_000008", "step_000012"] * 2)}
+
+
+@pytest.mark.slow
+def test_each_step_that_works_says_what_it_did(smoke: Experiment):
+    output = smoke.failed.stdout + smoke.failed.stderr
+    for line in ("prepared ", "teacher trained to step 12", "SAE fitted at", "labels of 48 training samples cached",
+                 "ntp: trained to step 12", "cocomix step_000012 (1,536 tokens): val ppl"):
+        assert line in output, line
 
 
 @pytest.mark.slow
@@ -214,6 +254,9 @@ def test_resume_reruns_only_the_failed_steps_and_links_both_runs(smoke: Experime
     tags = smoke.parent.data.tags
     assert tags["metaflow.run_id"] == origin_id
     assert tags["metaflow.resumed_run_id"] == resumed_id and tags["metaflow.origin_run_id"] == origin_id
+    run_tags = metaflow_query(f"print(json.dumps(sorted(Flow('CocomixFlow')['{resumed_id}'].user_tags)))", smoke.env)
+    assert f"origin_run:{origin_id}" in run_tags
+    assert "resumed from run" in smoke.resumed.stdout + smoke.resumed.stderr
 
 
 @pytest.mark.slow

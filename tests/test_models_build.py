@@ -41,11 +41,11 @@ def test_cocomix_model_carries_the_concept_fields():
 def test_jobs_resolve_every_field_from_the_settings():
     settings = load_settings("smoke", ["sweep.seeds=[0,1]"])
     jobs = {b.name: job_for_branch(settings, b) for b in training_branches(settings)}
-    cocomix = jobs["cocomix-seed1"]
+    cocomix = jobs["cocomix-s1"]
     assert (cocomix.kind, cocomix.seed, cocomix.shape) == ("cocomix", 1, settings.arms["cocomix"].model)
     assert (cocomix.concept_dim, cocomix.concept_num, cocomix.insert_layer_index, cocomix.labels_per_token) == (256, 8, 1, 4)
     assert cocomix.lam_concept == 0.1 and cocomix.block_size == 32 and cocomix.settings_digest == settings_digest(settings)
-    ntp = jobs["ntp-seed0"]
+    ntp = jobs["ntp-s0"]
     assert ntp.concept_dim is None and ntp.lam_concept == 0.0
     assert isinstance(ntp.build_model(), GPT2LMHeadModel)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -174,8 +175,10 @@ def test_seeds_aggregate_to_a_t_interval_and_paired_differences():
     half = 4.302653 * 1.0 / 3**0.5
     assert (comparison.reference.value, comparison.reference.lo, comparison.reference.hi) == pytest.approx((31, 31 - half, 31 + half))
     differences = [-2.0, -3.0, -2.5]
-    half_difference = 4.302653 * 0.5 / 3**0.5
-    assert (comparison.difference.lo, comparison.difference.hi) == pytest.approx((-2.5 - half_difference, -2.5 + half_difference))
+    mean_difference = statistics.mean(differences)
+    half_difference = 4.302653 * statistics.stdev(differences) / 3**0.5
+    assert (comparison.difference.lo, comparison.difference.hi) == pytest.approx(
+        (mean_difference - half_difference, mean_difference + half_difference))
     assert comparison.claim == "better"  # 28.5 outside 31 ± 2.48 and 31 outside 28.5 ± 1.24
     rows = verdict_rows(ntp + kd)
     assert [(row["arm"], row["reference"], row["seeds"], row["claim"]) for row in rows] == [("kd", "ntp", 3, "better")]

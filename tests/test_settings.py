@@ -180,7 +180,18 @@ def test_training_branches_expand_seeds_and_lambdas():
     assert [(b.name, b.kind) for b in training_branches(s)] == [("ntp", "ntp"), ("cocomix", "cocomix")]
     swept = load_settings("cpu", ["sweep.seeds=[1,2]", "sweep.lam_concept=[0.05,0.2]"])
     names = [b.name for b in training_branches(swept)]
-    assert len(names) == 2 + 4 and len(set(names)) == 6
+    assert names == ["ntp-s1", "ntp-s2", "cocomix-s1-lam0.05", "cocomix-s1-lam0.2", "cocomix-s2-lam0.05",
+                     "cocomix-s2-lam0.2"]
     lams = {b.lam_concept for b in training_branches(swept) if b.kind == "cocomix"}
     assert lams == {0.05, 0.2}
     assert {b.lam_concept for b in training_branches(swept) if b.kind == "ntp"} == {0.1}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("sweep.seeds=[0,0]", r"sweep.seeds=\[0, 0\] repeats a seed"),
+     ("sweep.lam_concept=[0.1,0.1000001]", r"sweep.lam_concept=\[0.1, 0.1000001\] has values that name the same branch")],
+)
+def test_sweep_values_that_would_name_two_branches_alike_are_refused(override, message):
+    with pytest.raises(SettingsError, match=message):
+        load_settings("cpu", [override])

@@ -1,0 +1,493 @@
+"""The experiment's stages as plain functions of settings and storage: what each flow step does.
+
+    data = prepare_data(settings, storage, tracker)
+    teacher = obtain_teacher(settings, storage, data, tracker)
+    sae = fit_sae(settings, storage, data, teacher, tracker)
+    labels = build_labels(settings, storage, data, teacher, sae)
+    trained = train_branch(settings, storage, branch, run_folder_key(experiment, branch.name), data, teacher, sae,
+                           labels, tracker)
+    metrics = evaluate_checkpoint_job(settings, storage, data, checkpoint, parallel_tasks=1)
+    files = write_report(evaluations, out_dir, tracker)
+
+Each stage caches its product in storage under a key derived from what it is computed from, so
+a rerun reuses it, and returns a small result (keys, URIs, digests, a one-line `note` saying
+what it did or why it did nothing) for the orchestrator to keep. Stages log to the tracker they
+are given; creating runs, lineage tags and parallelism belong to the orchestrator
+(flows/cocomix_flow.py runs these stages as Metaflow steps; tests/test_stages.py runs them in-process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+from cocomix_core.fileio import sha256_json
+from cocomix_core.storage import Storage
+from settings import Branch, ExperimentSettings, dump_yaml, flat_params, training_branches
+
+if TYPE_CHECKING:  # torch, mlflow and lm-eval load inside the stages that need them
+    from cocomix_core.concepts import ConceptExtractor, LabelCache
+    from cocomix_core.report import ReportFiles
+    from cocomix_core.tracking import MlflowTracker
+
+SAE_FILE = "sae.safetensors"
+SAE_METRICS_FILE = "metrics.json"
+SAE_HEALTH = ("fvu", "dead_fraction", "mean_l0")
+TASKS_DIR = "lm_tasks"  # the offline lm-eval tasks, inside the prepared data folder
+
+
+# ----- results ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PreparedData:
+    """Token shards and offline tasks in storage."""
+
+    key: str
+    uri: str
+    digest: str
+    source: str  # the corpus it was prepared from
+    splits: dict[str, dict[str, int]]  # per split: documents and tokens (the manifest's)
+    note: str
+
+    def folder(self, storage: Storage) -> Path:
+        """A local folder holding the prepared data."""
+        return storage.materialize(self.key)
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """The concept teacher: a pretrained HF model (`key` None) or the toy teacher trained into storage."""
+
+    key: str | None
+    ref: str  # the HF name, or the storage URI of the trained run folder
+    note: str
+
+    def local(self, storage: Storage) -> str:
+        """What `load_teacher` reads here: the HF name, or a local folder of the final checkpoint."""
+        from cocomix_core.checkpoints import final_checkpoint
+
+        return self.ref if self.key is None else str(final_checkpoint(storage.materialize(self.key)))
+
+
+@dataclasses.dataclass(frozen=True)
+class SAE:
+    """The sparse autoencoder: a pretrained file or URL (`key` None), or one fitted into storage."""
+
+    key: str | None
+    ref: str  # the file or URL, or the storage URI of the fitted SAE file
+    metrics: dict[str, float]  # fvu, dead_fraction, mean_l0 of a fitted SAE
+    note: str
+
+    def local(self, storage: Storage) -> str:
+        """A local SAE file (or the pretrained reference) for `load_sae`."""
+        return self.ref if self.key is None else str(storage.materialize(self.key) / SAE_FILE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Labels:
+    """The shared label cache (`key` None: CoCoMix branches extract labels online, or no branch needs any)."""
+
+    key: str | None
+    note: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """One published evaluation checkpoint of a branch."""
+
+    name: str  # its folder name, e.g. step_000040
+    step: int
+    tokens_seen: int
+    key: str
+    uri: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedBranch:
+    """A branch's published checkpoints, oldest first."""
+
+    checkpoints: list[Checkpoint]
+    note: str
+
+
+# ----- small pieces ----------------------------------------------------------------------------
+def cache_key(kind: str, *parts: Any) -> str:
+    """A storage key for a cached product: its kind plus a digest of everything it is computed from."""
+    return f"{kind}/{sha256_json(parts)[:16]}"
+
+
+def run_folder_key(experiment_id: str, branch_name: str) -> str:
+    """Where a branch trains: one folder per experiment (a run and its resumes share it) and branch."""
+    return f"runs/{experiment_id}/{branch_name}"
+
+
+def section_params(settings: ExperimentSettings, *sections: str) -> dict[str, str]:
+    """The flat settings of some top-level sections, as MLflow params."""
+    return {key: value for key, value in flat_params(settings).items() if key.split(".", 1)[0] in sections}
+
+
+def branch_params(settings: ExperimentSettings, branch: Branch) -> dict[str, str]:
+    """The branch's own settings (its arm, seed, λ) as params of its MLflow run."""
+    prefix = f"arms.{branch.arm}."
+    arm = {f"arm.{key.removeprefix(prefix)}": value for key, value in section_params(settings, "arms").items()
+           if key.startswith(prefix)}
+    return arm | {f"branch.{key}": str(value) for key, value in branch.model_dump().items()}
+
+
+def threads_for(settings: ExperimentSettings, kind: str, parallel_tasks: int) -> int:
+    """Torch threads for one of `parallel_tasks` tasks of one kind of step sharing this machine."""
+    from cocomix_core.launch import cpu_threads
+
+    return cpu_threads(parallel_tasks, configured=settings.train.cpu_threads,
+                       reserved=getattr(settings.compute, kind).cpus)
+
+
+def train_windows(settings: ExperimentSettings, data_dir: Path) -> Any:
+    """The training windows every branch reads (same seed), so cached labels line up with their samples."""
+    from cocomix_core.data import load_split
+    from cocomix_core.windows import TrainWindows
+
+    return TrainWindows(load_split(data_dir, "train"), settings.data.block_size, settings.data.window_seed)
+
+
+def log_dataset(tracker: MlflowTracker, data: PreparedData) -> None:
+    """Record the prepared corpus as a dataset input of the tracker's run, identified by its digest."""
+    from cocomix_core.tracking import log_dataset_input
+
+    log_dataset_input(
+        tracker.run_id, name=f"corpus:{data.source}", digest=data.digest, source=data.uri,
+        profile={"splits": data.splits}, tracking_uri=tracker.client.tracking_uri,
+    )
+
+
+def concept_extractor(settings: ExperimentSettings, storage: Storage, teacher: Teacher, sae: SAE) -> ConceptExtractor:
+    """The teacher and SAE that label tokens with concepts."""
+    from cocomix_core.concepts import ConceptExtractor, load_teacher
+    from cocomix_core.sae import load_sae
+
+    return ConceptExtractor(load_teacher(teacher.local(storage)), load_sae(sae.local(storage)), settings.sae.layer_index)
+
+
+# ----- stages ----------------------------------------------------------------------------------
+def prepare_data(settings: ExperimentSettings, storage: Storage, tracker: MlflowTracker) -> PreparedData:
+    """Corpus -> token shards + manifest and the offline lm-eval tasks, in storage (reused when already there)."""
+    from cocomix_core import data as corpus, offline_tasks
+
+    key = cache_key("data", settings.data.model_dump(mode="json"), settings.tokenizer.name)
+    reused = storage.exists(key)
+    with storage.stored_folder(key) as folder:
+        manifest = corpus.prepare_corpus(settings.data, folder)
+        offline_tasks.build_offline_tasks(
+            folder, folder / TASKS_DIR, settings.data.offline_task_items, settings.data.split_seed
+        )
+    digest = corpus.data_digest(manifest)
+    split_tokens = {split: counts["tokens"] for split, counts in manifest["splits"].items()}
+    uri = storage.uri(key)
+    tokens = ", ".join(f"{tokens:,} {split}" for split, tokens in split_tokens.items())
+    note = (f"data already prepared at {uri} (digest {digest[:12]}…), reused" if reused
+            else f"prepared {tokens} tokens at {uri} (digest {digest[:12]}…)")
+    result = PreparedData(key=key, uri=uri, digest=digest, source=manifest["source"], splits=manifest["splits"],
+                          note=note)
+    tracker.log_metrics({f"data/{split}_tokens": tokens for split, tokens in split_tokens.items()}, step=0)
+    log_dataset(tracker, result)
+    return result
+
+
+def obtain_teacher(
+    settings: ExperimentSettings, storage: Storage, data: PreparedData, tracker: MlflowTracker
+) -> Teacher:
+    """`teacher.pretrained` as it is, or the small teacher trained on the corpus (cached by data and job digest)."""
+    from cocomix_core.models import teacher_job
+    from cocomix_core.train import train
+
+    if settings.teacher.pretrained:
+        return Teacher(key=None, ref=settings.teacher.pretrained, note=f"teacher: pretrained {settings.teacher.pretrained}")
+    job = teacher_job(settings)
+    key = cache_key("teacher", data.digest, job.digest())
+    log_dataset(tracker, data)
+    with storage.stored_folder(key, resumable=True) as out_dir:
+        result = train(job, data.folder(storage), out_dir, tracker=tracker,
+                       num_threads=threads_for(settings, "concepts", 1))
+    uri = storage.uri(key)
+    tracker.set_tags({"cocomix.storage_uri": uri})
+    if result.resumed_from_step == result.final_step:
+        note = f"teacher already trained at {uri} (step {result.final_step}), reused"
+    else:
+        note = f"teacher trained to step {result.final_step} (val ppl {result.final_val_ppl:.4g}) at {uri}"
+    return Teacher(key=key, ref=uri, note=note)
+
+
+def fit_sae(
+    settings: ExperimentSettings, storage: Storage, data: PreparedData, teacher: Teacher, tracker: MlflowTracker
+) -> SAE:
+    """`sae.pretrained` as it is, or an SAE fitted on the teacher's residual stream (cached by data, teacher, SAE settings).
+
+    Training progress and the final health (fvu, dead fraction, mean L0) go to `tracker` at the SAE's step.
+    """
+    from cocomix_core import sae as sae_io
+    from cocomix_core.fileio import write_json_atomic
+
+    if settings.sae.pretrained:
+        return SAE(key=None, ref=settings.sae.pretrained, metrics={}, note=f"SAE: pretrained {settings.sae.pretrained}")
+    key = cache_key("sae", data.digest, teacher.ref, settings.sae.model_dump(mode="json"))
+    reused = storage.exists(key)
+    with storage.stored_folder(key) as folder:
+        if not (folder / SAE_FILE).is_file():
+            reused = False
+            trained, metrics = _train_sae(settings, teacher.local(storage), data.folder(storage), tracker)
+            write_json_atomic(folder / SAE_METRICS_FILE, metrics)
+            sae_io.save_sae(trained, folder / SAE_FILE)
+        metrics = json.loads((folder / SAE_METRICS_FILE).read_text())
+    health = {name: float(metrics[name]) for name in SAE_HEALTH}
+    tracker.log_metrics({f"sae/{name}": value for name, value in health.items()}, step=settings.sae.steps)
+    uri = storage.uri(key)
+    tracker.set_tags({"cocomix.storage_uri": uri})
+    described = ", ".join(f"{name} {value:.3g}" for name, value in health.items())
+    note = f"SAE already fitted at {uri} ({described}), reused" if reused else f"SAE fitted at {uri}: {described}"
+    return SAE(key=key, ref=f"{uri}/{SAE_FILE}", metrics=health, note=note)
+
+
+def _train_sae(settings: ExperimentSettings, teacher: str, data_dir: Path, tracker: MlflowTracker) -> tuple[Any, dict]:
+    """Train the SAE with the settings' knobs; progress goes to `tracker` at the SAE's step."""
+    from cocomix_core.concepts import load_teacher
+    from cocomix_core.sae_training import SAETrainConfig, train_sae
+
+    sae = settings.sae
+    batch_tokens = sae.batch_size * settings.data.block_size
+    config = SAETrainConfig(
+        num_latents=sae.num_latents, k=sae.k, steps=sae.steps, batch_tokens=batch_tokens, lr=sae.lr,
+        aux_k=sae.aux_k, aux_coef=sae.aux_coef, dead_steps_threshold=max(1, sae.dead_after_tokens // batch_tokens),
+        teacher_batch_size=sae.batch_size, seed=sae.seed,
+    )
+
+    def log(record: dict[str, Any]) -> None:
+        tracker.log_metrics({f"sae/{name[4:]}": value for name, value in record.items() if name != "sae_step"},
+                            step=int(record["sae_step"]))
+
+    return train_sae(load_teacher(teacher), train_windows(settings, data_dir), sae.layer_index, config, log_fn=log)
+
+
+def build_labels(
+    settings: ExperimentSettings, storage: Storage, data: PreparedData, teacher: Teacher, sae: SAE
+) -> Labels:
+    """One teacher pass over every training sample the branches will read, shared by all CoCoMix branches.
+
+    Nothing is built when no branch is CoCoMix, or when `concepts.label_source` is "online".
+    """
+    from cocomix_core.concepts import build_label_cache
+
+    if not any(branch.kind == "cocomix" for branch in training_branches(settings)):
+        return Labels(key=None, note="labels: none needed (no CoCoMix branch)")
+    if settings.concepts.label_source != "cache":
+        return Labels(key=None, note=f"labels: extracted online by each branch (concepts.label_source="
+                                     f"{settings.concepts.label_source})")
+    provenance = {"data": data.digest, "teacher": teacher.ref, "sae": sae.ref, "layer_index": settings.sae.layer_index}
+    key = cache_key("labels", provenance, settings.concepts.model_dump(mode="json"), settings.train.steps,
+                    settings.train.batch_size)
+    reused = storage.exists(key)
+    samples = settings.train.steps * settings.train.batch_size
+    with storage.stored_folder(key) as folder:
+        build_label_cache(
+            concept_extractor(settings, storage, teacher, sae), train_windows(settings, data.folder(storage)),
+            num_samples=samples, batch_size=settings.concepts.extract_batch_size,
+            k=settings.concepts.labels_per_token, out_dir=folder, provenance=provenance,
+        )
+    uri = storage.uri(key)
+    note = (f"labels already cached at {uri}, reused" if reused
+            else f"labels of {samples:,} training samples cached at {uri}")
+    return Labels(key=key, note=note)
+
+
+def train_branch(
+    settings: ExperimentSettings,
+    storage: Storage,
+    branch: Branch,
+    folder_key: str,
+    data: PreparedData,
+    teacher: Teacher,
+    sae: SAE,
+    labels: Labels,
+    tracker: MlflowTracker,
+) -> TrainedBranch:
+    """Train one branch into `folder_key`, continuing from its last checkpoint; publish and list its checkpoints.
+
+    In-process on CPUs or one GPU; under `accelerate launch` over several GPUs. Metrics go to
+    `tracker`, and its run lists the checkpoints (`checkpoints.json`).
+    """
+    from cocomix_core.tracking import log_checkpoints
+
+    tracker.log_params(section_params(settings, "train") | branch_params(settings, branch))
+    log_dataset(tracker, data)
+    with storage.stored_folder(folder_key, resumable=True) as out_dir:
+        done = _run_trainer(settings, storage, branch, data, teacher, sae, labels, out_dir, tracker)
+        checkpoints = publish_checkpoints(out_dir, folder_key, storage)
+    log_checkpoints(tracker, [dataclasses.asdict(checkpoint) for checkpoint in checkpoints],
+                    tempfile.mkdtemp(prefix="cocomix-checkpoints-"))
+    return TrainedBranch(checkpoints, f"{branch.name}: {done}; {len(checkpoints)} checkpoints at {storage.uri(folder_key)}")
+
+
+def _run_trainer(
+    settings: ExperimentSettings, storage: Storage, branch: Branch, data: PreparedData, teacher: Teacher, sae: SAE,
+    labels: Labels, out_dir: Path, tracker: MlflowTracker,
+) -> str:
+    """Train in this process or under `accelerate launch`; says what was done."""
+    import torch
+
+    from cocomix_core.launch import training_command
+    from cocomix_core.models import job_for_branch
+    from cocomix_core.train import train
+
+    gpus = min(settings.compute.train.gpus, torch.cuda.device_count())
+    cocomix = branch.kind == "cocomix"
+    if gpus > 1:
+        settings_file = Path(tempfile.mkdtemp(prefix="cocomix-settings-")) / "settings.yaml"
+        settings_file.write_text(dump_yaml(settings))
+        args = ["--settings", str(settings_file), "--arm", branch.name, "--data", str(data.folder(storage)),
+                "--out", str(out_dir), "--mlflow-run-id", tracker.run_id]
+        if cocomix and labels.key:
+            args += ["--labels", str(storage.materialize(labels.key))]
+        elif cocomix:
+            args += ["--teacher", teacher.local(storage), "--sae", sae.local(storage)]
+        environment = os.environ | {"MLFLOW_TRACKING_URI": tracker.client.tracking_uri}
+        subprocess.run(training_command(args, gpus=gpus), check=True, env=environment)
+        return f"trained on {gpus} GPUs to step {settings.train.steps}"
+    label_source = None
+    if cocomix:
+        label_source = _label_source(settings, storage, teacher, sae, labels)
+    threads = threads_for(settings, "train", len(training_branches(settings)))
+    result = train(job_for_branch(settings, branch), data.folder(storage), out_dir, tracker=tracker,
+                   labels=label_source, num_threads=threads)
+    if result.resumed_from_step == result.final_step:
+        return f"already trained to step {result.final_step}, nothing to do"
+    resumed = f" (continued from step {result.resumed_from_step})" if result.resumed_from_step is not None else ""
+    return f"trained to step {result.final_step}{resumed}, val ppl {result.final_val_ppl:.4g}"
+
+
+def _label_source(
+    settings: ExperimentSettings, storage: Storage, teacher: Teacher, sae: SAE, labels: Labels
+) -> LabelCache | ConceptExtractor:
+    """What a CoCoMix branch reads its labels from: the shared cache, or the extractor itself (online)."""
+    from cocomix_core.concepts import LabelCache
+
+    if labels.key:
+        return LabelCache(storage.materialize(labels.key))
+    return concept_extractor(settings, storage, teacher, sae)
+
+
+def publish_checkpoints(out_dir: Path, key: str, storage: Storage) -> list[Checkpoint]:
+    """Publish each checkpoint of a run folder at its own key (evaluation fetches one, not the run); list them."""
+    from cocomix_core.checkpoints import checkpoint_info, list_checkpoints
+
+    listing = []
+    for folder in list_checkpoints(out_dir):
+        info = checkpoint_info(folder)
+        checkpoint_key = f"{key}/{folder.relative_to(out_dir).as_posix()}"
+        listing.append(Checkpoint(name=folder.name, step=int(info["step"]), tokens_seen=int(info["tokens_seen"]),
+                                  key=checkpoint_key, uri=storage.publish(folder, checkpoint_key)))
+    return listing
+
+
+def evaluate_checkpoint_job(
+    settings: ExperimentSettings, storage: Storage, data: PreparedData, checkpoint: Checkpoint, parallel_tasks: int
+) -> dict[str, float]:
+    """Validation perplexity and the lm-eval tasks of one checkpoint, as tracker metrics (`eval/...`).
+
+    `parallel_tasks` evaluations share this machine's cores.
+    """
+    from cocomix_core import evaluate
+    from cocomix_core.train import set_threads
+
+    set_threads(threads_for(settings, "evaluate", parallel_tasks))
+    data_dir = data.folder(storage)
+    results = evaluate.evaluate_checkpoint(
+        storage.materialize(checkpoint.key), data_dir, data_dir / TASKS_DIR, settings.eval, settings.data.block_size
+    )
+    return evaluate.tracker_metrics(results)
+
+
+def log_evaluation(
+    metrics: dict[str, float], checkpoint: Checkpoint, branch_name: str, branch_tracker: MlflowTracker,
+    evaluation_tracker: MlflowTracker,
+) -> None:
+    """Log a checkpoint's metrics at its step: in the branch's run (MLflow's compare view charts the arms on one
+    axis) and, prefixed by the branch, in the evaluation run that groups them all."""
+    branch_tracker.log_metrics(metrics, step=checkpoint.step)
+    evaluation_tracker.log_metrics({f"{branch_name}/{name}": value for name, value in metrics.items()},
+                                   step=checkpoint.step)
+    branch_tracker.flush()
+    evaluation_tracker.flush()
+
+
+def write_report(
+    evaluations: Iterable[tuple[Branch, Checkpoint, dict[str, float]]], out_dir: Path, tracker: MlflowTracker
+) -> ReportFiles:
+    """Curves per training token, tokens-to-match, tables and plots into `out_dir`, logged under `report/`."""
+    from cocomix_core import report
+
+    jobs = ((dict(branch=branch.model_dump(), step=checkpoint.step, tokens_seen=checkpoint.tokens_seen), metrics)
+            for branch, checkpoint, metrics in evaluations)
+    written = report.write_report(report.curves_from_results(jobs), out_dir)
+    tracker.log_artifact(out_dir, "report")
+    tracker.log_metrics({f"report/{name}": value for name, value in written.summary.items()}, step=0)
+    tracker.flush()
+    return written
+
+
+# ----- presenting the report in narrow pages (a Metaflow card) ---------------------------------
+def split_wide_tables(markdown: str, max_columns: int) -> str:
+    """Markdown with every table wider than `max_columns` split into tables of at most that many columns,
+    each repeating the first (row label) column."""
+    lines, output, index = markdown.split("\n"), [], 0
+    while index < len(lines):
+        if not _is_table_row(lines[index]):
+            output.append(lines[index])
+            index += 1
+            continue
+        table = []
+        while index < len(lines) and _is_table_row(lines[index]):
+            table.append(_cells(lines[index]))
+            index += 1
+        output.append(_split_table(table, max_columns))
+    return "\n".join(output)
+
+
+def _is_table_row(line: str) -> bool:
+    return line.startswith("|") and line.rstrip().endswith("|")
+
+
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def _split_table(rows: list[list[str]], max_columns: int) -> str:
+    """`rows` (header, separator, body) as one or more tables, the first column repeated in each."""
+    header, _, *body = rows
+    rest = list(range(1, len(header)))
+    width = max(1, max_columns - 1)
+    groups = [rest[start:start + width] for start in range(0, len(rest), width)] or [[]]
+    tables = []
+    for group in groups:
+        columns = [0, *group]
+        lines = ["| " + " | ".join(header[column] for column in columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(row[column] if column < len(row) else "" for column in columns) + " |"
+                  for row in body]
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
+
+
+_METRIC_WORDS = {"val_ppl": "validation perplexity", "acc": "accuracy", "acc_norm": "length-normalised accuracy",
+                 "ppl": "perplexity", "word_perplexity": "word perplexity", "bits_per_byte": "bits per byte",
+                 "training_val_ppl": "validation perplexity during training"}
+
+
+def plot_caption(plot: Path) -> str:
+    """A caption for a report plot named after its metric (`cocomix_choice__acc.png` -> "cocomix_choice:
+    accuracy by training tokens")."""
+    *task, metric = plot.stem.split("__")
+    words = _METRIC_WORDS.get(metric, re.sub(r"[_]+", " ", metric))
+    return f"{task[0]}: {words} by training tokens" if task else f"{words.capitalize()} by training tokens"

@@ -1,0 +1,200 @@
+"""The flow's stages without Metaflow: the whole smoke experiment in-process, against a real MLflow store.
+
+prepare -> teacher -> SAE -> labels -> an NTP and a CoCoMix branch -> one checkpoint each evaluated
+-> report, with every product in a local storage root and every metric in a SQLite MLflow store.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cocomix_core import stages, tracking
+from cocomix_core.storage import Storage
+from settings import Branch, ExperimentSettings, load_settings, training_branches
+
+STEPS, BATCH, BLOCK = 4, 4, 32  # the smoke preset's batch and block, trained for 4 steps
+OVERRIDES = [
+    f"train.steps={STEPS}", "train.checkpoint_every=4", "train.eval_every=4",
+    "teacher.train.steps=4", "teacher.train.checkpoint_every=4", "teacher.train.eval_every=4",
+    "sae.steps=6", "eval.tasks=[cocomix_choice]", "eval.limit=4",
+]
+
+
+@dataclass
+class Experiment:
+    settings: ExperimentSettings
+    storage: Storage
+    client: MlflowClient
+    experiment_id: str
+    tracking_uri: str
+    data: stages.PreparedData
+    data_again: stages.PreparedData
+    teacher: stages.Teacher
+    sae: stages.SAE
+    labels: stages.Labels
+    run_ids: dict[str, str]  # MLflow run per piece of work
+    checkpoints: dict[str, list[stages.Checkpoint]]  # per branch
+    first_notes: dict[str, str]  # per branch: what its first training said it did
+    trained_again: stages.TrainedBranch  # the NTP branch trained a second time into the same folder
+    metrics: dict[str, dict[str, float]]  # per branch: its one checkpoint's evaluation
+    report: object
+    report_dir: Path
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory: pytest.TempPathFactory) -> Experiment:
+    root = tmp_path_factory.mktemp("stages")
+    settings = load_settings("smoke", OVERRIDES)
+    storage = Storage(str(root / "artifacts"))
+    uri = f"sqlite:///{root / 'mlruns.db'}"
+    experiment_id = tracking.ensure_experiment("stages", uri)
+    parent = tracking.create_run(experiment_id, "parent", tracking_uri=uri)
+    run_ids = {"parent": parent}
+
+    def child(name: str):
+        return tracking.tracked_run(experiment_id, name, parent_run_id=parent, tags={}, tracking_uri=uri)
+
+    with child("prepare") as tracker:
+        data = stages.prepare_data(settings, storage, tracker)
+        run_ids["prepare"] = tracker.run_id
+    with child("prepare-again") as tracker:
+        data_again = stages.prepare_data(settings, storage, tracker)
+    with child("teacher") as tracker:
+        teacher = stages.obtain_teacher(settings, storage, data, tracker)
+        run_ids["teacher"] = tracker.run_id
+    with child("sae") as tracker:
+        sae = stages.fit_sae(settings, storage, data, teacher, tracker)
+        run_ids["sae"] = tracker.run_id
+    labels = stages.build_labels(settings, storage, data, teacher, sae)
+
+    checkpoints, first_notes, metrics, evaluations = {}, {}, {}, []
+    with child("evaluation") as evaluation_tracker:
+        for branch in training_branches(settings):
+            with child(f"train/{branch.name}") as tracker:
+                run_ids[branch.name] = tracker.run_id
+                trained = stages.train_branch(
+                    settings, storage, branch, stages.run_folder_key("local", branch.name), data, teacher, sae,
+                    labels, tracker,
+                )
+                checkpoints[branch.name], first_notes[branch.name] = trained.checkpoints, trained.note
+                last = checkpoints[branch.name][-1]
+                metrics[branch.name] = stages.evaluate_checkpoint_job(settings, storage, data, last, parallel_tasks=1)
+                stages.log_evaluation(metrics[branch.name], last, branch.name, tracker, evaluation_tracker)
+                evaluations.append((branch, last, metrics[branch.name]))
+        run_ids["evaluation"] = evaluation_tracker.run_id
+    with child("train/ntp again") as tracker:  # as a resumed flow does after the branch finished
+        trained_again = stages.train_branch(settings, storage, branch_named(settings, "ntp"),
+                                            stages.run_folder_key("local", "ntp"), data, teacher, sae, labels, tracker)
+    report_dir = root / "report"
+    with tracking.active_run(parent, uri) as tracker:
+        report = stages.write_report(evaluations, report_dir, tracker)
+    return Experiment(settings, storage, MlflowClient(uri), experiment_id, uri, data, data_again, teacher, sae, labels,
+                      run_ids, checkpoints, first_notes, trained_again, metrics, report, report_dir)
+
+
+def branch_named(settings: ExperimentSettings, name: str) -> Branch:
+    (branch,) = [branch for branch in training_branches(settings) if branch.name == name]
+    return branch
+
+
+def test_prepared_data_counts_the_tokens_in_its_shards_and_is_reused_by_a_second_call(experiment: Experiment):
+    folder = experiment.data.folder(experiment.storage)
+    for split in ("train", "val"):
+        tokens = (folder / f"{split}.bin").stat().st_size // 2  # uint16 token ids
+        assert experiment.data.splits[split]["tokens"] == tokens > 0
+    assert (folder / stages.TASKS_DIR / "cocomix_choice.yaml").is_file()
+    assert "prepared" in experiment.data.note and "reused" not in experiment.data.note
+    assert experiment.data_again.note.startswith(f"data already prepared at {experiment.data.uri}")
+    assert experiment.data_again.digest == experiment.data.digest
+    run = experiment.client.get_run(experiment.run_ids["prepare"])
+    assert run.data.metrics["data/train_tokens"] == experiment.data.splits["train"]["tokens"]
+    assert [item.dataset.digest for item in run.inputs.dataset_inputs] == [experiment.data.digest[:36]]
+
+
+def test_the_teacher_and_sae_are_trained_into_storage_and_their_health_is_tracked(experiment: Experiment):
+    from cocomix_core.checkpoints import checkpoint_info
+
+    teacher_checkpoint = Path(experiment.teacher.local(experiment.storage))
+    assert checkpoint_info(teacher_checkpoint)["step"] == 4
+    assert experiment.teacher.ref == experiment.storage.uri(experiment.teacher.key)
+    assert Path(experiment.sae.local(experiment.storage)).is_file()
+    sae_run = experiment.client.get_run(experiment.run_ids["sae"])
+    for name in stages.SAE_HEALTH:
+        assert sae_run.data.metrics[f"sae/{name}"] == pytest.approx(experiment.sae.metrics[name])
+    assert 0 <= experiment.sae.metrics["dead_fraction"] <= 1
+    assert experiment.client.get_metric_history(experiment.run_ids["teacher"], "train/loss")
+
+
+def test_labels_cover_every_training_sample_the_branches_read(experiment: Experiment):
+    from cocomix_core.concepts import LABELS_FILE
+
+    folder = experiment.storage.materialize(experiment.labels.key)
+    k = experiment.settings.concepts.labels_per_token
+    labels = np.fromfile(folder / LABELS_FILE, dtype=np.uint16)
+    assert labels.size == STEPS * BATCH * BLOCK * k
+    assert labels.max() < experiment.settings.sae.num_latents
+
+
+def test_each_branch_trains_to_its_checkpoint_and_its_evaluation_is_in_mlflow(experiment: Experiment):
+    assert set(experiment.checkpoints) == {"ntp", "cocomix"}
+    for name, checkpoints in experiment.checkpoints.items():
+        assert [(c.name, c.step, c.tokens_seen) for c in checkpoints] == [("step_000004", 4, STEPS * BATCH * BLOCK)]
+        assert Path(checkpoints[0].uri, "config.json").is_file()
+        val_ppl = experiment.metrics[name]["eval/val_ppl"]
+        assert 1 < val_ppl < 50257 * 2 and math.isfinite(val_ppl)  # an untrained GPT-2 vocabulary model: ~vocab size
+        history = experiment.client.get_metric_history(experiment.run_ids[name], "eval/val_ppl")
+        assert [(point.step, point.value) for point in history] == [(4, pytest.approx(val_ppl))]
+        grouped = experiment.client.get_metric_history(experiment.run_ids["evaluation"], f"{name}/eval/val_ppl")
+        assert [point.step for point in grouped] == [4]
+        listed = json.loads(Path(experiment.client.download_artifacts(experiment.run_ids[name], "checkpoints.json"))
+                            .read_text())
+        assert [entry["step"] for entry in listed] == [4]
+        params = experiment.client.get_run(experiment.run_ids[name]).data.params
+        assert params["branch.name"] == name and params["train.steps"] == str(STEPS)
+
+
+def test_training_a_finished_branch_again_does_nothing_and_says_so(experiment: Experiment):
+    assert experiment.trained_again.checkpoints == experiment.checkpoints["ntp"]
+    assert experiment.trained_again.note.startswith("ntp: already trained to step 4, nothing to do")
+    assert experiment.first_notes["ntp"].startswith("ntp: trained to step 4, val ppl")
+
+
+def test_the_report_compares_both_branches_and_is_logged_on_the_parent(experiment: Experiment):
+    content = json.loads((experiment.report_dir / "report.json").read_text())
+    rows = {row["branch"]: row for row in content["table"]}
+    assert set(rows) == {"ntp", "cocomix"}
+    for name, row in rows.items():
+        assert row["final_val_ppl"] == pytest.approx(experiment.metrics[name]["eval/val_ppl"])
+        assert row["final_tokens"] == STEPS * BATCH * BLOCK
+    assert (experiment.report_dir / "report.md").read_text().strip()
+    assert list((experiment.report_dir / "plots").glob("*.png"))
+    parent = experiment.client.get_run(experiment.run_ids["parent"])
+    assert parent.data.metrics["report/ntp/final_val_ppl"] == pytest.approx(experiment.metrics["ntp"]["eval/val_ppl"])
+    logged = {item.path for item in experiment.client.list_artifacts(experiment.run_ids["parent"], "report")}
+    assert "report/report.json" in logged
+
+
+def test_wide_tables_are_split_with_the_row_label_repeated():
+    header = "| branch | " + " | ".join(f"c{index}" for index in range(7)) + " |"
+    markdown = "\n".join(["# Title", "", header, "|" + "---|" * 8, "| ntp | " + " | ".join("1234567") + " |", ""])
+    split = stages.split_wide_tables(markdown, max_columns=4)
+    tables = [block for block in split.split("\n\n") if block.startswith("|")]
+    assert [block.splitlines()[0] for block in tables] == [
+        "| branch | c0 | c1 | c2 |", "| branch | c3 | c4 | c5 |", "| branch | c6 |"]
+    assert [block.splitlines()[2] for block in tables] == ["| ntp | 1 | 2 | 3 |", "| ntp | 4 | 5 | 6 |", "| ntp | 7 |"]
+    assert split.startswith("# Title\n")
+
+
+@pytest.mark.parametrize(("file_name", "caption"), [
+    ("cocomix_choice__acc_norm.png", "cocomix_choice: length-normalised accuracy by training tokens"),
+    ("val_ppl.png", "Validation perplexity by training tokens"),
+])
+def test_plot_captions_are_words(file_name: str, caption: str):
+    assert stages.plot_caption(Path(file_name)) == caption
