@@ -77,15 +77,18 @@ def remove_partial_leftovers(out_dir: str | Path) -> None:
 
 
 # ----- evaluation checkpoints ----------------------------------------------------------------
-def save_checkpoint(model: PreTrainedModel, out_dir: str | Path, metadata: dict[str, Any]) -> Path:
+def save_checkpoint(model: PreTrainedModel, out_dir: str | Path, metadata: dict[str, Any],
+                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write out_dir/checkpoints/step_{step:06d}/ (model, tokenizer, checkpoint.json) atomically.
 
     `metadata` must hold "step"; it becomes checkpoint.json, with the sha256 of every other
-    file under "files_sha256" (what `verify_checkpoint` checks).
+    file under "files_sha256" (what `verify_checkpoint` checks). `state_dict` replaces the
+    model's own weights (a sharded model's gathered full state).
     """
     final = checkpoint_dir(out_dir, metadata["step"])
     with atomic_path(final) as temp:
-        model.save_pretrained(temp)
+        # a copy: save_pretrained empties the dict it is given
+        model.save_pretrained(temp, state_dict=None if state_dict is None else dict(state_dict))
         save_hf_tokenizer(temp)
         digests = {path.name: sha256_file(path) for path in sorted(temp.iterdir()) if path.is_file()}
         meta = {**metadata, "files_sha256": digests}

@@ -144,7 +144,10 @@ def fsdp_arguments(resources: TrainResources) -> list[str]:
     """accelerate launch options for FSDP: the settings' sharding, one FSDP unit per transformer block.
 
     The full (unsharded) state dict is what checkpoints hold, so a checkpoint loads anywhere;
-    use_orig_params keeps the parameters' names and shapes for the optimizer and the gradient norm.
+    use_orig_params keeps the parameters' names for the optimizer and the gradient norm.
+    No sync_module_states nor cpu_ram_efficient_loading (rank 0 loads, the others receive):
+    every process builds the same seeded model or loads the same trainer state, so there is
+    nothing to broadcast, and accelerate refuses sync_module_states on CPU-only nodes.
     """
     return [
         "--use_fsdp",
@@ -154,7 +157,8 @@ def fsdp_arguments(resources: TrainResources) -> list[str]:
         "--fsdp_transformer_layer_cls_to_wrap", FSDP_WRAPPED_BLOCK,
         "--fsdp_state_dict_type", "FULL_STATE_DICT",
         "--fsdp_use_orig_params", "true",
-        "--fsdp_sync_module_states", "true",
+        "--fsdp_sync_module_states", "false",
+        "--fsdp_cpu_ram_efficient_loading", "false",
         "--fsdp_offload_params", "false",
         "--fsdp_backward_prefetch", "BACKWARD_PRE",
     ]

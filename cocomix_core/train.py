@@ -1,6 +1,7 @@
 """Training loop for the concept teacher, the NTP baseline and the CoCoMix student; resumable bit for bit.
 
     python -m cocomix_core.train --settings cpu --arm cocomix --data DATA --out OUT --labels LABELS
+    python -m cocomix_core.train --settings cpu_study --arm kd-seed0 --data DATA --out OUT --teacher-logits CACHE
     torchrun --standalone --nproc_per_node 2 -m cocomix_core.train ...    (DDP; gloo on CPUs)
     accelerate launch -m cocomix_core.train ...
 
@@ -30,7 +31,7 @@ Metrics (main process only; `step` = optimizer steps done):
         val/loss            mean next-token loss over train.eval_windows unshifted validation windows
         val/ppl             exp(val/loss)  (SPEC §6)
     params: job, kind, n_params, flops_per_token
-    tags:   mfu_peak_flops, mfu_peak_source, world_size, resumed_from_step
+    tags:   mfu_peak_flops, mfu_peak_source, world_size, resumed_from_step, strategy (ddp or fsdp)
 Only tokens_per_s and mfu depend on wall time; a resumed run logs every other value identically.
 Each (metric, step) point is logged once: metrics are flushed before the checkpoint of their
 step is saved, and a resumed or retried run skips the points its tracker already holds (those
@@ -216,19 +217,28 @@ def _thread_count(num_threads: int | None, train: TrainSettings) -> int:
     return num_threads or train.cpu_threads or max(1, (os.cpu_count() or 1) // processes_on_this_node)
 
 
-def build_optimizer(model: torch.nn.Module, train: TrainSettings, device: torch.device) -> torch.optim.AdamW:
+def unwrapped_name(name: str) -> str:
+    """A parameter's name in the unwrapped model, without the module prefixes FSDP inserts."""
+    return name.replace("_fsdp_wrapped_module.", "")
+
+
+def build_optimizer(model: torch.nn.Module, train: TrainSettings, device: torch.device,
+                    dims: dict[str, int] | None = None) -> torch.optim.AdamW:
     """AdamW; with decay_all_params every parameter decays (the paper's code), else only matrices.
 
     Without decay_all_params, 1-D parameters (biases, LayerNorm gains, pre_bias) do not decay,
     as in nanoGPT; embeddings are matrices and do decay (the LM head is tied to them).
+    `dims` (parameter name in the unwrapped model -> ndim) gives the shapes FSDP's flat 1-D shards hide.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(unwrapped_name(name), p) for name, p in model.named_parameters() if p.requires_grad]
+    dims = dims or {name: p.dim() for name, p in named}
+    params = [p for _, p in named]
     if train.decay_all_params:
         groups = [{"params": params, "weight_decay": train.weight_decay}]
     else:
         groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": train.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            {"params": [p for name, p in named if dims[name] >= 2], "weight_decay": train.weight_decay},
+            {"params": [p for name, p in named if dims[name] < 2], "weight_decay": 0.0},
         ]
     return torch.optim.AdamW(
         groups, lr=lr_at(0, train), betas=train.betas, eps=train.adam_eps, fused=device.type == "cuda"
@@ -284,6 +294,107 @@ def _check_label_source(source: LabelSource, job: TrainJob) -> None:
     needed = job.train.steps * job.train.batch_size
     if source.num_samples < needed:
         raise ValueError(f"label cache holds {source.num_samples} samples; this run consumes {needed}")
+
+
+# ----- sharded training (FSDP) ---------------------------------------------------------------
+# `accelerate launch --use_fsdp` puts its FSDP options in the environment, but accelerate applies
+# them only on GPUs (on CPUs it falls back to DDP). So the trainer wraps the model itself, with
+# accelerate's plugin read from that environment: the same code shards over gloo on CPUs and NCCL
+# on GPUs. Checkpoints and trainer states hold the full, unsharded state in the DDP path's format.
+def fsdp_requested() -> bool:
+    """Whether this process was launched with accelerate's FSDP options (`training_command`, strategy=fsdp)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`model` wrapped in FSDP (FSDP1) with the launcher's options: one FSDP unit per transformer block, plus the root."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables accelerate launch set
+    if plugin.fsdp_version != 1:
+        raise ValueError(f"the trainer shards with FSDP1; the launcher asked for fsdp_version={plugin.fsdp_version}")
+    plugin.set_auto_wrap_policy(model)
+    if device.type == "cpu":  # FSDP's CPU handle names its device "cpu" and refuses accelerate's "cpu:0"
+        device = torch.device("cpu")
+    return FSDP(
+        model, sharding_strategy=plugin.sharding_strategy, cpu_offload=plugin.cpu_offload,
+        auto_wrap_policy=plugin.auto_wrap_policy, mixed_precision=plugin.mixed_precision_policy,
+        sync_module_states=plugin.sync_module_states, backward_prefetch=plugin.backward_prefetch,
+        forward_prefetch=plugin.forward_prefetch, use_orig_params=plugin.use_orig_params,
+        limit_all_gathers=plugin.limit_all_gathers, device_id=device,
+    )
+
+
+@contextlib.contextmanager
+def _full_state_dicts(sharded: torch.nn.Module, rank0_only: bool):
+    """Inside: state_dict / optim_state_dict of `sharded` are full (unsharded) ones, on the CPU."""
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    offload = sharded.compute_device.type != "cpu"  # on CPUs, offloading crashes the gather (torch 2.13)
+    with FSDP.state_dict_type(sharded, StateDictType.FULL_STATE_DICT,
+                              FullStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
+                              FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only)):
+        yield
+
+
+def _optimizer_parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Unwrapped names of the optimizer's parameters in its order (the order a plain state_dict numbers them in)."""
+    names = {id(p): unwrapped_name(name) for name, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def tied_parameters(model: torch.nn.Module) -> dict[str, str]:
+    """{name: name of the parameter it is tied to} (GPT-2's lm_head.weight -> transformer.wte.weight)."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            tied[name] = first[id(parameter)]
+        first.setdefault(id(parameter), name)
+    return tied
+
+
+def full_training_state(sharded: torch.nn.Module, optimizer: torch.optim.Optimizer, tied: dict[str, str]
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(model state dict, optimizer state dict), unsharded, as the unwrapped model and a plain optimizer give them.
+
+    Collective: every process must call it; rank 0 gets the states, the others empty dicts.
+    `tied` (from `tied_parameters` of the unwrapped model) makes tied entries one tensor again,
+    so that save_pretrained stores them once. The optimizer state is numbered by position like
+    `Optimizer.state_dict()`, not by FSDP's names.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with _full_state_dicts(sharded, rank0_only=True):
+        model_state = sharded.state_dict()
+        named_state = FSDP.optim_state_dict(sharded, optimizer)
+    if not named_state:
+        return model_state, {}
+    for name, source in tied.items():
+        model_state[name] = model_state[source]
+    position = {name: index for index, name in enumerate(_optimizer_parameter_names(sharded, optimizer))}
+    return model_state, {
+        "state": {position[name]: named_state["state"][name] for name in position if name in named_state["state"]},
+        "param_groups": [{**group, "params": [position[name] for name in group["params"]]}
+                         for group in named_state["param_groups"]],
+    }
+
+
+def load_sharded_optimizer_state(sharded: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                                 state: dict[str, Any]) -> None:
+    """Load a full optimizer state (numbered as `full_training_state` writes it) into the sharded optimizer."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    names = _optimizer_parameter_names(sharded, optimizer)
+    named_state = {
+        "state": {names[index]: value for index, value in state["state"].items()},
+        "param_groups": [{**group, "params": [names[index] for index in group["params"]]}
+                         for group in state["param_groups"]],
+    }
+    with _full_state_dicts(sharded, rank0_only=False):  # every process read the trainer state itself
+        optimizer.load_state_dict(FSDP.optim_state_dict_to_load(sharded, optimizer, named_state))
 
 
 # ----- the loop ------------------------------------------------------------------------------
@@ -343,15 +454,18 @@ def accumulate_gradients(train_model: torch.nn.Module, job: TrainJob, step: int,
 
 
 def _fresh_or_resumed(job: TrainJob, out_dir: Path, device: torch.device
-                      ) -> tuple[PreTrainedModel, torch.optim.AdamW, int, float]:
-    """(model, optimizer, steps done, last val loss): from out_dir's latest trainer state, else freshly seeded."""
+                      ) -> tuple[PreTrainedModel, dict[str, Any] | None, int, float]:
+    """(model, optimizer state or None, steps done, last val loss): from out_dir's latest trainer state, else freshly seeded.
+
+    The optimizer is built later, on the parameters of the distributed (DDP or FSDP) model.
+    """
     model = job.build_model()
     state_folder = latest_trainer_state(out_dir)
     if state_folder is None:
         torch.manual_seed(job.seed)
         np.random.seed(job.seed)
         model.to(device)
-        return model, build_optimizer(model, job.train, device), 0, float("nan")
+        return model, None, 0, float("nan")
     state, summary = load_trainer_state(state_folder)
     if summary["job_digest"] != job.digest():
         raise ValueError(
@@ -360,10 +474,8 @@ def _fresh_or_resumed(job: TrainJob, out_dir: Path, device: torch.device
         )
     model.load_state_dict(state["model"])
     model.to(device)
-    optimizer = build_optimizer(model, job.train, device)
-    optimizer.load_state_dict(state["optimizer"])
     restore_rng_state(state["rng"])  # every process seeds alike (no dropout): rank 0's states serve all
-    return model, optimizer, summary["step"], summary["val_loss"]
+    return model, state["optimizer"], summary["step"], summary["val_loss"]
 
 
 def _check_same_start(start_step: int, out_dir: Path, accelerator: Accelerator) -> None:
@@ -418,14 +530,26 @@ def train(
     train_windows = TrainWindows(load_split(data_dir, "train", block_size=job.block_size), job.block_size, job.window_seed)
     val_windows = validation_windows(load_split(data_dir, "val", block_size=job.block_size), job.block_size, settings.eval_windows)
 
-    model, optimizer, start_step, last_val_loss = _fresh_or_resumed(job, out_dir, device)
+    model, optimizer_state, start_step, last_val_loss = _fresh_or_resumed(job, out_dir, device)
     _check_same_start(start_step, out_dir, accelerator)
     resumed = start_step > 0
     if is_main:
         remove_partial_leftovers(out_dir)
-    train_model = accelerator.prepare(model)
-    if settings.compile:
-        train_model = torch.compile(train_model)
+    n_params = model.num_parameters()  # FSDP replaces the model's parameters by shards of them
+    sharded = fsdp_requested()
+    if sharded:
+        dims = {name: p.dim() for name, p in model.named_parameters()}
+        tied = tied_parameters(model)
+        distributed_model = shard_model(model, device)
+        optimizer = build_optimizer(distributed_model, settings, device, dims)
+        if optimizer_state is not None:
+            load_sharded_optimizer_state(distributed_model, optimizer, optimizer_state)
+    else:
+        distributed_model = accelerator.prepare(model)
+        optimizer = build_optimizer(distributed_model, settings, device)
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+    train_model = torch.compile(distributed_model) if settings.compile else distributed_model
 
     dtype = autocast_dtype(settings.precision, device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
@@ -441,19 +565,29 @@ def train(
             tracker.log_metrics(fresh, step=step)
 
     if tracker is not None:
-        tracker.log_params({"job": job.name, "kind": job.kind, "n_params": str(model.num_parameters()),
+        tracker.log_params({"job": job.name, "kind": job.kind, "n_params": str(n_params),
                             "flops_per_token": f"{step_flops:.6g}"})
         tracker.set_tags({"mfu_peak_flops": f"{peak:.4g}", "mfu_peak_source": peak_source,
-                          "world_size": str(world_size), "resumed_from_step": str(start_step)})
+                          "world_size": str(world_size), "resumed_from_step": str(start_step),
+                          "strategy": "fsdp" if sharded else "ddp"})
+    if sharded and is_main:
+        print(f"[{job.name}] FSDP: parameters, gradients and optimizer state sharded over {world_size} processes",
+              flush=True)
 
     def save(step: int) -> None:
-        """Evaluation checkpoint, then the trainer state that resumes after `step` (main process only)."""
+        """Evaluation checkpoint, then the trainer state that resumes after `step`; every process calls it, the main one writes."""
+        if sharded:  # gathering the shards is collective
+            model_state, full_optimizer_state = full_training_state(distributed_model, optimizer, tied)
+        elif is_main:
+            model_state, full_optimizer_state = model.state_dict(), optimizer.state_dict()
+        if not is_main:
+            return
         if tracker is not None:
             tracker.flush()  # metrics up to this step are durable before the state that skips them is
         meta = {"step": step, "tokens_seen": step * tokens_per_step, "job": job.name, "kind": job.kind,
                 "settings_digest": job.settings_digest, "job_digest": job.digest(), "val_loss": last_val_loss}
-        save_checkpoint(model, out_dir, meta)
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": capture_rng_state()}
+        save_checkpoint(model, out_dir, meta, state_dict=model_state if sharded else None)
+        state = {"model": model_state, "optimizer": full_optimizer_state, "rng": capture_rng_state()}
         save_trainer_state(out_dir, state, meta)
 
     save_steps = set(checkpoint_steps(settings))
@@ -464,7 +598,10 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_losses = accumulate_gradients(train_model, job, step, train_windows, labels, accelerator, autocast, teacher)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip).item()
+            if sharded:  # the norm over every process's shards
+                grad_norm = distributed_model.clip_grad_norm_(settings.grad_clip).item()
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip).item()
             ntp_loss, auxiliary_loss = accelerator.reduce(step_losses, "mean").tolist()
             loss = ntp_loss + job.auxiliary_weight * auxiliary_loss
             done = step + 1
@@ -488,10 +625,10 @@ def train(
                 progress.set_values(loss=loss, **{"tokens/s": round(tokens_per_s)})
                 window_start, window_tokens = time.perf_counter(), 0
             if done % settings.eval_every == 0 or done == settings.steps:
-                last_val_loss = evaluate(model, val_windows, micro, accelerator, autocast)
+                last_val_loss = evaluate(distributed_model, val_windows, micro, accelerator, autocast)
                 log({"val/loss": last_val_loss, "val/ppl": math.exp(last_val_loss)}, done)
                 progress.set_values(val_ppl=math.exp(last_val_loss))
-            if is_main and done in save_steps:
+            if done in save_steps:
                 save(done)
             progress.update(1)  # after logging, so the line of this step shows its own values
     accelerator.wait_for_everyone()
@@ -563,6 +700,24 @@ def _label_source(args: argparse.Namespace, settings: Any, job: TrainJob, device
     return source
 
 
+def _teacher_source(args: argparse.Namespace, job: TrainJob, device: torch.device) -> TeacherSource:
+    """A TeacherLogitCache from --teacher-logits, or an OnlineTeacher from --teacher, checked against the job."""
+    if args.teacher_logits:
+        try:
+            source: TeacherSource = TeacherLogitCache(args.teacher_logits)
+        except (OSError, ValueError, KeyError) as error:
+            raise InputError(f"--teacher-logits {args.teacher_logits}: not a teacher-logit cache ({error})") from None
+    elif args.teacher:
+        source = OnlineTeacher(_load_teacher_arg(args.teacher, device))
+    else:
+        raise InputError(f"--arm {job.name} is a KD branch: give --teacher-logits, or --teacher")
+    try:
+        _check_teacher_cache(source, job)
+    except ValueError as error:
+        raise InputError(f"--teacher-logits {args.teacher_logits}: {error}") from None
+    return source
+
+
 def _check_output_folder(out: str) -> None:
     folder = Path(out)
     try:
@@ -574,8 +729,9 @@ def _check_output_folder(out: str) -> None:
         raise InputError(f"--out {out}: not a writable folder ({error.strerror or error})") from None
 
 
-def _open_inputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[TrainJob, Any, LabelSource | None]:
-    """Settings, job, tracker and labels of the command line, every input checked before training starts."""
+def _open_inputs(args: argparse.Namespace, parser: argparse.ArgumentParser
+                 ) -> tuple[TrainJob, Any, LabelSource | None, TeacherSource | None]:
+    """Settings, job, tracker, labels and KD teacher of the command line, every input checked before training starts."""
     from cocomix_core.data import load_manifest
     from cocomix_core.tracking import ConsoleTracker, MlflowTracker, check_run
     from settings.cli import settings_from_args
@@ -598,7 +754,8 @@ def _open_inputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> t
         tracker = ConsoleTracker(f"[{job.name}] ")
     device = Accelerator(cpu=not torch.cuda.is_available()).device
     labels = _label_source(args, settings, job, device) if job.kind == "cocomix" else None
-    return job, tracker, labels
+    teacher = _teacher_source(args, job, device) if job.kind == "kd" else None
+    return job, tracker, labels, teacher
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -617,7 +774,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", required=True, help="folder with train.bin / val.bin")
     parser.add_argument("--out", required=True, help="run folder: checkpoints/ and trainer_state/")
     parser.add_argument("--labels", help="label cache folder (CoCoMix, cached labels)")
-    parser.add_argument("--teacher", help="teacher model folder or HF name (CoCoMix, online labels)")
+    parser.add_argument("--teacher", help="teacher model folder or HF name (CoCoMix: online labels; KD: online logits)")
+    parser.add_argument("--teacher-logits", help="teacher-logit cache folder (KD, cached targets)")
     parser.add_argument("--sae", help="SAE file or URL (CoCoMix, online labels)")
     parser.add_argument("--threads", type=int, help="torch threads per process")
     parser.add_argument("--mlflow-run-id", help="log to this existing MLflow run (default: the console)")
@@ -626,7 +784,7 @@ def main(argv: list[str] | None = None) -> None:
     from cocomix_core.tracking import ended_on_failure
 
     try:
-        job, tracker, labels = _open_inputs(args, parser)
+        job, tracker, labels, teacher = _open_inputs(args, parser)
     except (SettingsError, DataError, InputError, TrackingError) as error:
         sys.exit(f"error: {error}")
     # The run belongs to the caller, who ends it; an interrupted or failed attempt ends it KILLED or FAILED.
@@ -635,7 +793,8 @@ def main(argv: list[str] | None = None) -> None:
     with ended_on_failure([args.mlflow_run_id], uri) if owns_status else contextlib.nullcontext():
         try:
             # DataError inside train: split files missing, resized or not matching the manifest's sha256
-            result = train(job, args.data, args.out, tracker=tracker, labels=labels, num_threads=args.threads)
+            result = train(job, args.data, args.out, tracker=tracker, labels=labels, teacher=teacher,
+                           num_threads=args.threads)
         except (DataError, InputError) as error:
             sys.exit(f"error: {error}")
         finally:

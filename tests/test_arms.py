@@ -229,3 +229,54 @@ def tasks_dir(tmp_path_factory):
     data = tmp_path_factory.mktemp("data")
     prepare_corpus(load_settings("smoke").data, data)
     return build_offline_tasks(data, tmp_path_factory.mktemp("tasks") / "tasks", items=6, seed=0)
+
+
+# ----- the trainer's command line with a KD teacher -------------------------------------------------
+def kd_settings_file(tmp_path) -> str:
+    """The smoke preset plus a KD arm (a plain LM the size of the smoke NTP baseline)."""
+    path = tmp_path / "kd.yaml"
+    path.write_text("extends: smoke\ntrain: {steps: 4, eval_every: 4, checkpoint_every: 4, log_every: 2}\narms:\n"
+                    "  kd: {kind: kd, model: {width: 36, depth: 2, heads: 2}, kd_temperature: 2.0, lam_kd: 1.0, "
+                    "kd_top_k: 16}\n")
+    return str(path)
+
+
+@pytest.mark.slow  # four trainer processes
+def test_the_trainer_cli_trains_a_kd_arm_from_a_teacher_logit_cache(tmp_path, smoke_data):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from cocomix_core.data import load_split
+    from cocomix_core.distill import build_teacher_logit_cache
+    from cocomix_core.models import build_model
+
+    settings_file = kd_settings_file(tmp_path)
+    settings = load_settings(settings_file)
+    teacher = build_model("ntp", settings.teacher.model, settings.data.block_size, seed=0)
+    windows = TrainWindows(load_split(smoke_data, "train"), settings.data.block_size, settings.data.window_seed)
+    cache = build_teacher_logit_cache(teacher, windows, 4 * settings.train.batch_size, 4, 16, 2.0,
+                                      tmp_path / "logits", provenance={"teacher": "random smoke"})
+    command = [sys.executable, "-m", "cocomix_core.train", "--settings", settings_file,
+               "--arm", "kd", "--data", str(smoke_data), "--threads", "1"]
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root))
+
+    done = subprocess.run([*command, "--out", str(tmp_path / "run"), "--teacher-logits", str(cache)], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kd_losses = [float(line.split("train/kd_loss=")[1].split()[0]) for line in done.stdout.splitlines()
+                 if "train/kd_loss=" in line]
+    assert kd_losses and all(loss > 0 for loss in kd_losses)  # a random student is far from the teacher
+    assert (tmp_path / "run" / "checkpoints" / "step_000004" / "model.safetensors").is_file()
+
+    # The same checks as --labels: a missing teacher, a folder that is no cache, a cache too short for the run.
+    refused = {
+        (): "is a KD branch: give --teacher-logits, or --teacher",
+        ("--teacher-logits", str(tmp_path)): f"--teacher-logits {tmp_path}: not a teacher-logit cache",
+        ("--teacher-logits", str(cache), "--set", "train.batch_size=8"): "this run consumes",
+    }
+    for extra, message in refused.items():
+        failed = subprocess.run([*command, "--out", str(tmp_path / "refused"), *extra], cwd=root, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert failed.returncode == 1 and message in failed.stderr, failed.stderr[-2000:]

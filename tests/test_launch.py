@@ -143,3 +143,27 @@ def test_impossible_launches_are_refused(fields, node_rank, main_ip, message):
 def test_fsdp_over_one_process_is_refused_by_the_settings():
     with pytest.raises(ValueError, match="strategy=fsdp"):
         resources(gpus=1, strategy="fsdp")
+
+
+def test_the_fsdp_environment_builds_accelerates_plugin_on_cpu_only_nodes(monkeypatch):
+    """sync_module_states (or cpu_ram_efficient_loading, which forces it) makes accelerate's plugin demand a GPU."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser, prepare_multi_gpu_env
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    command = training_command(TRAIN_ARGS, resources(cpu_processes=2, strategy="fsdp"))
+    args, *_ = _validate_launch_command(launch_command_parser().parse_args(command[command.index("--num_processes"):]))
+    for name, value in prepare_multi_gpu_env(args).items():
+        if name.startswith(("FSDP_", "ACCELERATE_")):
+            monkeypatch.setenv(name, value)
+    plugin = FullyShardedDataParallelPlugin()  # what the trainer's shard_model reads
+    assert plugin.fsdp_version == 1 and plugin.sharding_strategy.name == "FULL_SHARD"
+    assert not plugin.sync_module_states and not plugin.cpu_ram_efficient_loading
+    assert plugin.use_orig_params and plugin.mixed_precision_policy is None  # fp32 shards; the trainer autocasts
+
+
+def test_the_1b_preset_trains_with_fsdp_full_shard_in_bf16():
+    settings = load_settings("gpt2_1b")
+    command = training_command(TRAIN_ARGS, settings.compute.train)
+    assert "--use_fsdp" in command and option(command, "--fsdp_sharding_strategy") == "FULL_SHARD"
+    assert option(command, "--num_processes") == "8"
+    assert option(command, "--mixed_precision") == "no" and settings.train.precision == "bf16"
