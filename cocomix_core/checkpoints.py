@@ -23,7 +23,7 @@ import torch
 from transformers import PreTrainedModel
 
 from cocomix_core.fileio import atomic_path, is_partial
-from cocomix_core.tokenizer import save_hf_tokenizer
+from cocomix_core.tokenizer import TextTokenizer, save_hf_tokenizer
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAINER_STATE_DIR = "trainer_state"
@@ -65,15 +65,21 @@ def remove_partial_leftovers(out_dir: str | Path) -> None:
 
 
 # ----- evaluation checkpoints ----------------------------------------------------------------
-def save_checkpoint(model: PreTrainedModel, out_dir: str | Path, metadata: dict[str, Any]) -> Path:
+def save_checkpoint(
+    model: PreTrainedModel, out_dir: str | Path, metadata: dict[str, Any], tokenizer: TextTokenizer | None = None
+) -> Path:
     """Write out_dir/checkpoints/step_{step:06d}/ (model, tokenizer, checkpoint.json) atomically.
 
-    `metadata` must hold "step"; it becomes checkpoint.json.
+    `metadata` must hold "step"; it becomes checkpoint.json. `tokenizer` (default GPT-2's) is the data's:
+    its HF files go into the folder, so stock `AutoTokenizer` and `lm_eval --model hf` load the checkpoint.
     """
     final = checkpoint_dir(out_dir, metadata["step"])
     with atomic_path(final) as temp:
         model.save_pretrained(temp)
-        save_hf_tokenizer(temp)
+        if tokenizer is None or tokenizer.is_gpt2:
+            save_hf_tokenizer(temp)
+        else:
+            tokenizer.save(temp)
         (temp / CHECKPOINT_META).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
     return final
 

@@ -48,7 +48,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from cocomix_core.checkpoints import CHECKPOINT_META, checkpoint_info, list_checkpoints
 from cocomix_core.fileio import sha256_file, write_json_atomic
 from cocomix_core.offline_tasks import TASK_NAMES, EvaluationError, build_offline_tasks, tasks_digest
-from cocomix_core.tokenizer import VOCAB_SIZE
 from cocomix_core.tracking import Tracker
 from cocomix_core.windows import validation_windows
 from settings.schema import EvalSettings
@@ -254,12 +253,20 @@ def load_checkpoint(checkpoint_dir: str | Path, device: str | torch.device = "cp
 
     check_checkpoint_folder(checkpoint_dir)
     config = AutoConfig.from_pretrained(checkpoint_dir)
-    if config.vocab_size < VOCAB_SIZE:
+    tokenizer_ids = len(checkpoint_tokenizer(checkpoint_dir))
+    if config.vocab_size < tokenizer_ids:
         raise EvaluationError(
-            f"{checkpoint_dir}: config.vocab_size={config.vocab_size} is smaller than the GPT-2 tokenizer's "
-            f"{VOCAB_SIZE} ids; this checkpoint cannot score GPT-2 tokens"
+            f"{checkpoint_dir}: config.vocab_size={config.vocab_size} is smaller than its tokenizer's "
+            f"{tokenizer_ids} ids; this checkpoint cannot score that tokenizer's tokens"
         )
     return AutoModelForCausalLM.from_pretrained(checkpoint_dir).to(device)
+
+
+def checkpoint_tokenizer(checkpoint_dir: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved inside a checkpoint folder (the data's: GPT-2's or the teacher's)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(checkpoint_dir))
 
 
 def evaluation_key(checkpoint_dir: Path, tasks_dir: Path | None, eval_settings: EvalSettings, block_size: int) -> dict[str, Any]:
@@ -306,7 +313,6 @@ def evaluate_checkpoint(
     again) unless `force`.
     """
     from cocomix_core.data import load_split
-    from cocomix_core.tokenizer import hf_gpt2_tokenizer
 
     checkpoint_dir = Path(checkpoint_dir)
     check_checkpoint_folder(checkpoint_dir)
@@ -327,7 +333,7 @@ def evaluate_checkpoint(
         model, load_split(data_dir, "val"), block_size, eval_settings.val_windows, eval_settings.batch_size, device
     )
     lm_eval_results = run_lm_eval(
-        model, hf_gpt2_tokenizer(), eval_settings.tasks, tasks_dir, eval_settings.limit, eval_settings.batch_size
+        model, checkpoint_tokenizer(checkpoint_dir), eval_settings.tasks, tasks_dir, eval_settings.limit, eval_settings.batch_size
     )
     results = {
         "checkpoint": str(checkpoint_dir.resolve()),
