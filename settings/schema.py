@@ -147,6 +147,10 @@ class SAESettings(Strict):
     k: PositiveInt = 32
     steps: PositiveInt = 500
     batch_size: PositiveInt = Field(16, description="teacher windows per SAE step")
+    activation_tokens: PositiveInt | None = Field(
+        None, description="teacher activations captured once and reshuffled every epoch; None: fresh ones every step "
+        "(a pretrained teacher's forward dominates on CPUs)",
+    )
     lr: float = Field(1e-3, gt=0)
     aux_k: PositiveInt = 256
     aux_coef: float = Field(1 / 32, ge=0)
