@@ -79,7 +79,8 @@ def bench_smollm2(cache: Path, batches: int, agreement_batches: int) -> None:
     started = time.perf_counter()
     sae, metrics = train_sae(teacher, windows, layer, sae_train_config(settings.sae, block))
     print(f"SAE at block {layer}: {time.perf_counter() - started:.1f}s for {settings.sae.steps} steps on "
-          f"{metrics['tokens_seen']} activations ({settings.sae.activation_tokens} captured); fvu {metrics['fvu']:.3f}, "
+          f"{metrics['tokens_seen']} activations ({settings.sae.activation_tokens} captured); fvu {metrics['fvu']:.3f} (on normalised "
+          f"inputs {metrics['fvu_normalized']:.3f}), "
           f"dead {metrics['dead_fraction']:.1%}, mean L0 {metrics['mean_l0']:.1f}  (targets: fvu <= 0.25, dead <= 20%)")
 
     k = settings.concepts.labels_per_token
