@@ -6,7 +6,8 @@ Times the real training step (`accumulate_gradients` + clip + AdamW) on random t
 one process. Shapes:
     fixed  width 256, 4 layers, 4 heads, batch 8 × 256 tokens, C=32768, k_mix=32; online labels
            from a random GPT-2-small-shaped teacher with a 32k TopK(32) SAE at layer 5
-    cpu    the `cpu` preset's arms, teacher and SAE
+    cpu    the `cpu` preset's arms, teacher and SAE (only while it trains its own teacher; its pretrained
+           SmolLM2 teacher is timed by benchmarks/bench_teacher.py)
 Targets: CoCoMix/NTP step time <= 5x with online labels, <= 1.8x with cached labels.
 """
 
@@ -37,6 +38,9 @@ FIXED_SHAPE = [
     "arms.ntp.model={width: 256, depth: 4, heads: 4}", "arms.cocomix.model={width: 256, depth: 4, heads: 4}",
     "arms.cocomix.concept_num=32", "train.batch_size=8", "data.block_size=256",
     "teacher.model={width: 768, depth: 12, heads: 12}", "sae.num_latents=32768", "sae.k=32", "sae.layer_index=5",
+    # GPT-2 tokens and a GPT-2-shaped (random) teacher, whatever the cpu preset's own teacher is
+    "tokenizer.name=gpt2", "teacher.pretrained=null",
+    "teacher.train={steps: 1, batch_size: 1, lr: 1.0e-3, min_lr: 0, warmup_steps: 0, eval_every: 1, checkpoint_every: 1}",
 ]
 
 
@@ -83,6 +87,8 @@ def seconds_per_step(arms: list[tuple[str, TrainJob, object]], windows: TrainWin
 
 def bench_shape(shape: str, steps: int) -> None:
     ntp, cocomix, settings = jobs_for(shape, steps + 1)
+    if settings.teacher.pretrained:
+        raise SystemExit(f"{shape}: teacher.pretrained={settings.teacher.pretrained}; time it with benchmarks/bench_teacher.py")
     teacher_shape, sae_layer = settings.teacher.model, settings.sae.layer_index
     tokens = np.random.default_rng(0).integers(0, 50256, 2_000_000, dtype=np.uint16)
     windows = TrainWindows(tokens, ntp.block_size, ntp.window_seed)
@@ -123,7 +129,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per arm (after one warm-up)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--shapes", default="fixed,cpu")
+    parser.add_argument("--shapes", default="fixed", help="fixed and/or a preset with a trained teacher")
     add_allocator_argument(parser)
     args = parser.parse_args()
     if not enter_regime(args, "benchmarks.bench_train"):

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from cocomix_core.concepts import ConceptExtractor
-from cocomix_core.models import build_model
+from cocomix_core.models import build_model, sized_shape
 from cocomix_core.sae import TopKSAE
 from cocomix_core.train import autocast_dtype, flops_per_token, peak_flops
 from settings import load_settings
-from settings.schema import ModelShape
+from settings.schema import GPT2_VOCAB_SIZE, ModelShape
 
 RESULTS: dict[str, str] = {}
 
@@ -137,9 +137,9 @@ def main() -> None:
 
     @check("torch.compile", no_gpu)
     def _() -> str:
-        model = build_model("ntp", ModelShape(width=128, depth=2, heads=4), 128, seed=0).to(device)
+        model = build_model("ntp", ModelShape(width=128, depth=2, heads=4, vocab_size=GPT2_VOCAB_SIZE), 128, seed=0).to(device)
         compiled = torch.compile(model)
-        ids = torch.randint(0, 50257, (2, 128), device=device)
+        ids = torch.randint(0, GPT2_VOCAB_SIZE, (2, 128), device=device)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             eager, fused = model(ids).logits.float(), compiled(ids).logits.float()
         compiled(ids, labels=ids).loss.backward()
@@ -156,15 +156,17 @@ def main() -> None:
     print(f"MFU peak: {peak:.4g} FLOP/s ({peak_source})", flush=True)
     step_seconds: dict[str, float] = {}
     for name, arm in settings.arms.items():
+        shape = sized_shape(arm.model, settings, None)  # the paper presets' GPT-2 tokenizer
+
         @check(f"train {name} ({arm.kind}, width {arm.model.width}, {steps} steps of {batch}x{block_size})")
         def _() -> str:
             seconds, tokens_per_s = arm_speed(
-                arm.kind, arm.model, block_size, batch, steps, device, settings.sae.num_latents, arm.concept_num,
+                arm.kind, shape, block_size, batch, steps, device, settings.sae.num_latents, arm.concept_num,
                 arm.insert_layer_index, settings.concepts.labels_per_token, compile_model=gpu and RESULTS.get(
                     "torch.compile") == "PASS",
             )
             step_seconds[arm.kind] = seconds
-            config = build_model(arm.kind, arm.model, block_size, concept_dim=settings.sae.num_latents,
+            config = build_model(arm.kind, shape, block_size, concept_dim=settings.sae.num_latents,
                                  concept_num=arm.concept_num, insert_layer_index=arm.insert_layer_index, seed=0).config
             mfu = tokens_per_s * flops_per_token(config, block_size) / peak
             print(f"tokens/s {arm.kind}: {tokens_per_s:.1f}  step {seconds * 1000:.1f} ms  MFU {mfu:.3f}", flush=True)
@@ -174,7 +176,7 @@ def main() -> None:
         print(f"step ratio cocomix/ntp: {step_seconds['cocomix'] / step_seconds['ntp']:.3f}", flush=True)
 
     # ----- concept extraction: a random GPT-2-small teacher and a 32k TopK SAE ------------------
-    teacher_shape = ModelShape(width=768, depth=12, heads=12) if gpu else settings.teacher.model
+    teacher_shape = sized_shape(ModelShape(width=768, depth=12, heads=12) if gpu else settings.teacher.model, settings, None)
     latents, top_k = (32768, 32) if gpu else (settings.sae.num_latents, settings.sae.k)
 
     @check(f"concept extractor (teacher width {teacher_shape.width}, {latents} latents)")

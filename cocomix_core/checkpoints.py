@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from cocomix_core.fileio import atomic_path, cached_sha256, is_partial, sha256_file
-from cocomix_core.tokenizer import save_hf_tokenizer
+from cocomix_core.tokenizer import TextTokenizer, save_hf_tokenizer
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAINER_STATE_DIR = "trainer_state"
@@ -77,19 +77,26 @@ def remove_partial_leftovers(out_dir: str | Path) -> None:
 
 
 # ----- evaluation checkpoints ----------------------------------------------------------------
-def save_checkpoint(model: PreTrainedModel, out_dir: str | Path, metadata: dict[str, Any],
-                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+def save_checkpoint(
+    model: PreTrainedModel, out_dir: str | Path, metadata: dict[str, Any],
+    state_dict: dict[str, torch.Tensor] | None = None, tokenizer: TextTokenizer | None = None,
+) -> Path:
     """Write out_dir/checkpoints/step_{step:06d}/ (model, tokenizer, checkpoint.json) atomically.
 
     `metadata` must hold "step"; it becomes checkpoint.json, with the sha256 of every other
     file under "files_sha256" (what `verify_checkpoint` checks). `state_dict` replaces the
-    model's own weights (a sharded model's gathered full state).
+    model's own weights (a sharded model's gathered full state). `tokenizer` (default GPT-2's)
+    is the data's: its HF files go into the folder, so stock `AutoTokenizer` and
+    `lm_eval --model hf` load the checkpoint.
     """
     final = checkpoint_dir(out_dir, metadata["step"])
     with atomic_path(final) as temp:
         # a copy: save_pretrained empties the dict it is given
         model.save_pretrained(temp, state_dict=None if state_dict is None else dict(state_dict))
-        save_hf_tokenizer(temp)
+        if tokenizer is None or tokenizer.is_gpt2:
+            save_hf_tokenizer(temp)
+        else:
+            tokenizer.save(temp)
         digests = {path.name: sha256_file(path) for path in sorted(temp.iterdir()) if path.is_file()}
         meta = {**metadata, "files_sha256": digests}
         (temp / CHECKPOINT_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

@@ -1,9 +1,11 @@
-"""Corpus preparation: documents -> GPT-2 tokens -> train.bin / val.bin (SPEC §1).
+"""Corpus preparation: documents -> tokens -> train.bin / val.bin (SPEC §1, §8).
 
     python -m cocomix_core.data --settings cpu --set data.max_documents=100 --out DIR
 
 Every document is encoded with encode_ordinary and ended with one end-of-text
-token; the documents of each split are concatenated into one uint16 stream.
+token; the documents of each split are concatenated into one stream: uint16 while every id
+of the tokenizer is below 65536, else uint32 (the manifest's "dtype"). The tokenizer is
+GPT-2's by default; any other (a teacher's) is saved into `tokenizer/` beside the streams.
 The split is per document: document i goes to validation iff its seeded draw
 u_i = blake2b(split_seed:i) in [0, 1) is below a threshold. The threshold is
 `val_fraction` when given, 0.0005 for Hugging Face corpora (SPEC §1), and for
@@ -38,13 +40,14 @@ import numpy as np
 
 from cocomix_core.fileio import atomic_path, cached_sha256, sha256_file, sha256_json
 from cocomix_core.progress import track
-from cocomix_core.tokenizer import EOT_ID, VOCAB_SIZE, TokenizerError, encode_document, tokenizer_digest
+from cocomix_core.tokenizer import TextTokenizer, TokenizerError, gpt2_tokenizer, hf_tokenizer
 from settings.cli import add_settings_arguments, settings_from_args
 from settings.loader import SettingsError
 from settings.schema import DataSettings
 
 FORMAT_VERSION = 1
-TOKEN_DTYPE = np.uint16  # GPT-2 ids < 50257 fit in 16 bits
+LEGACY_DTYPE = "uint16"  # manifests written before streams could be uint32 hold GPT-2 ids in uint16
+TOKENIZER_DIR = "tokenizer"  # a non-GPT-2 tokenizer's HF files, inside the prepared folder
 WRITE_CHUNK_TOKENS = 1 << 22  # tokens buffered per split before a write: bounds memory
 HF_VAL_FRACTION = 0.0005  # SPEC §1, OpenWebText
 MANIFEST_FILE = "manifest.json"
@@ -291,11 +294,12 @@ def threshold_for_min_tokens(lengths: list[int], seed: int, min_val_tokens: int)
 
 
 class TokenWriter:
-    """Appends documents' token ids to a uint16 file, buffering up to `chunk_tokens` tokens between writes."""
+    """Appends documents' token ids to a file of `dtype`, buffering up to `chunk_tokens` tokens between writes."""
 
-    def __init__(self, path: Path, chunk_tokens: int) -> None:
+    def __init__(self, path: Path, chunk_tokens: int, dtype: np.dtype) -> None:
         self.handle = open(path, "wb")
         self.chunk_tokens = chunk_tokens
+        self.dtype = dtype
         self.buffer: list[np.ndarray] = []
         self.buffered = 0
         self.documents = 0
@@ -303,7 +307,7 @@ class TokenWriter:
 
     def write(self, ids: np.ndarray) -> int:
         """Append one document's ids; returns how many there were."""
-        array = np.asarray(ids, dtype=TOKEN_DTYPE)
+        array = np.asarray(ids, dtype=self.dtype)
         self.buffer.append(array)
         self.buffered += len(array)
         self.documents += 1
@@ -325,7 +329,7 @@ class TokenWriter:
         self.handle.close()
 
 
-def _encoded(texts: Iterable[str], data: DataSettings) -> Iterator[tuple[str, np.ndarray]]:
+def _encoded(texts: Iterable[str], data: DataSettings, tokenizer: TextTokenizer) -> Iterator[tuple[str, np.ndarray]]:
     """(text, ids + EOT) per document, in order, encoded by `encode_workers` threads.
 
     A rolling window of `encode_batch_docs` documents is in flight, so the threads never wait
@@ -334,7 +338,7 @@ def _encoded(texts: Iterable[str], data: DataSettings) -> Iterator[tuple[str, np
     with ThreadPoolExecutor(data.encode_workers) as pool:
         in_flight: collections.deque[tuple[str, Future]] = collections.deque()
         for text in texts:
-            in_flight.append((text, pool.submit(encode_document, text)))
+            in_flight.append((text, pool.submit(tokenizer.encode_document, text)))
             if len(in_flight) >= data.encode_batch_docs:
                 text, ids = in_flight.popleft()
                 yield text, ids.result()
@@ -343,19 +347,20 @@ def _encoded(texts: Iterable[str], data: DataSettings) -> Iterator[tuple[str, np
             yield text, ids.result()
 
 
-def _staged(path: Path, lengths: list[int]) -> Iterator[np.ndarray]:
+def _staged(path: Path, lengths: list[int], dtype: np.dtype) -> Iterator[np.ndarray]:
     """The documents' ids back from the staging file, one array per document."""
-    tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+    tokens = np.memmap(path, dtype=dtype, mode="r")
     ends = np.cumsum(lengths)
     for start, end in zip(itertools.chain([0], ends), ends):
         yield tokens[start:end]
 
 
-def _write_splits(pairs: Iterable[tuple[str, Any]], threshold: float, seed: int, folder: Path) -> dict[str, TokenWriter]:
+def _write_splits(pairs: Iterable[tuple[str, Any]], threshold: float, seed: int, folder: Path,
+                  dtype: np.dtype) -> dict[str, TokenWriter]:
     """Route each (text, ids) document to train or val by its draw; val texts also go to val_documents.jsonl."""
     with (
-        TokenWriter(folder / SPLIT_FILES["train"], WRITE_CHUNK_TOKENS) as train,
-        TokenWriter(folder / SPLIT_FILES["val"], WRITE_CHUNK_TOKENS) as val,
+        TokenWriter(folder / SPLIT_FILES["train"], WRITE_CHUNK_TOKENS, dtype) as train,
+        TokenWriter(folder / SPLIT_FILES["val"], WRITE_CHUNK_TOKENS, dtype) as val,
         open(folder / VAL_DOCUMENTS_FILE, "w", encoding="utf-8", newline="\n") as val_texts,
     ):
         for index, (text, ids) in enumerate(pairs):
@@ -369,7 +374,8 @@ def _write_splits(pairs: Iterable[tuple[str, Any]], threshold: float, seed: int,
 
 
 
-def _encode_and_split(corpus: Corpus, data: DataSettings, folder: Path) -> tuple[dict[str, TokenWriter], float]:
+def _encode_and_split(corpus: Corpus, data: DataSettings, folder: Path,
+                      tokenizer: TextTokenizer) -> tuple[dict[str, TokenWriter], float]:
     """Encode the corpus once and write both splits into `folder`; returns the writers and the threshold used."""
 
     def documents() -> Iterator[str]:
@@ -377,18 +383,18 @@ def _encode_and_split(corpus: Corpus, data: DataSettings, folder: Path) -> tuple
 
     threshold = data.val_fraction or (None if corpus.bounded else HF_VAL_FRACTION)
     if threshold is not None:
-        pairs = _encoded(track(documents(), "encoding", unit="document"), data)
-        return _write_splits(pairs, threshold, data.split_seed, folder), threshold
+        pairs = _encoded(track(documents(), "encoding", unit="document"), data, tokenizer)
+        return _write_splits(pairs, threshold, data.split_seed, folder, tokenizer.dtype), threshold
 
     staging = folder / STAGING_FILE
-    with TokenWriter(staging, WRITE_CHUNK_TOKENS) as writer:
-        lengths = [writer.write(ids) for _, ids in _encoded(track(documents(), "encoding", unit="document"), data)]
+    with TokenWriter(staging, WRITE_CHUNK_TOKENS, tokenizer.dtype) as writer:
+        lengths = [writer.write(ids) for _, ids in _encoded(track(documents(), "encoding", unit="document"), data, tokenizer)]
     if not lengths:
         raise DataError(f"the corpus ({corpus.description}) has no documents")
     threshold = threshold_for_min_tokens(lengths, data.split_seed, data.min_val_tokens)
     # The second read is text only (no encoding); strict zip catches a corpus that changed meanwhile.
-    pairs = zip(track(documents(), "splitting", unit="document"), _staged(staging, lengths), strict=True)
-    writers = _write_splits(pairs, threshold, data.split_seed, folder)
+    pairs = zip(track(documents(), "splitting", unit="document"), _staged(staging, lengths, tokenizer.dtype), strict=True)
+    writers = _write_splits(pairs, threshold, data.split_seed, folder, tokenizer.dtype)
     staging.unlink()
     return writers, threshold
 
@@ -429,7 +435,27 @@ def load_manifest(data_dir: str | Path) -> dict[str, Any]:
 def data_digest(manifest: dict[str, Any]) -> str:
     """A stable digest of the prepared data for lineage: over the format and every file's sha256."""
     files = {name: info["sha256"] for name, info in manifest["files"].items()}
-    return sha256_json({"format_version": manifest["format_version"], "dtype": manifest["dtype"], "files": files})
+    return sha256_json({"format_version": manifest["format_version"], "dtype": manifest_dtype(manifest).name,
+                        "files": files})
+
+
+def manifest_dtype(manifest: dict[str, Any]) -> np.dtype:
+    """The token dtype of a prepared folder; manifests from before uint32 streams mean uint16."""
+    name = manifest.get("dtype", LEGACY_DTYPE)
+    if name not in ("uint16", "uint32"):
+        raise DataError(f"manifest dtype {name!r} is not a token stream dtype; expected 'uint16' or 'uint32'")
+    return np.dtype(name)
+
+
+def data_tokenizer(data_dir: str | Path) -> TextTokenizer:
+    """The tokenizer a prepared folder was encoded with: GPT-2, or the HF tokenizer saved in its tokenizer/ folder."""
+    manifest = load_manifest(data_dir)
+    recorded = manifest["tokenizer"]
+    tokenizer = gpt2_tokenizer() if recorded["name"] == "gpt2" else hf_tokenizer(Path(data_dir) / TOKENIZER_DIR)
+    if tokenizer.digest != recorded["digest"]:
+        raise DataError(f"{data_dir}: the tokenizer found has digest {tokenizer.digest}, the manifest says "
+                        f"{recorded['digest']}: the folder was altered; prepare again")
+    return tokenizer
 
 
 def _reusable_manifest(out_dir: Path, inputs_digest: str) -> dict[str, Any] | None:
@@ -451,15 +477,16 @@ def _reusable_manifest(out_dir: Path, inputs_digest: str) -> dict[str, Any] | No
     return manifest
 
 
-def prepare_corpus(data: DataSettings, out_dir: str | Path) -> dict[str, Any]:
+def prepare_corpus(data: DataSettings, out_dir: str | Path, tokenizer: TextTokenizer | None = None) -> dict[str, Any]:
     """Tokenize the corpus into out_dir (train.bin, val.bin, val_documents.jsonl, manifest.json); returns the manifest.
 
-    A rerun with the same documents, tokenizer and output settings does no work and returns the existing manifest.
+    `tokenizer` defaults to GPT-2's; another one is saved into out_dir/tokenizer/. A rerun with the same
+    documents, tokenizer and output settings does no work and returns the existing manifest.
     """
     out_dir = Path(out_dir)
     corpus = open_corpus(data)
-    tokenizer = tokenizer_digest()
-    inputs_digest = _inputs_digest(corpus, data, tokenizer)
+    tokenizer = tokenizer or gpt2_tokenizer()
+    inputs_digest = _inputs_digest(corpus, data, tokenizer.digest)
     existing = _reusable_manifest(out_dir, inputs_digest)
     if existing is not None:
         log.info("%s already holds this corpus prepared with these settings: skipped", out_dir)
@@ -470,7 +497,7 @@ def prepare_corpus(data: DataSettings, out_dir: str | Path) -> dict[str, Any]:
 
     with atomic_path(out_dir) as folder:
         folder.mkdir()
-        writers, threshold = _encode_and_split(corpus, data, folder)
+        writers, threshold = _encode_and_split(corpus, data, folder, tokenizer)
         if writers["train"].documents + writers["val"].documents == 0:
             raise DataError(f"the corpus ({corpus.description}) has no documents")
         for split, writer in writers.items():
@@ -482,8 +509,8 @@ def prepare_corpus(data: DataSettings, out_dir: str | Path) -> dict[str, Any]:
                 )
         manifest = {
             "format_version": FORMAT_VERSION,
-            "dtype": np.dtype(TOKEN_DTYPE).name,
-            "tokenizer": {"name": "gpt2", "digest": tokenizer, "vocab_size": VOCAB_SIZE, "eot_id": EOT_ID},
+            "dtype": tokenizer.dtype.name,
+            "tokenizer": tokenizer.describe(),
             "source": corpus.description,
             "source_fingerprint": corpus.fingerprint,
             "inputs_digest": inputs_digest,
@@ -502,6 +529,8 @@ def prepare_corpus(data: DataSettings, out_dir: str | Path) -> dict[str, Any]:
                 for path in sorted(folder.iterdir())
             },
         }
+        if not tokenizer.is_gpt2:  # after listing "files": the tokenizer is identified by its own digest
+            tokenizer.save(folder / TOKENIZER_DIR)
         check_block_size(manifest, data.block_size)
         (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     log.info("prepared %s: %s", out_dir, manifest["splits"])
@@ -509,7 +538,7 @@ def prepare_corpus(data: DataSettings, out_dir: str | Path) -> dict[str, Any]:
 
 
 def load_split(data_dir: str | Path, split: str, verify: bool = True, block_size: int | None = None) -> np.memmap:
-    """The read-only uint16 token stream of `split`, checked against the manifest (size; sha256 when verify)."""
+    """The read-only token stream of `split` (the manifest's dtype), checked against the manifest (size; sha256 when verify)."""
     if split not in SPLIT_FILES:
         raise DataError(f"unknown split {split!r}; expected one of {sorted(SPLIT_FILES)}")
     manifest = load_manifest(data_dir)
@@ -523,7 +552,7 @@ def load_split(data_dir: str | Path, split: str, verify: bool = True, block_size
         raise DataError(f"{path}: sha256 does not match the manifest: the file is corrupted; prepare the data again")
     if block_size is not None:
         check_block_size(manifest, block_size)
-    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+    return np.memmap(path, dtype=manifest_dtype(manifest), mode="r")
 
 
 def main(argv: list[str] | None = None) -> None:

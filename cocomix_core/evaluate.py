@@ -60,7 +60,6 @@ from cocomix_core.models import flops_per_token
 from cocomix_core.offline_tasks import TASK_NAMES, EvaluationError, build_offline_tasks, tasks_digest
 from cocomix_core.preflight import ModelFolderError, check_model_folder
 from cocomix_core.progress import quiet_third_party
-from cocomix_core.tokenizer import VOCAB_SIZE
 from cocomix_core.tracking import Tracker
 from cocomix_core.windows import validation_windows
 from settings.schema import EvalSettings
@@ -318,12 +317,20 @@ def load_checkpoint(checkpoint_dir: str | Path, device: str | torch.device = "cp
     except ModelFolderError as error:
         raise EvaluationError(str(error)) from None
     config = AutoConfig.from_pretrained(checkpoint_dir)
-    if config.vocab_size < VOCAB_SIZE:
+    tokenizer_ids = len(checkpoint_tokenizer(checkpoint_dir))
+    if config.vocab_size < tokenizer_ids:
         raise EvaluationError(
-            f"{checkpoint_dir}: config.vocab_size={config.vocab_size} is smaller than the GPT-2 tokenizer's "
-            f"{VOCAB_SIZE} ids; this checkpoint cannot score GPT-2 tokens"
+            f"{checkpoint_dir}: config.vocab_size={config.vocab_size} is smaller than its tokenizer's "
+            f"{tokenizer_ids} ids; this checkpoint cannot score that tokenizer's tokens"
         )
     return AutoModelForCausalLM.from_pretrained(checkpoint_dir).to(device)
+
+
+def checkpoint_tokenizer(checkpoint_dir: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved inside a checkpoint folder (the data's: GPT-2's or the teacher's)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(checkpoint_dir))
 
 
 def evaluation_key(checkpoint_dir: Path, tasks_dir: Path | None, eval_settings: EvalSettings, block_size: int) -> dict[str, Any]:
@@ -370,7 +377,6 @@ def evaluate_checkpoint(
     again) unless `force`.
     """
     from cocomix_core.data import load_split
-    from cocomix_core.tokenizer import hf_gpt2_tokenizer
 
     checkpoint_dir = Path(checkpoint_dir)
     check_checkpoint_folder(checkpoint_dir)
@@ -393,8 +399,8 @@ def evaluate_checkpoint(
         **bootstrap,
     )
     lm_eval_results = run_lm_eval(
-        model, hf_gpt2_tokenizer(), eval_settings.tasks, tasks_dir, eval_settings.limit, eval_settings.batch_size,
-        **bootstrap,
+        model, checkpoint_tokenizer(checkpoint_dir), eval_settings.tasks, tasks_dir, eval_settings.limit,
+        eval_settings.batch_size, **bootstrap,
     )
     results = {
         "checkpoint": str(checkpoint_dir.resolve()),

@@ -33,7 +33,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PretrainedConfig, PreTrain
 from cocomix_core.fileio import sha256_json
 from cocomix_core.modeling import INTERLEAVED_MIX_MODES, CoCoMixConfig, CoCoMixForCausalLM
 from settings.loader import settings_digest
-from settings.schema import ArmKind, Branch, ExperimentSettings, ModelShape, TrainSettings
+from settings.schema import GPT2_VOCAB_SIZE, ArmKind, Branch, ExperimentSettings, ModelShape, TrainSettings
 
 TEACHER_JOB_NAME = "teacher"
 
@@ -69,11 +69,12 @@ def build_model(
 
     The global torch RNG is left untouched, so building a model never shifts other random draws.
     """
+    # A shape without vocab_size is GPT-2's; jobs of other tokenizers are sized by `sized_shape`.
     gpt2_fields = dict(
         n_embd=shape.width,
         n_layer=shape.depth,
         n_head=shape.heads,
-        vocab_size=shape.vocab_size,
+        vocab_size=shape.vocab_size or GPT2_VOCAB_SIZE,
         n_positions=block_size,
         resid_pdrop=0.0,  # SPEC §5: dropout 0 everywhere
         embd_pdrop=0.0,
@@ -157,11 +158,21 @@ class TrainJob:
         return sha256_json(fields)
 
 
-def job_for_branch(settings: ExperimentSettings, branch: Branch) -> TrainJob:
-    """The training job of one branch (see `settings.training_branches`)."""
+def sized_shape(shape: ModelShape, settings: ExperimentSettings, vocab_size: int | None) -> ModelShape:
+    """`shape` with its embedding rows: its own vocab_size, else `vocab_size` (the tokenizer's, from
+    cocomix_core.tokenizer.student_vocab_size), else GPT-2's 50257 when the tokenizer is GPT-2."""
+    if shape.vocab_size is not None:
+        return shape
+    if vocab_size is None and settings.tokenizer.name != "gpt2":
+        raise ValueError(f"tokenizer.name={settings.tokenizer.name}: pass the tokenizer's vocab_size to size the models")
+    return shape.model_copy(update={"vocab_size": vocab_size or GPT2_VOCAB_SIZE})
+
+
+def job_for_branch(settings: ExperimentSettings, branch: Branch, vocab_size: int | None = None) -> TrainJob:
+    """The training job of one branch (see `settings.training_branches`); vocab_size: the tokenizer's, padded."""
     arm = settings.arms[branch.arm]
     common = dict(
-        name=branch.name, kind=branch.kind, shape=arm.model, train=settings.train,
+        name=branch.name, kind=branch.kind, shape=sized_shape(arm.model, settings, vocab_size), train=settings.train,
         block_size=settings.data.block_size, window_seed=settings.data.window_seed,
         seed=branch.seed, settings_digest=settings_digest(settings),
     )
@@ -183,14 +194,15 @@ def job_for_branch(settings: ExperimentSettings, branch: Branch) -> TrainJob:
     )
 
 
-def teacher_job(settings: ExperimentSettings) -> TrainJob:
+def teacher_job(settings: ExperimentSettings, vocab_size: int | None = None) -> TrainJob:
     """The job that trains the concept teacher: a plain GPT-2 LM on the same corpus and windows."""
     if settings.teacher.train is None:
         raise ValueError(
             f"teacher.pretrained={settings.teacher.pretrained!r} is set and teacher.train is empty: nothing to train"
         )
     return TrainJob(
-        name=TEACHER_JOB_NAME, kind="ntp", shape=settings.teacher.model, train=settings.teacher.train,
+        name=TEACHER_JOB_NAME, kind="ntp", shape=sized_shape(settings.teacher.model, settings, vocab_size),
+        train=settings.teacher.train,
         block_size=settings.data.block_size, window_seed=settings.data.window_seed,
         seed=settings.teacher.train.seed, settings_digest=settings_digest(settings),
     )

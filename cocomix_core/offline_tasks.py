@@ -33,7 +33,7 @@ import numpy as np
 import yaml
 
 from cocomix_core.fileio import atomic_path, sha256_file, sha256_json
-from cocomix_core.tokenizer import gpt2_encoding
+from cocomix_core.tokenizer import TextTokenizer, gpt2_tokenizer
 
 TASK_NAMES = ("cocomix_lastword", "cocomix_choice", "cocomix_rolling")
 TEMPLATES_DIR = Path(__file__).resolve().parent / "lm_tasks"
@@ -69,8 +69,8 @@ def _is_plain_sentence(sentence: str) -> bool:
     return len(sentence.split()) >= MIN_SENTENCE_WORDS and len(sentence) <= MAX_SENTENCE_CHARS
 
 
-def _is_choice_sentence(sentence: str) -> bool:
-    return _is_plain_sentence(sentence) and len(gpt2_encoding().encode_ordinary(" " + sentence)) <= MAX_CHOICE_TOKENS
+def _is_choice_sentence(sentence: str, tokenizer: TextTokenizer) -> bool:
+    return _is_plain_sentence(sentence) and len(tokenizer.encode_ordinary(" " + sentence)) <= MAX_CHOICE_TOKENS
 
 
 def _preceding_sentences(sentences: list[str], end: int, budget: int) -> list[str]:
@@ -92,7 +92,8 @@ class Position:
     sentence: int
 
 
-def _lastword_item(documents: list[list[str]], at: Position, rng: np.random.Generator) -> dict[str, Any] | None:
+def _lastword_item(documents: list[list[str]], at: Position, rng: np.random.Generator,
+                   tokenizer: TextTokenizer) -> dict[str, Any] | None:
     """Passage = preceding sentences + sentence `at`; the target is its final word (punctuation dropped)."""
     final = documents[at.doc][at.sentence]
     match = _FINAL_WORD.match(final)
@@ -103,11 +104,12 @@ def _lastword_item(documents: list[list[str]], at: Position, rng: np.random.Gene
     return {"context": context, "target": match["word"], "doc_id": at.doc}
 
 
-def _choice_item(documents: list[list[str]], at: Position, rng: np.random.Generator) -> dict[str, Any] | None:
+def _choice_item(documents: list[list[str]], at: Position, rng: np.random.Generator,
+                 tokenizer: TextTokenizer) -> dict[str, Any] | None:
     """Context = sentences before `at`; choices = sentence `at` + DISTRACTORS sentences of other documents."""
     ending = documents[at.doc][at.sentence]
     context = _preceding_sentences(documents[at.doc], at.sentence, MAX_PASSAGE_CHARS)
-    if not context or not _is_choice_sentence(ending):
+    if not context or not _is_choice_sentence(ending, tokenizer):
         return None
     distractors: list[str] = []
     distractor_docs: list[int] = []
@@ -117,7 +119,7 @@ def _choice_item(documents: list[list[str]], at: Position, rng: np.random.Genera
             break
         doc = other_docs[rng.integers(len(other_docs))]
         sentence = documents[doc][rng.integers(len(documents[doc]))]
-        if _is_choice_sentence(sentence) and sentence != ending and sentence not in distractors:
+        if _is_choice_sentence(sentence, tokenizer) and sentence != ending and sentence not in distractors:
             distractors.append(sentence)
             distractor_docs.append(doc)
     if len(distractors) < DISTRACTORS:
@@ -130,7 +132,8 @@ def _choice_item(documents: list[list[str]], at: Position, rng: np.random.Genera
     }
 
 
-def _rolling_item(documents: list[list[str]], at: Position, rng: np.random.Generator) -> dict[str, Any] | None:
+def _rolling_item(documents: list[list[str]], at: Position, rng: np.random.Generator,
+                  tokenizer: TextTokenizer) -> dict[str, Any] | None:
     """Passage = sentence `at` and the following ones, as many as fit MAX_ROLLING_CHARS."""
     passage: list[str] = []
     budget = MAX_ROLLING_CHARS
@@ -144,7 +147,7 @@ def _rolling_item(documents: list[list[str]], at: Position, rng: np.random.Gener
     return {"page": " ".join(passage), "doc_id": at.doc}
 
 
-ItemMaker = Callable[[list[list[str]], Position, np.random.Generator], "dict[str, Any] | None"]
+ItemMaker = Callable[[list[list[str]], Position, np.random.Generator, TextTokenizer], "dict[str, Any] | None"]
 ITEM_MAKERS: dict[str, ItemMaker] = {
     "cocomix_lastword": _lastword_item,
     "cocomix_choice": _choice_item,
@@ -167,8 +170,13 @@ def _rolling_starts(documents: list[list[str]]) -> list[Position]:
     return starts
 
 
-def make_items(task: str, documents: list[list[str]], items: int, seed: int) -> list[dict[str, Any]]:
-    """Up to `items` items of `task`, a pure function of (documents, items, seed)."""
+def make_items(task: str, documents: list[list[str]], items: int, seed: int,
+               tokenizer: TextTokenizer | None = None) -> list[dict[str, Any]]:
+    """Up to `items` items of `task`, a pure function of (documents, items, seed, tokenizer; default GPT-2's).
+
+    The tokenizer only bounds choice lengths (MAX_CHOICE_TOKENS), so items fit the students' context.
+    """
+    tokenizer = tokenizer or gpt2_tokenizer()
     rng = np.random.default_rng([seed, TASK_NAMES.index(task)])
     if task == "cocomix_rolling":
         positions = _rolling_starts(documents)
@@ -176,7 +184,7 @@ def make_items(task: str, documents: list[list[str]], items: int, seed: int) -> 
         positions = [Position(d, s) for d, sentences in enumerate(documents) for s in range(1, len(sentences))]
     made = []
     for index in rng.permutation(len(positions)):
-        item = ITEM_MAKERS[task](documents, positions[index], rng)
+        item = ITEM_MAKERS[task](documents, positions[index], rng, tokenizer)
         if item is not None:
             made.append(item)
             if len(made) == items:
@@ -226,15 +234,18 @@ def load_tasks_manifest(tasks_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def build_offline_tasks(data_dir: str | Path, out_dir: str | Path, items: int, seed: int) -> Path:
+def build_offline_tasks(data_dir: str | Path, out_dir: str | Path, items: int, seed: int,
+                        tokenizer: TextTokenizer | None = None) -> Path:
     """Write the offline tasks' JSONL and YAML files into out_dir (atomically); returns out_dir.
 
-    A folder already built from the same held-out documents with the same items and seed is kept.
+    `tokenizer` is the data's (default GPT-2's; `cocomix_core.data.data_tokenizer(data_dir)`). A folder
+    already built from the same held-out documents with the same items, seed and tokenizer is kept.
     """
     out_dir = Path(out_dir).resolve()
     source = Path(data_dir) / VAL_DOCUMENTS_FILE
+    tokenizer = tokenizer or gpt2_tokenizer()
     wanted = {"generator_version": GENERATOR_VERSION, "items": items, "seed": seed,
-              "source_sha256": sha256_file(source) if source.is_file() else None}
+              "source_sha256": sha256_file(source) if source.is_file() else None, "tokenizer": tokenizer.digest}
     if (out_dir / MANIFEST_FILE).is_file():
         existing = load_tasks_manifest(out_dir)
         if all(existing.get(key) == value for key, value in wanted.items()):
@@ -244,7 +255,7 @@ def build_offline_tasks(data_dir: str | Path, out_dir: str | Path, items: int, s
     with atomic_path(out_dir) as temp:
         temp.mkdir(parents=True)
         for task in TASK_NAMES:
-            rows = make_items(task, documents, items, seed)
+            rows = make_items(task, documents, items, seed, tokenizer)
             if not rows:
                 raise EvaluationError(f"{task}: no item could be built from {source} (documents too short?)")
             _write_jsonl(temp / f"{task}.jsonl", rows)

@@ -3,7 +3,9 @@
 Data: the teacher's residual after block `layer_index` (pre final norm; captured with a hook
 that stops the forward there, so upper blocks and the LM head never run). Activations of
 `teacher_batch_size` windows at a time go into a shuffled buffer; each SAE step draws
-`batch_tokens` of them.
+`batch_tokens` of them. With `activation_tokens` set, that many activations are captured once
+and every pass over them (an epoch) is a fresh shuffle: a large pretrained teacher's forward
+costs far more than an SAE step, so on CPUs the SAE sees each activation several times.
 
 Objective, on normalised inputs x̂ = LN(x) (the SPEC's LN):
     main  = nmse(x̂', x̂)          x̂' = decoder(a) + pre_bias, a = TopK latents
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -39,6 +41,9 @@ from torch import nn
 from cocomix_core.concepts import capture_residual, freeze
 from cocomix_core.progress import Progress
 from cocomix_core.sae import TopKSAE
+
+if TYPE_CHECKING:
+    from settings.schema import SAESettings
 
 
 @dataclass
@@ -54,6 +59,7 @@ class SAETrainConfig:
     aux_coef: float = 1.0 / 32.0
     dead_steps_threshold: int = 50
     teacher_batch_size: int = 8  # windows per teacher forward
+    activation_tokens: int | None = None  # captured once and reused every epoch; None: fresh activations throughout
     buffer_batches: int = 8  # the shuffle buffer holds this many SAE batches
     eval_windows: int = 8  # held-out windows for the reported metrics
     geometric_median_iters: int = 20
@@ -90,11 +96,17 @@ class ActivationStream:
     """Shuffled batches of teacher residual activations (N×d float32)."""
 
     def __init__(self, teacher: nn.Module, batches: Iterator[torch.Tensor], layer_index: int, batch_tokens: int,
-                 buffer_tokens: int, generator: torch.Generator, device: torch.device) -> None:
+                 buffer_tokens: int, generator: torch.Generator, device: torch.device,
+                 pool_tokens: int | None = None) -> None:
         self.teacher, self.batches, self.layer_index = teacher, batches, layer_index
         self.batch_tokens, self.buffer_tokens = batch_tokens, max(buffer_tokens, batch_tokens)
         self.generator, self.device = generator, device
         self.buffer = torch.empty(0)
+        self.pool: torch.Tensor | None = None
+        if pool_tokens is not None:  # capture once; each epoch is a new permutation of the pool
+            self.buffer_tokens = max(pool_tokens, batch_tokens)
+            self._fill()
+            self.pool = self.buffer
 
     def _fill(self) -> None:
         parts = [self.buffer]
@@ -115,7 +127,10 @@ class ActivationStream:
         self.buffer = buffer[perm]
 
     def next(self) -> torch.Tensor:
-        if self.buffer.shape[0] < max(self.batch_tokens, self.buffer_tokens // 2):
+        if self.pool is not None:
+            if self.buffer.shape[0] < self.batch_tokens:
+                self.buffer = self.pool[torch.randperm(self.pool.shape[0], generator=self.generator).to(self.device)]
+        elif self.buffer.shape[0] < max(self.batch_tokens, self.buffer_tokens // 2):
             self._fill()
         batch, self.buffer = self.buffer[: self.batch_tokens], self.buffer[self.batch_tokens :]
         return batch
@@ -211,7 +226,7 @@ def _train(teacher: nn.Module, windows: Any, layer_index: int, config: SAETrainC
     eval_acts = eval_acts.reshape(-1, eval_acts.shape[-1]).float()
 
     stream = ActivationStream(teacher, source, layer_index, config.batch_tokens,
-                              config.buffer_batches * config.batch_tokens, generator, device)
+                              config.buffer_batches * config.batch_tokens, generator, device, config.activation_tokens)
     first = stream.next()
     width = first.shape[-1]
     probe = TopKSAE(1, width, 1)
@@ -289,3 +304,13 @@ def _train(teacher: nn.Module, windows: Any, layer_index: int, config: SAETrainC
         config=asdict(config),
     )
     return sae, metrics
+
+
+def sae_train_config(sae: "SAESettings", block_size: int) -> SAETrainConfig:
+    """The SAETrainConfig of the `sae` settings section (SAE steps draw sae.batch_size windows of block_size)."""
+    batch_tokens = sae.batch_size * block_size
+    return SAETrainConfig(
+        num_latents=sae.num_latents, k=sae.k, steps=sae.steps, batch_tokens=batch_tokens, lr=sae.lr,
+        aux_k=sae.aux_k, aux_coef=sae.aux_coef, dead_steps_threshold=max(1, sae.dead_after_tokens // batch_tokens),
+        teacher_batch_size=sae.batch_size, activation_tokens=sae.activation_tokens, seed=sae.seed,
+    )

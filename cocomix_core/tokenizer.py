@@ -1,4 +1,10 @@
-"""GPT-2 BPE tokenizer, fully offline (SPEC §1).
+"""Tokenizers: GPT-2 BPE fully offline (SPEC §1), or the teacher's own (SPEC §8).
+
+`load_tokenizer(name, teacher_dir)` turns the `tokenizer.name` setting into a `TextTokenizer`:
+"gpt2" is the path below (tiktoken, unchanged for the paper presets); "teacher" and a folder
+path are Hugging Face tokenizers. Either way a document is encoded without special-token
+parsing (a literal "<|endoftext|>" in text is ordinary text), gets no begin-of-sequence token,
+and ends with the tokenizer's end-of-sequence id.
 
 tiktoken's own `gpt2` encoding downloads its files, so we build the same
 encoding from the copies of GPT-2's `encoder.json` and `vocab.bpe` that the
@@ -12,7 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
+import shutil
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +32,7 @@ from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
 
 if TYPE_CHECKING:
-    from transformers import GPT2Tokenizer
+    from transformers import GPT2Tokenizer, PreTrainedTokenizerBase
 
 EOT_ID = 50256
 VOCAB_SIZE = 50257
@@ -35,8 +44,14 @@ VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726
 EXPECTED_SHA256 = {"encoder.json": ENCODER_JSON_SHA256, "vocab.bpe": VOCAB_BPE_SHA256}
 
 
+GPT2_NAME = "gpt2"
+TEACHER_NAME = "teacher"
+UINT16_LIMIT = 1 << 16  # ids below this fit a uint16 stream (SPEC §8)
+VOCAB_PAD_MULTIPLE = 64  # students' embedding rows of a non-GPT-2 tokenizer are padded up to this
+
+
 class TokenizerError(RuntimeError):
-    """The GPT-2 tokenizer files are missing or are not the published ones."""
+    """A tokenizer is missing, unusable, or not the one expected."""
 
 
 def bpe_files_dir() -> Path:
@@ -96,6 +111,11 @@ def tokenizer_digest() -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The stream dtype for ids below `vocab_size`: uint16 while every id fits, else uint32 (SPEC §8)."""
+    return np.dtype(np.uint16 if vocab_size <= UINT16_LIMIT else np.uint32)
+
+
 def encode_document(text: str) -> np.ndarray:
     """One document's ids with encode_ordinary semantics, ended with EOT_ID (SPEC §1), as uint16.
 
@@ -131,3 +151,160 @@ def hf_gpt2_tokenizer(directory: str | os.PathLike | None = None) -> "GPT2Tokeni
 def save_hf_tokenizer(directory: str | os.PathLike) -> None:
     """Write tokenizer files into `directory` so `AutoTokenizer.from_pretrained(directory)` works offline."""
     hf_gpt2_tokenizer().save_pretrained(str(directory))
+
+
+# ----- any tokenizer: GPT-2 (tiktoken) or a Hugging Face one -------------------------------------
+def vocabulary_digest(tokenizer: "PreTrainedTokenizerBase") -> str:
+    """sha256 over a HF tokenizer's token->id table and its EOS id: equal iff two tokenizers map tokens alike."""
+    table = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps([table, tokenizer.eos_token_id], ensure_ascii=False).encode()).hexdigest()
+
+
+@dataclass
+class TextTokenizer:
+    """One tokenizer as the pipeline uses it: document encoding, sizes, identity, and HF files for checkpoints."""
+
+    name: str  # "gpt2", or where the HF tokenizer came from
+    vocab_size: int  # ids are in range(vocab_size)
+    eos_id: int
+    digest: str  # identifies the exact encoding (recorded in manifests; part of the data's inputs digest)
+    hf_folder: Path | None = None  # None: GPT-2, built from the verified BPE files
+    _hf: "PreTrainedTokenizerBase | None" = field(default=None, repr=False)
+
+    @property
+    def is_gpt2(self) -> bool:
+        return self.hf_folder is None
+
+    @property
+    def dtype(self) -> np.dtype:
+        return token_dtype(self.vocab_size)
+
+    def hf(self) -> "PreTrainedTokenizerBase":
+        """The transformers tokenizer giving the same ids (what lm-eval and checkpoints use)."""
+        if self._hf is None:
+            self._hf = hf_gpt2_tokenizer() if self.is_gpt2 else _load_hf_tokenizer(self.hf_folder)
+        return self._hf
+
+    def vocabulary_digest(self) -> str:
+        """Digest of the token->id table (see `vocabulary_digest`): compares a teacher's tokenizer with this one."""
+        return vocabulary_digest(self.hf())
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Ids of `text` with no special tokens parsed or added."""
+        if self.is_gpt2:
+            return gpt2_encoding().encode_ordinary(text)
+        return _ordinary_backend(self.hf()).encode(text, add_special_tokens=False).ids
+
+    def encode_document(self, text: str) -> np.ndarray:
+        """One document's ids ended with the EOS id, in the stream dtype (SPEC §1, §8)."""
+        if self.is_gpt2:
+            return encode_document(text)
+        ids = self.encode_ordinary(text)
+        document = np.empty(len(ids) + 1, dtype=self.dtype)
+        document[:-1] = ids
+        document[-1] = self.eos_id
+        return document
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write HF tokenizer files into `directory`, so `AutoTokenizer.from_pretrained(directory)` works offline."""
+        if self.is_gpt2:
+            save_hf_tokenizer(directory)
+            return
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        for path in sorted(self.hf_folder.iterdir()):
+            if path.is_file() and path.name in HF_TOKENIZER_FILES:
+                shutil.copyfile(path, Path(directory) / path.name)
+
+    def describe(self) -> dict[str, object]:
+        """What a manifest records about the tokenizer."""
+        return {"name": self.name if self.is_gpt2 else "hf", "source": self.name, "digest": self.digest,
+                "vocab_size": self.vocab_size, "eot_id": self.eos_id}
+
+
+# Files `save_pretrained` of a tokenizer writes; copied verbatim into checkpoints and data folders.
+HF_TOKENIZER_FILES = frozenset({
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+})
+
+
+def _load_hf_tokenizer(folder: Path) -> "PreTrainedTokenizerBase":
+    from transformers import AutoTokenizer
+
+    if not (Path(folder) / "tokenizer.json").is_file() and not (Path(folder) / "tokenizer_config.json").is_file():
+        raise TokenizerError(f"{folder} holds no Hugging Face tokenizer (no tokenizer.json or tokenizer_config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as error:  # transformers raises OSError, ValueError, JSON errors...
+        raise TokenizerError(f"cannot load the tokenizer in {folder}: {error}") from error
+    if not tokenizer.is_fast:
+        raise TokenizerError(f"the tokenizer in {folder} has no fast (Rust) implementation; one with tokenizer.json is needed")
+    if tokenizer.eos_token_id is None:
+        raise TokenizerError(f"the tokenizer in {folder} has no end-of-sequence token (eos_token); documents must end with one")
+    return tokenizer
+
+
+@lru_cache(maxsize=8)
+def _ordinary_backend_for(serialized: str):
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(serialized)
+    backend.encode_special_tokens = True  # special-token text is ordinary text, as tiktoken's encode_ordinary
+    return backend
+
+
+def _ordinary_backend(tokenizer: "PreTrainedTokenizerBase"):
+    return _ordinary_backend_for(tokenizer.backend_tokenizer.to_str())
+
+
+def gpt2_tokenizer() -> TextTokenizer:
+    """The paper's tokenizer: GPT-2 BPE through tiktoken, from the verified offline files."""
+    return TextTokenizer(name=GPT2_NAME, vocab_size=VOCAB_SIZE, eos_id=EOT_ID, digest=tokenizer_digest())
+
+
+def hf_tokenizer(folder: str | os.PathLike) -> TextTokenizer:
+    """A Hugging Face tokenizer saved in `folder` (fast tokenizer with an EOS token)."""
+    folder = Path(folder).resolve()
+    tokenizer = _load_hf_tokenizer(folder)
+    serialized = tokenizer.backend_tokenizer.to_str()
+    digest = hashlib.sha256(json.dumps([serialized, tokenizer.eos_token_id]).encode()).hexdigest()
+    # len() counts added tokens too; the largest id + 1 bounds every id the tokenizer can produce.
+    vocab_size = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+    return TextTokenizer(name=str(folder), vocab_size=vocab_size, eos_id=tokenizer.eos_token_id, digest=digest,
+                         hf_folder=folder, _hf=tokenizer)
+
+
+def load_tokenizer(name: str, teacher_dir: str | os.PathLike | None = None) -> TextTokenizer:
+    """The tokenizer named by the `tokenizer.name` setting: "gpt2", "teacher" (the teacher's folder's), or a folder."""
+    if name == GPT2_NAME:
+        return gpt2_tokenizer()
+    if name == TEACHER_NAME:
+        if teacher_dir is None:
+            raise TokenizerError("tokenizer.name=teacher needs the teacher's local folder (teacher.pretrained resolved)")
+        return hf_tokenizer(teacher_dir)
+    if not Path(name).is_dir():
+        raise TokenizerError(f"tokenizer.name={name!r}: expected 'gpt2', 'teacher' or a folder holding a HF tokenizer")
+    return hf_tokenizer(name)
+
+
+def student_vocab_size(tokenizer: TextTokenizer, configured: int | None = None) -> int:
+    """Embedding rows of a student: `configured`, or the tokenizer's size (non-GPT-2: padded to a multiple of 64)."""
+    if configured is not None:
+        if configured < tokenizer.vocab_size:
+            raise TokenizerError(
+                f"model vocab_size={configured} is smaller than the tokenizer's {tokenizer.vocab_size} ids ({tokenizer.name})"
+            )
+        return configured
+    if tokenizer.is_gpt2:
+        return VOCAB_SIZE  # the paper presets: exactly GPT-2's 50257
+    return -(-tokenizer.vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+
+
+def check_same_tokenizer(teacher: TextTokenizer, students: TextTokenizer) -> None:
+    """Refuse a teacher whose token->id table differs from the students' (labels are per token position, SPEC §8)."""
+    if teacher.vocabulary_digest() != students.vocabulary_digest():
+        raise TokenizerError(
+            f"the teacher's tokenizer ({teacher.name}: {teacher.vocab_size} ids, eos {teacher.eos_id}) differs from the "
+            f"students' ({students.name}: {students.vocab_size} ids, eos {students.eos_id}); labels are per token, so "
+            "both must share one tokenizer: set tokenizer.name=teacher, or pick a teacher with the students' tokenizer"
+        )

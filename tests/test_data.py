@@ -357,3 +357,50 @@ def test_cli_reports_errors_without_a_traceback(tmp_path):
     )
     assert result.returncode != 0
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+# ----- other tokenizers: uint32 streams, the tokenizer kept beside the data (SPEC §8) -------------
+from cocomix_core.tokenizer import load_tokenizer  # noqa: E402
+from tiny_teachers import train_bpe, wide_word_tokenizer  # noqa: E402
+
+
+def test_uint32_streams_round_trip(corpus, tmp_path):
+    tokenizer = load_tokenizer(str(wide_word_tokenizer(tmp_path / "wide", WORDS)))
+    manifest = prepare_corpus(files_settings(corpus), tmp_path / "out", tokenizer)
+    assert manifest["dtype"] == "uint32" and manifest["tokenizer"]["vocab_size"] == 70_000 + 2 + len(WORDS)
+    word_id = {word: 70_002 + i for i, word in enumerate(WORDS)}
+    val_texts = [json.loads(line)["text"] for line in (tmp_path / "out" / "val_documents.jsonl").read_text().splitlines()]
+    # Independent reference: whitespace words -> ids (the trailing "." is the unknown token), EOS after each document.
+    expected = [i for text in val_texts for i in [word_id.get(w, 70_000) for w in text.replace(".", " .").split()] + [70_001]]
+    val = load_split(tmp_path / "out", "val")
+    assert val.dtype == np.uint32 and val.tolist() == expected and max(expected) > 65_535
+    assert (tmp_path / "out" / "val.bin").stat().st_size == 4 * len(expected)
+    assert prep.data_tokenizer(tmp_path / "out").digest == tokenizer.digest
+
+
+def test_manifest_without_dtype_means_uint16(corpus, tmp_path):
+    prepare_corpus(files_settings(corpus), tmp_path / "out")
+    manifest_path = tmp_path / "out" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["dtype"]  # as written before streams could be uint32
+    manifest_path.write_text(json.dumps(manifest))
+    assert load_split(tmp_path / "out", "train").dtype == np.uint16
+    manifest["dtype"] = "float32"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="manifest dtype 'float32' is not a token stream dtype"):
+        load_split(tmp_path / "out", "train")
+
+
+def test_teacher_tokenizer_is_saved_beside_the_data_and_changes_the_digest(corpus, tmp_path):
+    train_bpe("gpt_neox").save_pretrained(str(tmp_path / "neox"))
+    tokenizer = load_tokenizer(str(tmp_path / "neox"))
+    manifest = prepare_corpus(files_settings(corpus), tmp_path / "neox_data", tokenizer)
+    gpt2_manifest = prepare_corpus(files_settings(corpus), tmp_path / "gpt2_data")
+    assert manifest["dtype"] == "uint16" and manifest["tokenizer"]["eot_id"] == tokenizer.eos_id
+    assert manifest["inputs_digest"] != gpt2_manifest["inputs_digest"]
+    assert data_digest(manifest) != data_digest(gpt2_manifest)
+    assert not (tmp_path / "gpt2_data" / prep.TOKENIZER_DIR).exists()
+    assert prep.data_tokenizer(tmp_path / "neox_data").encode_ordinary("peace and trade") == tokenizer.encode_ordinary(
+        "peace and trade")
+    train = load_split(tmp_path / "neox_data", "train")
+    assert train.max() < tokenizer.vocab_size and int(train[-1]) == tokenizer.eos_id

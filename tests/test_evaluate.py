@@ -242,7 +242,7 @@ def test_folder_without_checkpoint_files_says_what_is_missing(tmp_path):
 
 def test_checkpoint_with_a_small_vocabulary_is_refused(tmp_path):
     folder = save_checkpoint(tiny_model("ntp", vocab_size=1000), tmp_path, {"step": 1})
-    with pytest.raises(EvaluationError, match="vocab_size=1000 is smaller than the GPT-2 tokenizer's 50257"):
+    with pytest.raises(EvaluationError, match="vocab_size=1000 is smaller than its tokenizer's 50257"):
         load_checkpoint(folder)
 
 

@@ -42,15 +42,16 @@ def test_jobs_resolve_every_field_from_the_settings():
     settings = load_settings("smoke", ["sweep.seeds=[0,1]"])
     jobs = {b.name: job_for_branch(settings, b) for b in training_branches(settings)}
     cocomix = jobs["cocomix-s1"]
-    assert (cocomix.kind, cocomix.seed, cocomix.shape) == ("cocomix", 1, settings.arms["cocomix"].model)
+    gpt2_sized = settings.arms["cocomix"].model.model_copy(update={"vocab_size": 50257})  # GPT-2 tokenizer's size
+    assert (cocomix.kind, cocomix.seed, cocomix.shape) == ("cocomix", 1, gpt2_sized)
     assert (cocomix.concept_dim, cocomix.concept_num, cocomix.insert_layer_index, cocomix.labels_per_token) == (256, 8, 1, 4)
     assert cocomix.lam_concept == 0.1 and cocomix.block_size == 32 and cocomix.settings_digest == settings_digest(settings)
     ntp = jobs["ntp-s0"]
     assert ntp.concept_dim is None and ntp.lam_concept == 0.0
     assert isinstance(ntp.build_model(), GPT2LMHeadModel)
-
     teacher = teacher_job(settings)
-    assert (teacher.name, teacher.kind, teacher.shape, teacher.train) == ("teacher", "ntp", settings.teacher.model, settings.teacher.train)
+    teacher_shape = settings.teacher.model.model_copy(update={"vocab_size": 50257})
+    assert (teacher.name, teacher.kind, teacher.shape, teacher.train) == ("teacher", "ntp", teacher_shape, settings.teacher.train)
 
 
 def test_job_digest_ignores_threads_and_names_but_not_the_recipe():
@@ -68,3 +69,13 @@ def test_teacher_job_needs_teacher_train_settings():
     settings = load_settings("smoke", ["teacher.pretrained=openai-community/gpt2", "teacher.train=null"])
     with pytest.raises(ValueError, match="nothing to train"):
         teacher_job(settings)
+
+
+def test_jobs_of_another_tokenizer_take_its_vocabulary_size(tmp_path):
+    tokenizer_dir = tmp_path / "tok"
+    tokenizer_dir.mkdir()
+    settings = load_settings("smoke", [f"tokenizer.name={tokenizer_dir}"])
+    branch = training_branches(settings)[0]
+    with pytest.raises(ValueError, match="pass the tokenizer's vocab_size"):
+        job_for_branch(settings, branch)
+    assert job_for_branch(settings, branch, vocab_size=49152).build_model().config.vocab_size == 49152

@@ -219,3 +219,19 @@ def test_training_from_plain_iterable_and_last_layer(tiny_teacher_and_windows):
     assert sae.width == 64 and np.isfinite(metrics["fvu"])
     with pytest.raises(ValueError, match="k=300"):
         train_sae(teacher, windows, layer_index=0, num_latents=256, k=300, steps=1)
+
+
+def test_captured_activations_are_reused_every_epoch(tiny_teacher_and_windows):
+    """activation_tokens: the teacher runs only to fill the pool; training still converges on it."""
+    teacher, windows = tiny_teacher_and_windows
+    calls = []
+    handle = teacher.transformer.h[0].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        # pool of 2048 tokens = 4 teacher calls of 16 windows x 32; 60 steps x 256 tokens = 7.5 epochs over it
+        sae, metrics = train_sae(teacher, windows, layer_index=0, num_latents=256, k=8, steps=60, batch_tokens=256,
+                                 lr=4e-3, aux_k=32, dead_steps_threshold=3, teacher_batch_size=16,
+                                 activation_tokens=2048, seed=0)
+    finally:
+        handle.remove()
+    assert len(calls) == 1 + 4  # the held-out batch, then the pool; never again
+    assert metrics["tokens_seen"] == 60 * 256 and metrics["fvu"] < 0.5, metrics

@@ -86,14 +86,12 @@ def test_bad_value_names_field_and_value():
     [
         ("arms.cocomix.model.heads=3", r"heads=3 must divide width=128"),
         ("arms.cocomix.insert_layer_index=4", r"insert_layer_index=4 must be < depth=4"),
-        ("sae.layer_index=4", r"sae.layer_index=4 must be < teacher.model.depth=4"),
         ("arms.cocomix.concept_num=4096", r"concept_num=4096 exceeds sae.num_latents=2048"),
         ("sae.k=4096", r"k=4096 exceeds num_latents=2048"),
         ("concepts.labels_per_token=17", r"labels_per_token=17 exceeds sae.k=16"),
-        ("arms.ntp.model.vocab_size=50000", r"vocab_size=50000 is smaller than"),
-        ("train.eval_every=500", r"eval_every=500 exceeds steps=160"),
+        ("train.eval_every=500", r"eval_every=500 exceeds steps=64"),
         ("train.checkpoint_every=0", r"train.checkpoint_every"),
-        ("train.grad_accum_steps=3", r"grad_accum_steps=3 does not divide batch_size=8"),
+        ("train.grad_accum_steps=3", r"grad_accum_steps=3 does not divide batch_size=4"),
         ("train.min_lr=1.0", r"min_lr=1.0 is larger than lr"),
         ("data.source=files", r"data.path is required"),
     ],
@@ -101,6 +99,19 @@ def test_bad_value_names_field_and_value():
 def test_cross_field_checks(override, message):
     with pytest.raises(SettingsError, match=message):
         load_settings("cpu", [override])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("sae.layer_index=2", r"sae.layer_index=2 must be < teacher.model.depth=2"),
+        ("arms.ntp.model.vocab_size=50000", r"arms.ntp.model.vocab_size=50000 is smaller than the GPT-2 tokenizer's 50257"),
+        ("tokenizer.name=teacher", r"tokenizer.name=teacher needs teacher.pretrained"),
+    ],
+)
+def test_cross_field_checks_of_a_trained_gpt2_teacher(override, message):
+    with pytest.raises(SettingsError, match=message):
+        load_settings("smoke", [override])
 
 
 def test_unknown_preset_lists_known_ones():

@@ -164,3 +164,76 @@ def test_saved_tokenizer_loads_offline_in_a_fresh_process(tmp_path):
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert loaded["eos"] == tok.EOT_ID
     assert loaded["ids"] == [tok.gpt2_encoding().encode_ordinary(text) for text in SAMPLE]
+
+
+# ----- tokenizers that follow the teacher (SPEC §8) ------------------------------------------------
+from tiny_teachers import FAMILIES, train_bpe, wide_word_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def llama_tokenizer_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("llama_tok")
+    train_bpe("llama").save_pretrained(str(folder))
+    return folder
+
+
+def test_hf_document_ends_with_eos_and_has_no_bos(llama_tokenizer_dir):
+    text = "The State of the Union is strong. </s> <s> stays text"
+    tokenizer = tok.load_tokenizer(str(llama_tokenizer_dir))
+    ids = tokenizer.encode_document(text)
+    hf = tokenizer.hf()
+    # Independent reference: the Rust backend's own pieces for the text (no special-token parsing), then EOS.
+    pieces = hf.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
+    expected = [token.id for piece, _ in pieces for token in hf.backend_tokenizer.model.tokenize(piece)]
+    assert ids.tolist() == expected + [hf.convert_tokens_to_ids("</s>")]
+    assert ids.dtype == np.uint16 and hf.convert_tokens_to_ids("<s>") not in ids.tolist()
+    assert tokenizer.eos_id == hf.convert_tokens_to_ids("</s>") and ids.tolist().count(tokenizer.eos_id) == 1
+
+
+def test_teacher_tokenizer_comes_from_the_teacher_folder(llama_tokenizer_dir):
+    assert tok.load_tokenizer("teacher", llama_tokenizer_dir).digest == tok.hf_tokenizer(llama_tokenizer_dir).digest
+    with pytest.raises(tok.TokenizerError, match="tokenizer.name=teacher needs the teacher's local folder"):
+        tok.load_tokenizer("teacher")
+    with pytest.raises(tok.TokenizerError, match="expected 'gpt2', 'teacher' or a folder"):
+        tok.load_tokenizer("/no/such/folder")
+
+
+def test_saved_hf_tokenizer_loads_with_stock_autotokenizer(tmp_path, llama_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = tok.load_tokenizer(str(llama_tokenizer_dir))
+    tokenizer.save(tmp_path / "checkpoint")
+    stock = AutoTokenizer.from_pretrained(str(tmp_path / "checkpoint"))
+    text = "Congress shall make no law"
+    assert stock(text, add_special_tokens=False)["input_ids"] == tokenizer.encode_ordinary(text)
+    assert stock.eos_token_id == tokenizer.eos_id
+
+
+def test_vocabulary_above_uint16_gives_uint32_documents(tmp_path):
+    folder = wide_word_tokenizer(tmp_path / "wide", ["union", "state"])
+    tokenizer = tok.load_tokenizer(str(folder))
+    assert tokenizer.vocab_size == 70_004 and tokenizer.dtype == np.uint32
+    assert tokenizer.encode_document("state union nope").tolist() == [70_003, 70_002, 70_000, 70_001]
+
+
+def test_token_dtype_boundary():
+    assert tok.token_dtype(65_536) == np.uint16 and tok.token_dtype(65_537) == np.uint32
+
+
+def test_student_vocab_size_follows_the_tokenizer(llama_tokenizer_dir):
+    llama = tok.load_tokenizer(str(llama_tokenizer_dir))
+    assert llama.vocab_size == FAMILIES["llama"][2]
+    assert tok.student_vocab_size(llama) == 832  # 800 padded up to a multiple of 64
+    assert tok.student_vocab_size(tok.gpt2_tokenizer()) == 50257  # the paper presets: unpadded
+    with pytest.raises(tok.TokenizerError, match="vocab_size=700 is smaller than the tokenizer's 800 ids"):
+        tok.student_vocab_size(llama, configured=700)
+
+
+def test_mismatched_teacher_tokenizer_is_refused_naming_both(tmp_path, llama_tokenizer_dir):
+    train_bpe("gpt_neox").save_pretrained(str(tmp_path / "neox"))
+    llama, neox = tok.load_tokenizer(str(llama_tokenizer_dir)), tok.load_tokenizer(str(tmp_path / "neox"))
+    with pytest.raises(tok.TokenizerError, match=r"teacher's tokenizer \(.*neox: 900 ids.*students' \(.*llama_tok.*800 ids"):
+        tok.check_same_tokenizer(neox, llama)
+    with pytest.raises(tok.TokenizerError, match="50257 ids"):
+        tok.check_same_tokenizer(neox, tok.gpt2_tokenizer())
+    tok.check_same_tokenizer(llama, tok.load_tokenizer(str(llama_tokenizer_dir)))  # the same one passes
