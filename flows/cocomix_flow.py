@@ -7,8 +7,13 @@
     mlflow ui --backend-store-uri sqlite:///<project>/mlruns.db    # every run, metric and artifact
 
 Graph: start -> prepare -> concepts -> train (a foreach over branches: arm × seed × λ, in parallel)
-       -> evaluate (a nested foreach over that branch's checkpoints) -> join_checkpoints -> report -> end
-A branch's checkpoints are evaluated as soon as it finishes, while other branches still train.
+       -> train_gang (@parallel: compute.train.nodes nodes train the branch together) -> join_gang
+       -> trained -> evaluate (a nested foreach over that branch's checkpoints) -> join_checkpoints
+       -> report -> end
+Node 0 of a gang logs to the branch's MLflow run and publishes its checkpoints; the others only
+train. A branch's checkpoints are evaluated as soon as its gang finishes, while other branches
+still train. One node is a gang of one (one code path for every node count); on Kubernetes a
+gang is a JobSet, on AWS Batch a multi-node parallel job, locally N processes of this machine.
 Each step is orchestration only: it reads the settings, calls one stage of cocomix_core/stages.py
 (which runs the same without Metaflow), prints the stage's note (what it did, or why it did
 nothing) and keeps the stage's small result as an artifact. The foreach values are short names
@@ -43,7 +48,7 @@ run ids and metric summaries.
 
 Test hook. COCOMIX_FAIL_ONCE=<step>[,<step>...] makes the first task of each named step raise
 once per experiment (a marker file in the temp folder, keyed by the origin run id, remembers
-it), so tests can exercise `@retry` (train) and `resume` (any other step).
+it), so tests can exercise `@retry` (train_gang) and `resume` (any other step).
 """
 
 from __future__ import annotations
