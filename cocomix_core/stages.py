@@ -5,7 +5,8 @@
     sae = fit_sae(settings, storage, data, teacher, tracker)
     labels = build_labels(settings, storage, data, teacher, sae)
     trained = train_branch(settings, storage, branch, run_folder_key(experiment, branch.name), data, teacher, sae,
-                           labels, tracker)
+                           labels, tracker, node=GangNode(...))   # node 0 of the branch's gang (or its only node)
+    note = train_gang_worker(settings, storage, branch, run_folder_key(...), data, teacher, sae, labels, node)
     metrics = evaluate_checkpoint_job(settings, storage, data, checkpoint, parallel_tasks=1)
     files = write_report(evaluations, out_dir, tracker)
 
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from cocomix_core.fileio import sha256_json
 from cocomix_core.storage import Storage
 from settings import Branch, ExperimentSettings, dump_yaml, flat_params, training_branches
+from settings.schema import TrainResources
 
 if TYPE_CHECKING:  # torch, mlflow and lm-eval load inside the stages that need them
     from cocomix_core.concepts import ConceptExtractor, LabelCache
@@ -105,6 +107,21 @@ class Checkpoint:
     tokens_seen: int
     key: str
     uri: str
+
+
+@dataclasses.dataclass(frozen=True)
+class GangNode:
+    """One node of a branch's training gang (Metaflow's `current.parallel`); the defaults are a one-node gang."""
+
+    index: int = 0
+    nodes: int = 1
+    main_ip: str | None = None
+    port_offset: int = 0  # gangs sharing a machine (a local run's branches) must rendezvous on different ports
+
+    @property
+    def shares_machine(self) -> bool:
+        """Whether all nodes run on this machine (Metaflow's local gangs), so their processes share its cores."""
+        return self.nodes == 1 or self.main_ip in ("127.0.0.1", "localhost")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,10 +330,12 @@ def train_branch(
     sae: SAE,
     labels: Labels,
     tracker: MlflowTracker,
+    node: GangNode = GangNode(),
 ) -> TrainedBranch:
     """Train one branch into `folder_key`, continuing from its last checkpoint; publish and list its checkpoints.
 
-    In-process on CPUs or one GPU; under `accelerate launch` over several GPUs. Metrics go to
+    In-process when one process trains (CPU or one GPU); else under `accelerate launch`, as
+    node 0 of a gang of `node.nodes` (the other nodes run `train_gang_worker`). Metrics go to
     `tracker`, and its run lists the checkpoints (`checkpoints.json`).
     """
     from cocomix_core.tracking import log_checkpoints
@@ -324,38 +343,83 @@ def train_branch(
     tracker.log_params(section_params(settings, "train") | branch_params(settings, branch))
     log_dataset(tracker, data)
     with storage.stored_folder(folder_key, resumable=True) as out_dir:
-        done = _run_trainer(settings, storage, branch, data, teacher, sae, labels, out_dir, tracker)
+        done = _run_trainer(settings, storage, branch, data, teacher, sae, labels, out_dir, tracker, node)
         checkpoints = publish_checkpoints(out_dir, folder_key, storage)
     log_checkpoints(tracker, [dataclasses.asdict(checkpoint) for checkpoint in checkpoints],
                     tempfile.mkdtemp(prefix="cocomix-checkpoints-"))
     return TrainedBranch(checkpoints, f"{branch.name}: {done}; {len(checkpoints)} checkpoints at {storage.uri(folder_key)}")
 
 
-def _run_trainer(
-    settings: ExperimentSettings, storage: Storage, branch: Branch, data: PreparedData, teacher: Teacher, sae: SAE,
-    labels: Labels, out_dir: Path, tracker: MlflowTracker,
+def train_gang_worker(
+    settings: ExperimentSettings, storage: Storage, branch: Branch, folder_key: str, data: PreparedData,
+    teacher: Teacher, sae: SAE, labels: Labels, node: GangNode,
 ) -> str:
-    """Train in this process or under `accelerate launch`; says what was done."""
+    """Node `node.index` > 0 of a branch's gang: train from the run folder as stored; says what was done.
+
+    Global rank 0 (on node 0) alone logs and writes checkpoints, so this node neither tracks nor publishes.
+    """
+    if node.index == 0:
+        raise ValueError("node 0 of a gang trains with train_branch, which logs and publishes")
+    found = storage.exists(folder_key, resumable=True)
+    out_dir = storage.materialize(folder_key, resumable=True) if found else storage.local_workdir(folder_key)
+    done = _run_trainer(settings, storage, branch, data, teacher, sae, labels, out_dir, None, node)
+    return f"{branch.name} node {node.index} of {node.nodes}: {done}"
+
+
+def _launched_resources(settings: ExperimentSettings) -> TrainResources:
+    """compute.train as this machine can honour it: no more GPU processes than visible GPUs (none: CPU processes)."""
     import torch
 
+    resources = settings.compute.train
+    return resources.model_copy(update={"gpus": min(resources.gpus, torch.cuda.device_count())})
+
+
+def _launch_gang_node(
+    settings: ExperimentSettings, resources: TrainResources, module_args: list[str], node: GangNode,
+    tracker: MlflowTracker | None,
+) -> str:
+    """Run this node's `accelerate launch` of the trainer (all of the gang's processes on this node); says what ran."""
     from cocomix_core.launch import training_command
+
+    port = resources.main_port + node.port_offset
+    if port > 65535:
+        raise ValueError(f"compute.train.main_port={resources.main_port} + branch index {node.port_offset} = {port} "
+                         "is past the last TCP port 65535; lower compute.train.main_port")
+    sharing = len(training_branches(settings)) * resources.processes_per_node * (node.nodes if node.shares_machine else 1)
+    threads = threads_for(settings, "train", sharing)
+    command = training_command([*module_args, "--threads", str(threads)],
+                               resources.model_copy(update={"main_port": port}),
+                               node_rank=node.index, main_ip=node.main_ip)
+    environment = dict(os.environ)
+    if tracker is not None:  # the trainer's rank 0 logs into the branch's run on this tracking server
+        environment["MLFLOW_TRACKING_URI"] = tracker.client.tracking_uri
+    subprocess.run(command, check=True, env=environment)
+    device = f"{resources.gpus} GPUs" if resources.gpus else f"{resources.cpu_processes} CPU processes"
+    return f"trained to step {settings.train.steps} on {node.nodes} node(s) × {device}"
+
+
+def _run_trainer(
+    settings: ExperimentSettings, storage: Storage, branch: Branch, data: PreparedData, teacher: Teacher, sae: SAE,
+    labels: Labels, out_dir: Path, tracker: MlflowTracker | None, node: GangNode,
+) -> str:
+    """Train in this process, or (several processes, or a gang) under `accelerate launch`; says what was done."""
     from cocomix_core.models import job_for_branch
     from cocomix_core.train import train
 
-    gpus = min(settings.compute.train.gpus, torch.cuda.device_count())
+    resources = _launched_resources(settings)
     cocomix = branch.kind == "cocomix"
-    if gpus > 1:
+    if resources.nodes * resources.processes_per_node > 1:
         settings_file = Path(tempfile.mkdtemp(prefix="cocomix-settings-")) / "settings.yaml"
         settings_file.write_text(dump_yaml(settings))
         args = ["--settings", str(settings_file), "--arm", branch.name, "--data", str(data.folder(storage)),
-                "--out", str(out_dir), "--mlflow-run-id", tracker.run_id]
+                "--out", str(out_dir)]
+        if tracker is not None:
+            args += ["--mlflow-run-id", tracker.run_id]
         if cocomix and labels.key:
             args += ["--labels", str(storage.materialize(labels.key))]
         elif cocomix:
             args += ["--teacher", teacher.local(storage), "--sae", sae.local(storage)]
-        environment = os.environ | {"MLFLOW_TRACKING_URI": tracker.client.tracking_uri}
-        subprocess.run(training_command(args, gpus=gpus), check=True, env=environment)
-        return f"trained on {gpus} GPUs to step {settings.train.steps}"
+        return _launch_gang_node(settings, resources, args, node, tracker)
     label_source = None
     if cocomix:
         label_source = _label_source(settings, storage, teacher, sae, labels)

@@ -7,8 +7,13 @@
     mlflow ui --backend-store-uri sqlite:///<project>/mlruns.db    # every run, metric and artifact
 
 Graph: start -> prepare -> concepts -> train (a foreach over branches: arm × seed × λ, in parallel)
-       -> evaluate (a nested foreach over that branch's checkpoints) -> join_checkpoints -> report -> end
-A branch's checkpoints are evaluated as soon as it finishes, while other branches still train.
+       -> train_gang (@parallel: compute.train.nodes nodes train the branch together) -> join_gang
+       -> trained -> evaluate (a nested foreach over that branch's checkpoints) -> join_checkpoints
+       -> report -> end
+Node 0 of a gang logs to the branch's MLflow run and publishes its checkpoints; the others only
+train. A branch's checkpoints are evaluated as soon as its gang finishes, while other branches
+still train. One node is a gang of one (one code path for every node count); on Kubernetes a
+gang is a JobSet, on AWS Batch a multi-node parallel job, locally N processes of this machine.
 Each step is orchestration only: it reads the settings, calls one stage of cocomix_core/stages.py
 (which runs the same without Metaflow), prints the stage's note (what it did, or why it did
 nothing) and keeps the stage's small result as an artifact. The foreach values are short names
@@ -43,7 +48,7 @@ run ids and metric summaries.
 
 Test hook. COCOMIX_FAIL_ONCE=<step>[,<step>...] makes the first task of each named step raise
 once per experiment (a marker file in the temp folder, keyed by the origin run id, remembers
-it), so tests can exercise `@retry` (train) and `resume` (any other step).
+it), so tests can exercise `@retry` (train_gang) and `resume` (any other step).
 """
 
 from __future__ import annotations
@@ -72,7 +77,7 @@ from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Any, Iterator  # noqa: E402
 
 import yaml  # noqa: E402
-from metaflow import FlowSpec, Parameter, card, current, package_sources, resources, retry, step  # noqa: E402
+from metaflow import FlowSpec, Parameter, card, current, package_sources, parallel, resources, retry, step  # noqa: E402
 from metaflow.cards import Image, Markdown  # noqa: E402
 
 from cocomix_core import stages  # noqa: E402
@@ -96,12 +101,14 @@ def _launch_settings() -> ExperimentSettings:
         settings = load_settings(source, parse_overrides(overrides))
     except (SettingsError, ValueError) as error:
         sys.exit(f"cocomix_flow: {error}")
-    if settings.compute.train.nodes > 1:
-        # The launcher builds multi-node commands, but the graph has no @parallel step yet: refuse
-        # rather than silently train on one node.
+    resources, batch = settings.compute.train, settings.train
+    split = resources.nodes * resources.processes_per_node * batch.grad_accum_steps
+    if batch.batch_size % split:
+        # Every process of a gang takes an equal slice of each global batch; refuse before any step, not hours in.
         sys.exit(
-            f"cocomix_flow: compute.train.nodes={settings.compute.train.nodes}: multi-node training is not wired "
-            "into the flow yet; use nodes=1 (all GPUs of one node) or run cocomix_core.train under your own launcher"
+            f"cocomix_flow: train.batch_size={batch.batch_size} does not split over compute.train.nodes="
+            f"{resources.nodes} × {resources.processes_per_node} processes per node × train.grad_accum_steps="
+            f"{batch.grad_accum_steps} = {split} micro-batches; choose values whose product divides it"
         )
     return settings
 
@@ -209,28 +216,57 @@ class CocomixFlow(FlowSpec):
         print("\n".join((self.teacher.note, self.sae.note, self.labels.note)))
         self.next(self.train, foreach="branch_names")
 
-    @resources(**_resources("train"))
-    @retry(times=LAUNCH.compute.train.retries, minutes_between_retries=0)
     @step
     def train(self) -> None:
-        """Train one branch into its run folder, continuing from its last checkpoint when retried or resumed."""
+        """One branch (arm × seed × λ): hand it to a gang of compute.train.nodes nodes (one node: a gang of one)."""
+        self.branch = self.branches[self.input]
+        self.branch_index = self.index  # offsets the gang's rendezvous port: local gangs share one machine
+        self.next(self.train_gang, num_parallel=self._settings().compute.train.nodes)
+
+    @resources(**_resources("train"))
+    @retry(times=LAUNCH.compute.train.retries, minutes_between_retries=0)
+    @parallel
+    @step
+    def train_gang(self) -> None:
+        """One node of the branch's gang; node 0 logs to MLflow and publishes the checkpoints. A retried or
+        resumed gang continues from the branch's last checkpoint."""
         from cocomix_core import tracking
         from settings import Branch
 
         settings = self._settings()
-        self.branch = self.branches[self.input]
         self._fail_once()
         branch = Branch(**self.branch)
-        with tracking.active_run(self.branch_run_ids[branch.name], self.tracking_uri) as tracker:
-            tracker.set_tags(self._tags())  # the branch's run now points at the task that trains it
+        node = stages.GangNode(index=current.parallel.node_index, nodes=current.parallel.num_nodes,
+                               main_ip=current.parallel.main_ip, port_offset=self.branch_index)
+        self.node_index = node.index
+        folder_key = stages.run_folder_key(self._origin_run_id(), branch.name)
+        if node.index == 0:
+            with tracking.active_run(self.branch_run_ids[branch.name], self.tracking_uri) as tracker:
+                tracker.set_tags(self._tags())  # the branch's run now points at the task that trains it
+                with self._timed("train_branch"):
+                    trained = stages.train_branch(settings, self._storage(), branch, folder_key, self.data,
+                                                  self.teacher, self.sae, self.labels, tracker, node=node)
+            print(trained.note)
+            self.checkpoints = {checkpoint.name: checkpoint for checkpoint in trained.checkpoints}
+        else:
             with self._timed("train_branch"):
-                trained = stages.train_branch(
-                    settings, self._storage(), branch, stages.run_folder_key(self._origin_run_id(), branch.name),
-                    self.data, self.teacher, self.sae, self.labels, tracker,
-                )
-        print(trained.note)
+                print(stages.train_gang_worker(settings, self._storage(), branch, folder_key, self.data,
+                                               self.teacher, self.sae, self.labels, node))
+        self.next(self.join_gang)
+
+    @step
+    def join_gang(self, inputs: Any) -> None:
+        """The gang finished: keep what node 0 trained and published."""
+        (main,) = [task for task in inputs if task.node_index == 0]
+        self.merge_artifacts(inputs, include=_SHARED_ARTIFACTS + ["branch"])
+        self.checkpoints = main.checkpoints
+        self.library_seconds = main.library_seconds
+        self.next(self.trained)
+
+    @step
+    def trained(self) -> None:
+        """Fan out over the branch's checkpoints (Metaflow: a join cannot also split)."""
         # The evaluate foreach runs over checkpoint names (step_000040); the checkpoints stay in `checkpoints`.
-        self.checkpoints = {checkpoint.name: checkpoint for checkpoint in trained.checkpoints}
         self.checkpoint_names = list(self.checkpoints)
         self.next(self.evaluate, foreach="checkpoint_names")
 

@@ -75,7 +75,8 @@ def tail(result: subprocess.CompletedProcess) -> str:
     ("args", "named"),
     [(["--settings", "smoke", "--set", "train.lr=-1"], "train.lr"), (["--settings", "nonexistent"], "nonexistent"),
      (["--settings", "smoke", "--set", "train.stepz=3"], "train.stepz"),
-     (["--settings", "smoke", "--set", "compute.train.nodes=2"], "compute.train.nodes=2")],
+     # a gang of 3 nodes cannot split the smoke preset's global batch of 4 sequences evenly
+     (["--settings", "smoke", "--set", "compute.train.nodes=3"], "train.batch_size=4 does not split over compute.train.nodes=3")],
 )
 def test_a_bad_setting_fails_before_any_step_and_names_the_field(tmp_path: Path, args: list[str], named: str):
     result = run_flow(["run", *args], flow_env(tmp_path), cwd=tmp_path, timeout=120)
@@ -116,7 +117,7 @@ class Experiment:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> Experiment:
     root = tmp_path_factory.mktemp("smoke")
-    env = flow_env(root, COCOMIX_FAIL_ONCE="train,report")
+    env = flow_env(root, COCOMIX_FAIL_ONCE="train_gang,report")
     overrides = f"compute.storage_root={root / 'artifacts'}"
     failed = run_flow(["run", "--settings", "smoke", "--set", overrides], env, cwd=root)
     resumed = run_flow(["resume"], env, cwd=root)
@@ -151,7 +152,7 @@ def test_every_run_carries_its_lineage_tags_and_the_parent_the_flat_settings(smo
     cocomix = smoke.named("train/cocomix")[0].data.params
     assert cocomix["arm.kind"] == "cocomix" and cocomix["branch.name"] == "cocomix"
     assert smoke.named("teacher")[0].data.tags["metaflow.step"] == "concepts"
-    assert smoke.named("train/ntp")[0].data.tags["metaflow.step"] == "train"
+    assert smoke.named("train/ntp")[0].data.tags["metaflow.step"] == "train_gang"
 
 
 @pytest.mark.slow
@@ -263,7 +264,7 @@ def test_resume_reruns_only_the_failed_steps_and_links_both_runs(smoke: Experime
 def test_a_failed_training_task_is_retried_and_finishes(smoke: Experiment):
     attempts = metaflow_query(
         "run = [run for run in Flow('CocomixFlow') if not run.successful][0]\n"
-        "print(json.dumps(sorted(task.current_attempt for task in run['train'])))",
+        "print(json.dumps(sorted(task.current_attempt for task in run['train_gang'])))",
         smoke.env,
     )
     assert attempts == [0, 1]
