@@ -37,7 +37,7 @@ is cloned), gives the resumed run the Metaflow tag `origin_run:<origin run id>`.
 Storage. Shards, checkpoints and caches live under a storage root (`compute.storage_root`;
 default: <project>/artifacts, or next to an S3 datastore) at keys derived from what they
 contain, so a rerun skips work already done: data/<data settings>, teacher/…, sae/…,
-labels/…; training folders live at runs/<origin run id>/<branch>, so a retried or resumed
+labels/…, teacher_logits/…; training folders live at runs/<origin run id>/<branch>, so a retried or resumed
 branch continues from its own last checkpoint. Metaflow artifacts hold only URIs, digests,
 run ids and metric summaries.
 
@@ -189,7 +189,8 @@ class CocomixFlow(FlowSpec):
     @resources(**_resources("concepts"))
     @step
     def concepts(self) -> None:
-        """The concept teacher and its SAE (pretrained, or trained on the corpus), and the label cache."""
+        """The concept teacher and its SAE (pretrained, or trained on the corpus); the label caches of the CoCoMix
+        arms (one per label selection) and the teacher-logit caches of the KD arms (one per τ and top-k)."""
         from cocomix_core.train import keep_freed_memory, set_threads
 
         settings, storage = self._settings(), self._storage()
@@ -206,7 +207,9 @@ class CocomixFlow(FlowSpec):
         self.sae_run_id = tracker.run_id
         with self._timed("build_labels"):
             self.labels = stages.build_labels(settings, storage, self.data, self.teacher, self.sae)
-        print("\n".join((self.teacher.note, self.sae.note, self.labels.note)))
+        with self._timed("build_teacher_logits"):
+            self.teacher_logits = stages.build_teacher_logits(settings, storage, self.data, self.teacher)
+        print("\n".join((self.teacher.note, self.sae.note, self.labels.note, self.teacher_logits.note)))
         self.next(self.train, foreach="branch_names")
 
     @resources(**_resources("train"))
@@ -226,7 +229,7 @@ class CocomixFlow(FlowSpec):
             with self._timed("train_branch"):
                 trained = stages.train_branch(
                     settings, self._storage(), branch, stages.run_folder_key(self._origin_run_id(), branch.name),
-                    self.data, self.teacher, self.sae, self.labels, tracker,
+                    self.data, self.teacher, self.sae, self.labels, tracker, teacher_logits=self.teacher_logits,
                 )
         print(trained.note)
         # The evaluate foreach runs over checkpoint names (step_000040); the checkpoints stay in `checkpoints`.
@@ -372,7 +375,7 @@ class CocomixFlow(FlowSpec):
 _SHARED_ARTIFACTS = [
     "settings_yaml", "settings_digest", "branches", "branch_names", "storage_root", "tracking_uri", "experiment_id", "parent_run_id",
     "branch_run_ids", "evaluation_run_id", "data", "prepare_run_id", "teacher", "teacher_run_id", "sae", "sae_run_id",
-    "labels",
+    "labels", "teacher_logits",
 ]
 
 
