@@ -1,6 +1,7 @@
 """Training loop for the concept teacher, the NTP baseline and the CoCoMix student; resumable bit for bit.
 
     python -m cocomix_core.train --settings cpu --arm cocomix --data DATA --out OUT --labels LABELS
+    python -m cocomix_core.train --settings cpu_study --arm kd-s0 --data DATA --out OUT --teacher-logits CACHE
     torchrun --standalone --nproc_per_node 2 -m cocomix_core.train ...    (DDP; gloo on CPUs)
     accelerate launch -m cocomix_core.train ...
 
@@ -537,6 +538,7 @@ def _load_teacher_arg(name: str, device: torch.device) -> torch.nn.Module:
 
 def _label_source(args: argparse.Namespace, settings: Any, job: TrainJob, device: torch.device) -> LabelSource:
     """A LabelCache from --labels, or an online ConceptExtractor from --teacher and --sae, checked against the job."""
+    from cocomix_core.concepts import ActivationConceptExtractor
     from cocomix_core.sae import SAEError, load_sae
 
     if args.labels:
@@ -550,14 +552,33 @@ def _label_source(args: argparse.Namespace, settings: Any, job: TrainJob, device
             sae = load_sae(args.sae, map_location=device)
         except (SAEError, OSError) as error:
             raise InputError(f"--sae {args.sae}: {error}") from None
+        extractor = ActivationConceptExtractor if job.label_selection == "activation" else ConceptExtractor
         try:
-            source = ConceptExtractor(teacher, sae, settings.sae.layer_index)
+            source = extractor(teacher, sae, settings.sae.layer_index)
         except ValueError as error:  # width or layer mismatch between the SAE and the teacher
             raise InputError(f"--sae {args.sae} with --teacher {args.teacher}: {error}") from None
     else:
         raise InputError(f"--arm {job.name} is a CoCoMix branch: give --labels, or --teacher and --sae")
     try:
         _check_label_source(source, job)
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    return source
+
+
+def _teacher_source(args: argparse.Namespace, job: TrainJob, device: torch.device) -> TeacherSource:
+    """A TeacherLogitCache from --teacher-logits, or the --teacher model run online, checked against the job."""
+    if args.teacher_logits:
+        try:
+            source: TeacherSource = TeacherLogitCache(args.teacher_logits)
+        except (OSError, ValueError, KeyError) as error:
+            raise InputError(f"--teacher-logits {args.teacher_logits}: not a teacher-logit cache ({error})") from None
+    elif args.teacher:
+        source = OnlineTeacher(_load_teacher_arg(args.teacher, device))
+    else:
+        raise InputError(f"--arm {job.name} is a KD branch: give --teacher-logits, or --teacher")
+    try:
+        _check_teacher_cache(source, job)
     except ValueError as error:
         raise InputError(str(error)) from None
     return source
@@ -574,8 +595,10 @@ def _check_output_folder(out: str) -> None:
         raise InputError(f"--out {out}: not a writable folder ({error.strerror or error})") from None
 
 
-def _open_inputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[TrainJob, Any, LabelSource | None]:
-    """Settings, job, tracker and labels of the command line, every input checked before training starts."""
+def _open_inputs(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> tuple[TrainJob, Any, LabelSource | None, TeacherSource | None]:
+    """Settings, job, tracker, labels and KD teacher of the command line, every input checked before training starts."""
     from cocomix_core.data import load_manifest
     from cocomix_core.tracking import ConsoleTracker, MlflowTracker, check_run
     from settings.cli import settings_from_args
@@ -598,7 +621,8 @@ def _open_inputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> t
         tracker = ConsoleTracker(f"[{job.name}] ")
     device = Accelerator(cpu=not torch.cuda.is_available()).device
     labels = _label_source(args, settings, job, device) if job.kind == "cocomix" else None
-    return job, tracker, labels
+    teacher = _teacher_source(args, job, device) if job.kind == "kd" else None
+    return job, tracker, labels, teacher
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -617,7 +641,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", required=True, help="folder with train.bin / val.bin")
     parser.add_argument("--out", required=True, help="run folder: checkpoints/ and trainer_state/")
     parser.add_argument("--labels", help="label cache folder (CoCoMix, cached labels)")
-    parser.add_argument("--teacher", help="teacher model folder or HF name (CoCoMix, online labels)")
+    parser.add_argument("--teacher-logits", help="teacher-logit cache folder (KD, cached teacher targets)")
+    parser.add_argument("--teacher", help="teacher model folder or HF name (CoCoMix online labels, KD online teacher)")
     parser.add_argument("--sae", help="SAE file or URL (CoCoMix, online labels)")
     parser.add_argument("--threads", type=int, help="torch threads per process")
     parser.add_argument("--mlflow-run-id", help="log to this existing MLflow run (default: the console)")
@@ -626,7 +651,7 @@ def main(argv: list[str] | None = None) -> None:
     from cocomix_core.tracking import ended_on_failure
 
     try:
-        job, tracker, labels = _open_inputs(args, parser)
+        job, tracker, labels, teacher = _open_inputs(args, parser)
     except (SettingsError, DataError, InputError, TrackingError) as error:
         sys.exit(f"error: {error}")
     # The run belongs to the caller, who ends it; an interrupted or failed attempt ends it KILLED or FAILED.
@@ -635,7 +660,8 @@ def main(argv: list[str] | None = None) -> None:
     with ended_on_failure([args.mlflow_run_id], uri) if owns_status else contextlib.nullcontext():
         try:
             # DataError inside train: split files missing, resized or not matching the manifest's sha256
-            result = train(job, args.data, args.out, tracker=tracker, labels=labels, num_threads=args.threads)
+            result = train(job, args.data, args.out, tracker=tracker, labels=labels, teacher=teacher,
+                           num_threads=args.threads)
         except (DataError, InputError) as error:
             sys.exit(f"error: {error}")
         finally:
