@@ -438,8 +438,11 @@ def _run_trainer(
         environment = os.environ | {"MLFLOW_TRACKING_URI": tracker.client.tracking_uri}
         subprocess.run(training_command(args, gpus=gpus), check=True, env=environment)
         return f"trained on {gpus} GPUs to step {settings.train.steps}"
-    label_source = _label_source(settings, storage, branch, teacher, sae, labels) if branch.kind == "cocomix" else None
-    teacher_source = _teacher_source(settings, storage, branch, teacher, teacher_logits) if branch.kind == "kd" else None
+    label_source = teacher_source = None
+    if branch.kind == "cocomix":
+        label_source = _label_source(settings, storage, branch, teacher, sae, labels)
+    if branch.kind == "kd":
+        teacher_source = _teacher_source(settings, storage, branch, teacher, teacher_logits)
     threads = threads_for(settings, "train", len(training_branches(settings)))
     result = train(job_for_branch(settings, branch), data.folder(storage), out_dir, tracker=tracker,
                    labels=label_source, teacher=teacher_source, num_threads=threads)

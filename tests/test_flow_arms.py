@@ -69,7 +69,8 @@ def arms_run(tmp_path_factory: pytest.TempPathFactory) -> ArmsRun:
     root = tmp_path_factory.mktemp("arms")
     env = flow_env(root)
     # Four tasks at a time: 16 branches' processes at once would not fit a small machine's memory.
-    result = run_flow(["run", "--max-workers", "4", "--settings", str(arms_settings(root))], env, cwd=root, timeout=1800)
+    command = ["run", "--max-workers", "4", "--settings", str(arms_settings(root))]
+    result = run_flow(command, env, cwd=root, timeout=1800)
     assert result.returncode == 0, tail(result)
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("cocomix-flow")

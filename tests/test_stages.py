@@ -243,7 +243,8 @@ def test_kd_teacher_logits_are_cached_once_per_temperature_and_top_k_and_shared_
             trained = stages.train_branch(settings, storage, branches[name], stages.run_folder_key("kd", name), data,
                                           teacher, experiment.sae, experiment.labels, tracker, teacher_logits=built)
         assert trained.note.startswith(f"{name}: trained to step {STEPS}")
-        kd_losses[name] = [point.value for point in experiment.client.get_metric_history(tracker.run_id, "train/kd_loss")]
+        history = experiment.client.get_metric_history(tracker.run_id, "train/kd_loss")
+        kd_losses[name] = [point.value for point in history]
     # A KL, so ≥ 0 up to float32 rounding (near 0 here: a 4-step teacher and a fresh student are both near uniform).
     assert all(losses and all(math.isfinite(loss) and loss > -1e-6 for loss in losses) for losses in kd_losses.values())
     assert kd_losses["kd-s0"] != kd_losses["kd-s1"]
