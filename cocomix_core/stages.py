@@ -4,9 +4,11 @@
     teacher = obtain_teacher(settings, storage, data, tracker)
     sae = fit_sae(settings, storage, data, teacher, tracker)
     labels = build_labels(settings, storage, data, teacher, sae)
+    teacher_logits = build_teacher_logits(settings, storage, data, teacher)
     trained = train_branch(settings, storage, branch, run_folder_key(experiment, branch.name), data, teacher, sae,
-                           labels, tracker, node=GangNode(...))   # node 0 of the branch's gang (or its only node)
-    note = train_gang_worker(settings, storage, branch, run_folder_key(...), data, teacher, sae, labels, node)
+                           labels, tracker, teacher_logits=teacher_logits, node=GangNode(...))  # node 0 of the gang
+    note = train_gang_worker(settings, storage, branch, run_folder_key(...), data, teacher, sae, labels, teacher_logits,
+                             node)
     metrics = evaluate_checkpoint_job(settings, storage, data, checkpoint, parallel_tasks=1)
     files = write_report(evaluations, out_dir, tracker)
 
@@ -35,6 +37,7 @@ from settings.schema import TrainResources
 
 if TYPE_CHECKING:  # torch, mlflow and lm-eval load inside the stages that need them
     from cocomix_core.concepts import ConceptExtractor, LabelCache
+    from cocomix_core.distill import OnlineTeacher, TeacherLogitCache
     from cocomix_core.report import ReportFiles
     from cocomix_core.tracking import MlflowTracker
 
@@ -92,9 +95,23 @@ class SAE:
 
 @dataclasses.dataclass(frozen=True)
 class Labels:
-    """The shared label cache (`key` None: CoCoMix branches extract labels online, or no branch needs any)."""
+    """The shared label caches, one per label selection the CoCoMix arms use (SPEC §9).
 
-    key: str | None
+    Empty `keys`: CoCoMix branches extract labels online, or no branch needs any.
+    """
+
+    keys: dict[str, str]  # label_selection ("attribution", "activation") -> storage key
+    note: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherLogits:
+    """The KD teacher's cached top-k targets, one cache per distinct (τ, top_k) of the KD arms, shared by seeds.
+
+    Empty `keys`: KD branches run the teacher online, or no branch distils.
+    """
+
+    keys: dict[str, str]  # teacher_logits_name(arm) -> storage key
     note: str
 
 
@@ -182,12 +199,28 @@ def log_dataset(tracker: MlflowTracker, data: PreparedData) -> None:
     )
 
 
-def concept_extractor(settings: ExperimentSettings, storage: Storage, teacher: Teacher, sae: SAE) -> ConceptExtractor:
-    """The teacher and SAE that label tokens with concepts."""
-    from cocomix_core.concepts import ConceptExtractor, load_teacher
+def concept_extractor(
+    settings: ExperimentSettings, storage: Storage, teacher: Teacher, sae: SAE, selection: str
+) -> ConceptExtractor:
+    """The teacher and SAE that label tokens with concepts, selected by attribution or by activation (SPEC §9)."""
+    from cocomix_core.concepts import ActivationConceptExtractor, ConceptExtractor, load_teacher
     from cocomix_core.sae import load_sae
 
-    return ConceptExtractor(load_teacher(teacher.local(storage)), load_sae(sae.local(storage)), settings.sae.layer_index)
+    extractor = ActivationConceptExtractor if selection == "activation" else ConceptExtractor
+    return extractor(load_teacher(teacher.local(storage)), load_sae(sae.local(storage)), settings.sae.layer_index)
+
+
+def label_selections(settings: ExperimentSettings) -> list[str]:
+    """The label selections of the arms whose branches learn concepts (every CoCoMix mix and λ), in arm order."""
+    in_use = {settings.arms[branch.arm].label_selection: None
+              for branch in training_branches(settings) if branch.kind == "cocomix"}
+    return list(in_use)
+
+
+def teacher_logits_name(settings: ExperimentSettings, arm: str) -> str:
+    """The teacher-logit cache a KD arm reads: one per distinct (τ, top_k), e.g. "tau1-top128"."""
+    options = settings.arms[arm]
+    return f"tau{options.kd_temperature:g}-top{options.kd_top_k}"
 
 
 # ----- stages ----------------------------------------------------------------------------------
@@ -292,32 +325,81 @@ def _train_sae(settings: ExperimentSettings, teacher: str, data_dir: Path, track
 def build_labels(
     settings: ExperimentSettings, storage: Storage, data: PreparedData, teacher: Teacher, sae: SAE
 ) -> Labels:
-    """One teacher pass over every training sample the branches will read, shared by all CoCoMix branches.
+    """One teacher pass over every training sample the branches will read per label selection in use, shared by
+    all CoCoMix branches (every mix, λ and seed) of that selection.
 
     Nothing is built when no branch is CoCoMix, or when `concepts.label_source` is "online".
     """
     from cocomix_core.concepts import build_label_cache
 
-    if not any(branch.kind == "cocomix" for branch in training_branches(settings)):
-        return Labels(key=None, note="labels: none needed (no CoCoMix branch)")
+    selections = label_selections(settings)
+    if not selections:
+        return Labels(keys={}, note="labels: none needed (no CoCoMix branch)")
     if settings.concepts.label_source != "cache":
-        return Labels(key=None, note=f"labels: extracted online by each branch (concepts.label_source="
-                                     f"{settings.concepts.label_source})")
-    provenance = {"data": data.digest, "teacher": teacher.ref, "sae": sae.ref, "layer_index": settings.sae.layer_index}
-    key = cache_key("labels", provenance, settings.concepts.model_dump(mode="json"), settings.train.steps,
-                    settings.train.batch_size)
-    reused = storage.exists(key)
+        return Labels(keys={}, note=f"labels: extracted online by each branch (concepts.label_source="
+                                    f"{settings.concepts.label_source})")
     samples = settings.train.steps * settings.train.batch_size
-    with storage.stored_folder(key) as folder:
-        build_label_cache(
-            concept_extractor(settings, storage, teacher, sae), train_windows(settings, data.folder(storage)),
-            num_samples=samples, batch_size=settings.concepts.extract_batch_size,
-            k=settings.concepts.labels_per_token, out_dir=folder, provenance=provenance,
-        )
-    uri = storage.uri(key)
-    note = (f"labels already cached at {uri}, reused" if reused
-            else f"labels of {samples:,} training samples cached at {uri}")
-    return Labels(key=key, note=note)
+    keys, notes = {}, []
+    for selection in selections:
+        provenance = {"data": data.digest, "teacher": teacher.ref, "sae": sae.ref,
+                      "layer_index": settings.sae.layer_index, "label_selection": selection}
+        key = cache_key("labels", provenance, settings.concepts.model_dump(mode="json"), settings.train.steps,
+                        settings.train.batch_size)
+        reused = storage.exists(key)
+        with storage.stored_folder(key) as folder:
+            build_label_cache(
+                concept_extractor(settings, storage, teacher, sae, selection),
+                train_windows(settings, data.folder(storage)), num_samples=samples,
+                batch_size=settings.concepts.extract_batch_size, k=settings.concepts.labels_per_token, out_dir=folder,
+                provenance=provenance,
+            )
+        keys[selection] = key
+        uri = storage.uri(key)
+        notes.append(f"labels ({selection}) already cached at {uri}, reused" if reused
+                     else f"labels ({selection}) of {samples:,} training samples cached at {uri}")
+    return Labels(keys=keys, note="; ".join(notes))
+
+
+def build_teacher_logits(
+    settings: ExperimentSettings, storage: Storage, data: PreparedData, teacher: Teacher
+) -> TeacherLogits:
+    """The KD arms' teacher targets: top-k log-probs at τ plus the tail's mass for every training sample, one
+    cache per distinct (τ, top_k), built once per experiment and shared by every seed (cocomix_core/distill.py).
+
+    Nothing is built when no branch is KD, or when `concepts.label_source` is "online" (KD branches then run
+    the teacher on each batch: exact full logits).
+    """
+    from cocomix_core.concepts import load_teacher
+    from cocomix_core.distill import TeacherLogitCache, build_teacher_logit_cache
+
+    kd_arms = {branch.arm for branch in training_branches(settings) if branch.kind == "kd"}
+    if not kd_arms:
+        return TeacherLogits(keys={}, note="teacher logits: none needed (no KD branch)")
+    if settings.concepts.label_source != "cache":
+        return TeacherLogits(keys={}, note=f"teacher logits: computed online by each KD branch "
+                                           f"(concepts.label_source={settings.concepts.label_source})")
+    caches = {teacher_logits_name(settings, arm): settings.arms[arm] for arm in sorted(kd_arms)}
+    samples = settings.train.steps * settings.train.batch_size
+    provenance = {"data": data.digest, "teacher": teacher.ref}
+    model = load_teacher(teacher.local(storage))  # a reused cache is checked against the teacher's vocabulary too
+    keys, notes = {}, []
+    for name, options in caches.items():
+        key = cache_key("teacher_logits", provenance, options.kd_temperature, options.kd_top_k,
+                        settings.data.block_size, settings.data.window_seed, samples)
+        reused = storage.exists(key)
+        with storage.stored_folder(key) as folder:
+            build_teacher_logit_cache(
+                model, train_windows(settings, data.folder(storage)), num_samples=samples,
+                batch_size=settings.concepts.extract_batch_size, top_k=options.kd_top_k,
+                temperature=options.kd_temperature, out_dir=folder, provenance=provenance,
+            )
+            tail = TeacherLogitCache(folder).manifest["tail_mass"]
+        keys[name] = key
+        uri = storage.uri(key)
+        bound = f"teacher mass outside the top {options.kd_top_k}: mean {tail['mean']:.3g}, max {tail['max']:.3g}"
+        notes.append(f"teacher logits ({name}) already cached at {uri} ({bound}), reused" if reused
+                     else f"teacher logits ({name}) of {samples:,} training samples cached at {uri} ({bound})")
+    return TeacherLogits(keys=keys, note="; ".join(notes))
 
 
 def train_branch(
@@ -330,9 +412,14 @@ def train_branch(
     sae: SAE,
     labels: Labels,
     tracker: MlflowTracker,
+    *,
+    teacher_logits: TeacherLogits,
     node: GangNode = GangNode(),
 ) -> TrainedBranch:
     """Train one branch into `folder_key`, continuing from its last checkpoint; publish and list its checkpoints.
+
+    A CoCoMix branch reads the label cache of its arm's label selection, a KD branch the teacher-logit cache of
+    its arm's (τ, top_k); with `concepts.label_source: online` both run the teacher on each batch instead.
 
     In-process when one process trains (CPU or one GPU); else under `accelerate launch`, as
     node 0 of a gang of `node.nodes` (the other nodes run `train_gang_worker`). Metrics go to
@@ -343,7 +430,8 @@ def train_branch(
     tracker.log_params(section_params(settings, "train") | branch_params(settings, branch))
     log_dataset(tracker, data)
     with storage.stored_folder(folder_key, resumable=True) as out_dir:
-        done = _run_trainer(settings, storage, branch, data, teacher, sae, labels, out_dir, tracker, node)
+        done = _run_trainer(settings, storage, branch, data, teacher, sae, labels, teacher_logits, out_dir, tracker,
+                            node)
         checkpoints = publish_checkpoints(out_dir, folder_key, storage)
     log_checkpoints(tracker, [dataclasses.asdict(checkpoint) for checkpoint in checkpoints],
                     tempfile.mkdtemp(prefix="cocomix-checkpoints-"))
@@ -352,7 +440,7 @@ def train_branch(
 
 def train_gang_worker(
     settings: ExperimentSettings, storage: Storage, branch: Branch, folder_key: str, data: PreparedData,
-    teacher: Teacher, sae: SAE, labels: Labels, node: GangNode,
+    teacher: Teacher, sae: SAE, labels: Labels, teacher_logits: TeacherLogits, node: GangNode,
 ) -> str:
     """Node `node.index` > 0 of a branch's gang: train from the run folder as stored; says what was done.
 
@@ -362,7 +450,7 @@ def train_gang_worker(
         raise ValueError("node 0 of a gang trains with train_branch, which logs and publishes")
     found = storage.exists(folder_key, resumable=True)
     out_dir = storage.materialize(folder_key, resumable=True) if found else storage.local_workdir(folder_key)
-    done = _run_trainer(settings, storage, branch, data, teacher, sae, labels, out_dir, None, node)
+    done = _run_trainer(settings, storage, branch, data, teacher, sae, labels, teacher_logits, out_dir, None, node)
     return f"{branch.name} node {node.index} of {node.nodes}: {done}"
 
 
@@ -400,14 +488,13 @@ def _launch_gang_node(
 
 def _run_trainer(
     settings: ExperimentSettings, storage: Storage, branch: Branch, data: PreparedData, teacher: Teacher, sae: SAE,
-    labels: Labels, out_dir: Path, tracker: MlflowTracker | None, node: GangNode,
+    labels: Labels, teacher_logits: TeacherLogits, out_dir: Path, tracker: MlflowTracker | None, node: GangNode,
 ) -> str:
     """Train in this process, or (several processes, or a gang) under `accelerate launch`; says what was done."""
     from cocomix_core.models import job_for_branch
     from cocomix_core.train import train
 
     resources = _launched_resources(settings)
-    cocomix = branch.kind == "cocomix"
     if resources.nodes * resources.processes_per_node > 1:
         settings_file = Path(tempfile.mkdtemp(prefix="cocomix-settings-")) / "settings.yaml"
         settings_file.write_text(dump_yaml(settings))
@@ -415,17 +502,16 @@ def _run_trainer(
                 "--out", str(out_dir)]
         if tracker is not None:
             args += ["--mlflow-run-id", tracker.run_id]
-        if cocomix and labels.key:
-            args += ["--labels", str(storage.materialize(labels.key))]
-        elif cocomix:
-            args += ["--teacher", teacher.local(storage), "--sae", sae.local(storage)]
+        args += _teacher_input_args(settings, storage, branch, teacher, sae, labels, teacher_logits)
         return _launch_gang_node(settings, resources, args, node, tracker)
-    label_source = None
-    if cocomix:
-        label_source = _label_source(settings, storage, teacher, sae, labels)
+    label_source = teacher_source = None
+    if branch.kind == "cocomix":
+        label_source = _label_source(settings, storage, branch, teacher, sae, labels)
+    if branch.kind == "kd":
+        teacher_source = _teacher_source(settings, storage, branch, teacher, teacher_logits)
     threads = threads_for(settings, "train", len(training_branches(settings)))
     result = train(job_for_branch(settings, branch), data.folder(storage), out_dir, tracker=tracker,
-                   labels=label_source, num_threads=threads)
+                   labels=label_source, teacher=teacher_source, num_threads=threads)
     if result.resumed_from_step == result.final_step:
         return f"already trained to step {result.final_step}, nothing to do"
     resumed = f" (continued from step {result.resumed_from_step})" if result.resumed_from_step is not None else ""
@@ -433,14 +519,45 @@ def _run_trainer(
 
 
 def _label_source(
-    settings: ExperimentSettings, storage: Storage, teacher: Teacher, sae: SAE, labels: Labels
+    settings: ExperimentSettings, storage: Storage, branch: Branch, teacher: Teacher, sae: SAE, labels: Labels
 ) -> LabelCache | ConceptExtractor:
-    """What a CoCoMix branch reads its labels from: the shared cache, or the extractor itself (online)."""
+    """What a CoCoMix branch reads its labels from: the cache of its arm's selection, or the extractor (online)."""
     from cocomix_core.concepts import LabelCache
 
-    if labels.key:
-        return LabelCache(storage.materialize(labels.key))
-    return concept_extractor(settings, storage, teacher, sae)
+    selection = settings.arms[branch.arm].label_selection
+    if labels.keys:
+        return LabelCache(storage.materialize(labels.keys[selection]))
+    return concept_extractor(settings, storage, teacher, sae, selection)
+
+
+def _teacher_source(
+    settings: ExperimentSettings, storage: Storage, branch: Branch, teacher: Teacher, teacher_logits: TeacherLogits
+) -> TeacherLogitCache | OnlineTeacher:
+    """What a KD branch distils from: the cache of its arm's (τ, top_k), or the teacher run on each batch (online)."""
+    from cocomix_core.concepts import load_teacher
+    from cocomix_core.distill import OnlineTeacher, TeacherLogitCache
+
+    if teacher_logits.keys:
+        return TeacherLogitCache(storage.materialize(teacher_logits.keys[teacher_logits_name(settings, branch.arm)]))
+    return OnlineTeacher(load_teacher(teacher.local(storage)))
+
+
+def _teacher_input_args(
+    settings: ExperimentSettings, storage: Storage, branch: Branch, teacher: Teacher, sae: SAE, labels: Labels,
+    teacher_logits: TeacherLogits,
+) -> list[str]:
+    """The `python -m cocomix_core.train` arguments naming what the branch learns from, as `_label_source` and
+    `_teacher_source` choose it in-process: a cache folder, or the teacher (and SAE) to run online."""
+    if branch.kind == "cocomix" and labels.keys:
+        return ["--labels", str(storage.materialize(labels.keys[settings.arms[branch.arm].label_selection]))]
+    if branch.kind == "cocomix":
+        return ["--teacher", teacher.local(storage), "--sae", sae.local(storage)]
+    if branch.kind == "kd" and teacher_logits.keys:
+        name = teacher_logits_name(settings, branch.arm)
+        return ["--teacher-logits", str(storage.materialize(teacher_logits.keys[name]))]
+    if branch.kind == "kd":
+        return ["--teacher", teacher.local(storage)]
+    return []
 
 
 def publish_checkpoints(out_dir: Path, key: str, storage: Storage) -> list[Checkpoint]:
@@ -487,13 +604,21 @@ def log_evaluation(
     evaluation_tracker.flush()
 
 
+def report_arm(branch: Branch) -> str:
+    """What the report aggregates a branch's seeds under: its arm, and its λ when a λ sweep names it
+    (`cocomix-s1-lam0.1` -> `cocomix-lam0.1`: seeds of one λ are one estimate, different λ are not)."""
+    lam = f"-lam{branch.lam_concept:g}"
+    return branch.arm + lam if branch.name.endswith(lam) else branch.arm
+
+
 def write_report(
     evaluations: Iterable[tuple[Branch, Checkpoint, dict[str, float]]], out_dir: Path, tracker: MlflowTracker
 ) -> ReportFiles:
     """Curves per training token, tokens-to-match, tables and plots into `out_dir`, logged under `report/`."""
     from cocomix_core import report
 
-    jobs = ((dict(branch=branch.model_dump(), step=checkpoint.step, tokens_seen=checkpoint.tokens_seen), metrics)
+    jobs = ((dict(branch=branch.model_dump() | {"arm": report_arm(branch)}, step=checkpoint.step,
+                  tokens_seen=checkpoint.tokens_seen), metrics)
             for branch, checkpoint, metrics in evaluations)
     written = report.write_report(report.curves_from_results(jobs), out_dir)
     tracker.log_artifact(out_dir, "report")

@@ -1,7 +1,7 @@
 """Training loop for the concept teacher, the NTP baseline and the CoCoMix student; resumable bit for bit.
 
     python -m cocomix_core.train --settings cpu --arm cocomix --data DATA --out OUT --labels LABELS
-    python -m cocomix_core.train --settings cpu_study --arm kd-seed0 --data DATA --out OUT --teacher-logits CACHE
+    python -m cocomix_core.train --settings cpu_study --arm kd-s0 --data DATA --out OUT --teacher-logits CACHE
     torchrun --standalone --nproc_per_node 2 -m cocomix_core.train ...    (DDP; gloo on CPUs)
     accelerate launch -m cocomix_core.train ...
 
@@ -675,6 +675,7 @@ def _load_teacher_arg(name: str, device: torch.device) -> torch.nn.Module:
 
 def _label_source(args: argparse.Namespace, settings: Any, job: TrainJob, device: torch.device) -> LabelSource:
     """A LabelCache from --labels, or an online ConceptExtractor from --teacher and --sae, checked against the job."""
+    from cocomix_core.concepts import ActivationConceptExtractor
     from cocomix_core.sae import SAEError, load_sae
 
     if args.labels:
@@ -688,8 +689,9 @@ def _label_source(args: argparse.Namespace, settings: Any, job: TrainJob, device
             sae = load_sae(args.sae, map_location=device)
         except (SAEError, OSError) as error:
             raise InputError(f"--sae {args.sae}: {error}") from None
+        extractor = ActivationConceptExtractor if job.label_selection == "activation" else ConceptExtractor
         try:
-            source = ConceptExtractor(teacher, sae, settings.sae.layer_index)
+            source = extractor(teacher, sae, settings.sae.layer_index)
         except ValueError as error:  # width or layer mismatch between the SAE and the teacher
             raise InputError(f"--sae {args.sae} with --teacher {args.teacher}: {error}") from None
     else:

@@ -42,7 +42,7 @@ is cloned), gives the resumed run the Metaflow tag `origin_run:<origin run id>`.
 Storage. Shards, checkpoints and caches live under a storage root (`compute.storage_root`;
 default: <project>/artifacts, or next to an S3 datastore) at keys derived from what they
 contain, so a rerun skips work already done: data/<data settings>, teacher/…, sae/…,
-labels/…; training folders live at runs/<origin run id>/<branch>, so a retried or resumed
+labels/…, teacher_logits/…; training folders live at runs/<origin run id>/<branch>, so a retried or resumed
 branch continues from its own last checkpoint. Metaflow artifacts hold only URIs, digests,
 run ids and metric summaries.
 
@@ -196,7 +196,8 @@ class CocomixFlow(FlowSpec):
     @resources(**_resources("concepts"))
     @step
     def concepts(self) -> None:
-        """The concept teacher and its SAE (pretrained, or trained on the corpus), and the label cache."""
+        """The concept teacher and its SAE (pretrained, or trained on the corpus); the label caches of the CoCoMix
+        arms (one per label selection) and the teacher-logit caches of the KD arms (one per τ and top-k)."""
         from cocomix_core.train import keep_freed_memory, set_threads
 
         settings, storage = self._settings(), self._storage()
@@ -213,7 +214,9 @@ class CocomixFlow(FlowSpec):
         self.sae_run_id = tracker.run_id
         with self._timed("build_labels"):
             self.labels = stages.build_labels(settings, storage, self.data, self.teacher, self.sae)
-        print("\n".join((self.teacher.note, self.sae.note, self.labels.note)))
+        with self._timed("build_teacher_logits"):
+            self.teacher_logits = stages.build_teacher_logits(settings, storage, self.data, self.teacher)
+        print("\n".join((self.teacher.note, self.sae.note, self.labels.note, self.teacher_logits.note)))
         self.next(self.train, foreach="branch_names")
 
     @step
@@ -245,13 +248,14 @@ class CocomixFlow(FlowSpec):
                 tracker.set_tags(self._tags())  # the branch's run now points at the task that trains it
                 with self._timed("train_branch"):
                     trained = stages.train_branch(settings, self._storage(), branch, folder_key, self.data,
-                                                  self.teacher, self.sae, self.labels, tracker, node=node)
+                                                  self.teacher, self.sae, self.labels, tracker,
+                                                  teacher_logits=self.teacher_logits, node=node)
             print(trained.note)
             self.checkpoints = {checkpoint.name: checkpoint for checkpoint in trained.checkpoints}
         else:
             with self._timed("train_branch"):
                 print(stages.train_gang_worker(settings, self._storage(), branch, folder_key, self.data,
-                                               self.teacher, self.sae, self.labels, node))
+                                               self.teacher, self.sae, self.labels, self.teacher_logits, node))
         self.next(self.join_gang)
 
     @step
@@ -408,7 +412,7 @@ class CocomixFlow(FlowSpec):
 _SHARED_ARTIFACTS = [
     "settings_yaml", "settings_digest", "branches", "branch_names", "storage_root", "tracking_uri", "experiment_id", "parent_run_id",
     "branch_run_ids", "evaluation_run_id", "data", "prepare_run_id", "teacher", "teacher_run_id", "sae", "sae_run_id",
-    "labels",
+    "labels", "teacher_logits",
 ]
 
 

@@ -340,8 +340,10 @@ class ExperimentSettings(Strict):
                 f"concepts.labels_per_token={self.concepts.labels_per_token} exceeds sae.k={self.sae.k}"
             )
         for name, arm in self.arms.items():
+            # None sizes both from the tokenizer; explicit sizes must give the student every teacher id
+            explicit = None not in (arm.model.vocab_size, self.teacher.model.vocab_size)
             trained_teacher = self.teacher.pretrained is None
-            if arm.kind == "kd" and trained_teacher and arm.model.vocab_size < self.teacher.model.vocab_size:
+            if arm.kind == "kd" and trained_teacher and explicit and arm.model.vocab_size < self.teacher.model.vocab_size:
                 raise ValueError(
                     f"arms.{name}.model.vocab_size={arm.model.vocab_size} is smaller than the teacher's "
                     f"{self.teacher.model.vocab_size}: distillation needs every teacher token id"

@@ -233,8 +233,8 @@ def test_foreach_tasks_are_labelled_with_short_branch_and_checkpoint_names(smoke
 @pytest.mark.slow
 def test_each_step_that_works_says_what_it_did(smoke: Experiment):
     output = smoke.failed.stdout + smoke.failed.stderr
-    for line in ("prepared ", "teacher trained to step 12", "SAE fitted at", "labels of 48 training samples cached",
-                 "ntp: trained to step 12", "cocomix step_000012 (1,536 tokens): val ppl"):
+    for line in ("prepared ", "teacher trained to step 12", "SAE fitted at",
+                 "labels (attribution) of 48 training samples cached", "ntp: trained to step 12", "cocomix step_000012 (1,536 tokens): val ppl"):
         assert line in output, line
 
 

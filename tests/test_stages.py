@@ -39,6 +39,7 @@ class Experiment:
     teacher: stages.Teacher
     sae: stages.SAE
     labels: stages.Labels
+    teacher_logits: stages.TeacherLogits
     run_ids: dict[str, str]  # MLflow run per piece of work
     checkpoints: dict[str, list[stages.Checkpoint]]  # per branch
     first_notes: dict[str, str]  # per branch: what its first training said it did
@@ -73,6 +74,7 @@ def experiment(tmp_path_factory: pytest.TempPathFactory) -> Experiment:
         sae = stages.fit_sae(settings, storage, data, teacher, tracker)
         run_ids["sae"] = tracker.run_id
     labels = stages.build_labels(settings, storage, data, teacher, sae)
+    teacher_logits = stages.build_teacher_logits(settings, storage, data, teacher)
 
     checkpoints, first_notes, metrics, evaluations = {}, {}, {}, []
     with child("evaluation") as evaluation_tracker:
@@ -81,7 +83,7 @@ def experiment(tmp_path_factory: pytest.TempPathFactory) -> Experiment:
                 run_ids[branch.name] = tracker.run_id
                 trained = stages.train_branch(
                     settings, storage, branch, stages.run_folder_key("local", branch.name), data, teacher, sae,
-                    labels, tracker,
+                    labels, tracker, teacher_logits=teacher_logits,
                 )
                 checkpoints[branch.name], first_notes[branch.name] = trained.checkpoints, trained.note
                 last = checkpoints[branch.name][-1]
@@ -91,12 +93,13 @@ def experiment(tmp_path_factory: pytest.TempPathFactory) -> Experiment:
         run_ids["evaluation"] = evaluation_tracker.run_id
     with child("train/ntp again") as tracker:  # as a resumed flow does after the branch finished
         trained_again = stages.train_branch(settings, storage, branch_named(settings, "ntp"),
-                                            stages.run_folder_key("local", "ntp"), data, teacher, sae, labels, tracker)
+                                            stages.run_folder_key("local", "ntp"), data, teacher, sae, labels, tracker,
+                                            teacher_logits=teacher_logits)
     report_dir = root / "report"
     with tracking.active_run(parent, uri) as tracker:
         report = stages.write_report(evaluations, report_dir, tracker)
     return Experiment(settings, storage, MlflowClient(uri), experiment_id, uri, data, data_again, teacher, sae, labels,
-                      run_ids, checkpoints, first_notes, trained_again, metrics, report, report_dir)
+                      teacher_logits, run_ids, checkpoints, first_notes, trained_again, metrics, report, report_dir)
 
 
 def branch_named(settings: ExperimentSettings, name: str) -> Branch:
@@ -135,7 +138,8 @@ def test_the_teacher_and_sae_are_trained_into_storage_and_their_health_is_tracke
 def test_labels_cover_every_training_sample_the_branches_read(experiment: Experiment):
     from cocomix_core.concepts import LABELS_FILE
 
-    folder = experiment.storage.materialize(experiment.labels.key)
+    assert list(experiment.labels.keys) == ["attribution"]  # the smoke CoCoMix arm's selection, nothing else
+    folder = experiment.storage.materialize(experiment.labels.keys["attribution"])
     k = experiment.settings.concepts.labels_per_token
     labels = np.fromfile(folder / LABELS_FILE, dtype=np.uint16)
     assert labels.size == STEPS * BATCH * BLOCK * k
@@ -179,6 +183,100 @@ def test_the_report_compares_both_branches_and_is_logged_on_the_parent(experimen
     assert parent.data.metrics["report/ntp/final_val_ppl"] == pytest.approx(experiment.metrics["ntp"]["eval/val_ppl"])
     logged = {item.path for item in experiment.client.list_artifacts(experiment.run_ids["parent"], "report")}
     assert "report/report.json" in logged
+
+
+KD_TOP_K = 16
+KD_ARMS = [  # two KD arms that share a cache (same τ and top-k), one that needs its own, each at two seeds
+    f"arms.kd={{kind: kd, model: {{width: 32, depth: 2, heads: 2}}, kd_top_k: {KD_TOP_K}}}",
+    f"arms.kd_half={{kind: kd, model: {{width: 32, depth: 2, heads: 2}}, kd_top_k: {KD_TOP_K}, lam_kd: 0.5}}",
+    f"arms.kd_hot={{kind: kd, model: {{width: 32, depth: 2, heads: 2}}, kd_top_k: {KD_TOP_K}, kd_temperature: 2.0}}",
+    "sweep.seeds=[0, 1]",
+]
+
+
+def test_kd_teacher_logits_are_cached_once_per_temperature_and_top_k_and_shared_by_every_seed(experiment: Experiment):
+    import torch
+
+    from cocomix_core.concepts import load_teacher
+    from cocomix_core.distill import TeacherLogitCache
+
+    assert experiment.teacher_logits == stages.TeacherLogits(keys={}, note="teacher logits: none needed (no KD branch)")
+    settings = load_settings("smoke", OVERRIDES + KD_ARMS)
+    storage, data, teacher = experiment.storage, experiment.data, experiment.teacher
+    built = stages.build_teacher_logits(settings, storage, data, teacher)
+    assert set(built.keys) == {"tau1-top16", "tau2-top16"}  # kd and kd_half share one cache
+    assert built.note.count("of 16 training samples cached") == 2 and "reused" not in built.note
+    files = {name: storage.materialize(key) / "top_log_probs.f32" for name, key in built.keys.items()}
+    written = {name: (path.stat().st_ino, path.stat().st_mtime_ns) for name, path in files.items()}
+
+    again = stages.build_teacher_logits(settings, storage, data, teacher)  # as a rerun or resume of the step would
+    assert again.keys == built.keys and again.note.count("reused") == 2
+    assert {name: (path.stat().st_ino, path.stat().st_mtime_ns) for name, path in files.items()} == written
+
+    # Every seed of an arm, and both arms with τ=1, hand the trainer the one cache of their (τ, top-k).
+    branches = {branch.name: branch for branch in training_branches(settings)}
+    handed = {name: stages._teacher_input_args(settings, storage, branch, teacher, experiment.sae, experiment.labels,
+                                               built)
+              for name, branch in branches.items() if branch.kind == "kd"}
+    shared = ["--teacher-logits", str(storage.materialize(built.keys["tau1-top16"]))]
+    assert handed["kd-s0"] == handed["kd-s1"] == handed["kd_half-s0"] == handed["kd_half-s1"] == shared
+    assert handed["kd_hot-s0"] == handed["kd_hot-s1"] == ["--teacher-logits", str(files["tau2-top16"].parent)]
+
+    # The cached targets against a float64 softmax of the teacher's logits at τ=2 (sample 0).
+    cache = TeacherLogitCache(files["tau2-top16"].parent)
+    ids = torch.from_numpy(stages.train_windows(settings, data.folder(storage)).batch(0, 1))
+    with torch.no_grad():
+        logits = load_teacher(teacher.local(storage))(input_ids=ids).logits.double()
+    log_p = torch.log_softmax(logits / 2.0, dim=-1)
+    top_log_p, top_ids = log_p.topk(KD_TOP_K, dim=-1)
+    targets = cache.targets(0, ids)
+    assert torch.equal(targets.token_ids.long(), top_ids)
+    torch.testing.assert_close(targets.log_probs.double(), top_log_p, atol=1e-5, rtol=0)
+    tail = 1 - top_log_p.exp().sum(-1)
+    torch.testing.assert_close(targets.tail_log_prob.double().exp(), tail, atol=1e-5, rtol=1e-4)
+
+    # Both seeds of `kd` train from it: distinct initialisations, one teacher target.
+    kd_losses = {}
+    for name in ("kd-s0", "kd-s1"):
+        with tracking.tracked_run(experiment.experiment_id, f"train/{name}", parent_run_id=experiment.run_ids["parent"],
+                                  tags={}, tracking_uri=experiment.tracking_uri) as tracker:
+            trained = stages.train_branch(settings, storage, branches[name], stages.run_folder_key("kd", name), data,
+                                          teacher, experiment.sae, experiment.labels, tracker, teacher_logits=built)
+        assert trained.note.startswith(f"{name}: trained to step {STEPS}")
+        history = experiment.client.get_metric_history(tracker.run_id, "train/kd_loss")
+        kd_losses[name] = [point.value for point in history]
+    # A KL, so ≥ 0 up to float32 rounding (near 0 here: a 4-step teacher and a fresh student are both near uniform).
+    assert all(losses and all(math.isfinite(loss) and loss > -1e-6 for loss in losses) for losses in kd_losses.values())
+    assert kd_losses["kd-s0"] != kd_losses["kd-s1"]
+    assert {name: (path.stat().st_ino, path.stat().st_mtime_ns) for name, path in files.items()} == written
+
+
+def test_each_label_selection_in_use_gets_its_own_cache(experiment: Experiment):
+    from cocomix_core.concepts import LabelCache
+
+    activation = "arms.cocomix_act={kind: cocomix, model: {width: 32, depth: 2, heads: 2}, concept_num: 8, " \
+                 "insert_layer_index: 1, label_selection: activation}"
+    settings = load_settings("smoke", OVERRIDES + [activation])
+    labels = stages.build_labels(settings, experiment.storage, experiment.data, experiment.teacher, experiment.sae)
+    assert labels.keys["attribution"] == experiment.labels.keys["attribution"]  # the fixture's cache, reused
+    assert "labels (attribution) already cached" in labels.note and "labels (activation) of 16" in labels.note
+    caches = {selection: LabelCache(experiment.storage.materialize(key)) for selection, key in labels.keys.items()}
+    assert {selection: cache.manifest["provenance"]["label_selection"] for selection, cache in caches.items()} == {
+        "attribution": "attribution", "activation": "activation"}
+    # Activation-selected labels are the SAE's largest latents: another set than the attribution's top K.
+    assert not np.array_equal(caches["activation"].labels(0, 4).numpy(), caches["attribution"].labels(0, 4).numpy())
+    for selection in ("attribution", "activation"):
+        (branch,) = [b for b in training_branches(settings) if settings.arms[b.arm].label_selection == selection
+                     and b.kind == "cocomix"]
+        assert stages._teacher_input_args(settings, experiment.storage, branch, experiment.teacher, experiment.sae,
+                                          labels, experiment.teacher_logits) == [
+            "--labels", str(experiment.storage.materialize(labels.keys[selection]))]
+
+
+def test_the_report_aggregates_seeds_per_arm_and_keeps_swept_lambdas_apart():
+    branch = Branch(name="cocomix-s1-lam0.1", arm="cocomix", kind="cocomix", seed=1, lam_concept=0.1)
+    assert stages.report_arm(branch) == "cocomix-lam0.1"
+    assert stages.report_arm(Branch(name="kd-s1", arm="kd", kind="kd", seed=1, lam_concept=0.1)) == "kd"
 
 
 def test_wide_tables_are_split_with_the_row_label_repeated():
