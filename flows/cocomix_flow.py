@@ -149,6 +149,7 @@ class CocomixFlow(FlowSpec):
         self.branch_names = list(self.branches)
         self.storage_root = settings.compute.storage_root or default_storage_root(self._datastore_root())
         self.tracking_uri = tracking.resolve_tracking_uri(settings.tracking.mlflow_uri)
+        self._preflight(settings)
         self.experiment_id = tracking.ensure_experiment(settings.tracking.experiment_name, self.tracking_uri)
         self.parent_run_id = tracking.create_run(
             self.experiment_id, f"{current.flow_name}/{current.run_id}", tags=self._tags(),
@@ -316,6 +317,18 @@ class CocomixFlow(FlowSpec):
     def _scratch(self, name: str) -> Path:
         """A fresh local folder (under $TMPDIR) for this task's small files."""
         return Path(tempfile.mkdtemp(prefix=f"cocomix-{name}-"))
+
+    def _preflight(self, settings: ExperimentSettings) -> None:
+        """Stop the run before any work if the inputs, the MLflow store or the storage root would fail it later:
+        one line per problem, naming the setting or file, and no traceback (a SystemExit, which Metaflow lets through)."""
+        from cocomix_core.preflight import preflight
+
+        problems = preflight(settings, storage_root=self.storage_root, tracking_uri=self.tracking_uri)
+        if problems:
+            print(f"cocomix_flow: {len(problems)} problem(s) before the run could start:", file=sys.stderr)
+            for problem in problems:
+                print(f"  {problem}", file=sys.stderr)
+            sys.exit(1)
 
     def _datastore_root(self) -> str:
         # Metaflow has no public accessor for the datastore a run writes to; storage sits beside it.
