@@ -26,11 +26,10 @@ import json
 import os
 import re
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from cocomix_core.fileio import sha256_json
+from cocomix_core.fileio import scratch_folder, sha256_json
 from cocomix_core.storage import Storage
 from settings import Branch, ExperimentSettings, dump_yaml, flat_params, training_branches
 from settings.schema import TrainResources
@@ -433,8 +432,8 @@ def train_branch(
         done = _run_trainer(settings, storage, branch, data, teacher, sae, labels, teacher_logits, out_dir, tracker,
                             node)
         checkpoints = publish_checkpoints(out_dir, folder_key, storage)
-    log_checkpoints(tracker, [dataclasses.asdict(checkpoint) for checkpoint in checkpoints],
-                    tempfile.mkdtemp(prefix="cocomix-checkpoints-"))
+    with scratch_folder("checkpoints") as listing_folder:
+        log_checkpoints(tracker, [dataclasses.asdict(checkpoint) for checkpoint in checkpoints], listing_folder)
     return TrainedBranch(checkpoints, f"{branch.name}: {done}; {len(checkpoints)} checkpoints at {storage.uri(folder_key)}")
 
 
@@ -496,7 +495,7 @@ def _run_trainer(
 
     resources = _launched_resources(settings)
     if resources.nodes * resources.processes_per_node > 1:
-        settings_file = Path(tempfile.mkdtemp(prefix="cocomix-settings-")) / "settings.yaml"
+        settings_file = out_dir / "launch_settings.yaml"  # beside what it trains: no temp folder left behind
         settings_file.write_text(dump_yaml(settings))
         args = ["--settings", str(settings_file), "--arm", branch.name, "--data", str(data.folder(storage)),
                 "--out", str(out_dir)]
@@ -581,13 +580,14 @@ def evaluate_checkpoint_job(
     `parallel_tasks` evaluations share this machine's cores.
     """
     from cocomix_core import evaluate
+    from cocomix_core.checkpoints import verify_checkpoint
     from cocomix_core.train import set_threads
 
     set_threads(threads_for(settings, "evaluate", parallel_tasks))
+    folder = storage.materialize(checkpoint.key)
+    verify_checkpoint(folder)  # a checkpoint altered since it was written is refused, naming the file
     data_dir = data.folder(storage)
-    results = evaluate.evaluate_checkpoint(
-        storage.materialize(checkpoint.key), data_dir, data_dir / TASKS_DIR, settings.eval, settings.data.block_size
-    )
+    results = evaluate.evaluate_checkpoint(folder, data_dir, data_dir / TASKS_DIR, settings.eval, settings.data.block_size)
     return evaluate.tracker_metrics(results)
 
 
@@ -614,13 +614,22 @@ def report_arm(branch: Branch) -> str:
 def write_report(
     evaluations: Iterable[tuple[Branch, Checkpoint, dict[str, float]]], out_dir: Path, tracker: MlflowTracker
 ) -> ReportFiles:
-    """Curves per training token, tokens-to-match, tables and plots into `out_dir`, logged under `report/`."""
+    """Curves per training token, tokens-to-match, tables and plots into `out_dir`, logged under `report/`; each
+    branch's headline curves (val ppl, task metrics) also go into the tracker's run at step = training tokens."""
     from cocomix_core import report
+    from cocomix_core.tracking import log_branch_curves
 
     jobs = ((dict(branch=branch.model_dump() | {"arm": report_arm(branch)}, step=checkpoint.step,
                   tokens_seen=checkpoint.tokens_seen), metrics)
             for branch, checkpoint, metrics in evaluations)
-    written = report.write_report(report.curves_from_results(jobs), out_dir)
+    curves = report.curves_from_results(jobs)
+    written = report.write_report(curves, out_dir)
+    headline = [report.VAL_PPL, *report.task_metrics(curves)]
+    log_branch_curves(tracker.run_id, {
+        curve.name: [(point.tokens_seen, {name: point.metrics[name] for name in headline if name in point.metrics})
+                     for point in curve.points]
+        for curve in curves
+    }, tracker.client.tracking_uri)
     tracker.log_artifact(out_dir, "report")
     tracker.log_metrics({f"report/{name}": value for name, value in written.summary.items()}, step=0)
     tracker.flush()

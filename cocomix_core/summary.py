@@ -1,11 +1,11 @@
 """The result at the end of a run: who won, by how much, and the exact commands to look further.
 
-Input is the content of the report's `report.json` (its `table` and `tokens_to_match`; see
+Input is the content of the report's `report.json` (its `table` and `verdict`; see
 report.py) and where the run's records live (`RunLinks`). `result_text` is what the flow's `end`
 step prints; `description_markdown` is the parent MLflow run's description (its note).
 
-Every CoCoMix branch is read against the NTP branch the report paired it with (the pairs of its
-val-ppl tokens-to-match rows): its final val ppl and each task metric at the final checkpoint.
+The verdict is the report's own (`report.json`'s "verdict": every arm against NTP, with 95%
+intervals and the claim they allow), so the console, the card and the MLflow note say the same.
 """
 
 from __future__ import annotations
@@ -14,11 +14,9 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from cocomix_core.report import VAL_PPL, lower_is_better
 from settings.schema import ExperimentSettings, training_branches
 
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
-_ROW_FIELDS = ("branch", "kind", "seed", "lam_concept", "final_step", "final_tokens", "final_val_ppl", "best_val_ppl")
 
 
 @dataclass(frozen=True)
@@ -82,39 +80,9 @@ def branch_table(table: list[dict[str, Any]]) -> list[str]:
     return _columns(rows)
 
 
-def _comparison(metric: str, candidate: float | None, reference: float | None) -> str | None:
-    """`metric 12.3 vs 13.1 (-6.1%, better)`; None when either side did not measure it."""
-    if candidate is None or reference is None:
-        return None
-    better = candidate < reference if lower_is_better(metric) else candidate > reference
-    verdict = "better" if better else "same" if candidate == reference else "worse"
-    change = f"{(candidate - reference) / reference:+.1%}" if reference else f"{candidate - reference:+.4g}"
-    return f"{metric} {_number(candidate)} vs {_number(reference)} ({change}, {verdict})"
-
-
-def against_ntp(report: Mapping[str, Any]) -> list[str]:
-    """Lines reading each CoCoMix branch against its NTP reference: val ppl, tokens to match, task metrics."""
-    rows = {row["branch"]: row for row in report["table"]}
-    matches = [match for match in report["tokens_to_match"] if match["metric"] == VAL_PPL]
-    lines = []
-    for match in matches:
-        reference, candidate = rows[match["reference"]], rows[match["candidate"]]
-        lines.append(f"{candidate['branch']} against {reference['branch']}:")
-        val = _comparison("val ppl", candidate["final_val_ppl"], reference["final_val_ppl"])
-        if val is not None:
-            lines.append(f"  {val}")
-        if match["saving_fraction"] is not None:
-            lines.append(f"  reaches {reference['branch']}'s final val ppl with {match['saving_fraction']:.1%} "
-                         f"fewer tokens ({_number(round(match['candidate_tokens']))} of "
-                         f"{_number(match['reference_tokens'])})")
-        else:
-            lines.append(f"  does not reach {reference['branch']}'s final val ppl within "
-                         f"{_number(match['candidate_tokens_evaluated'])} tokens")
-        for metric in sorted(set(candidate) - set(_ROW_FIELDS)):
-            compared = _comparison(metric, candidate.get(metric), reference.get(metric))
-            if compared is not None:
-                lines.append(f"  {compared}")
-    return lines or ["no CoCoMix branch has an NTP branch to compare with"]
+def verdict_lines(report: Mapping[str, Any]) -> list[str]:
+    """The report's verdict (every arm against NTP, with intervals and a claim; see report.verdict_text)."""
+    return list(report["verdict"]) or ["no arm to compare with the NTP baseline"]
 
 
 def next_commands(links: RunLinks) -> list[str]:
@@ -133,9 +101,9 @@ def next_commands(links: RunLinks) -> list[str]:
 
 
 def result_text(report: Mapping[str, Any], links: RunLinks) -> str:
-    """What the flow's `end` step prints: the branch table, each arm against NTP, and the next commands."""
-    parts = ["Result", "", *branch_table(report["table"]), "", *against_ntp(report), "", "Look further:",
-             *next_commands(links)]
+    """What the flow's `end` step prints: the branch table, the report's verdict, and the next commands."""
+    parts = ["Result", "", *branch_table(report["table"]), "", "Verdict (95% intervals):",
+             *(f"  {line}" for line in verdict_lines(report)), "", "Look further:", *next_commands(links)]
     return "\n".join(parts) + "\n"
 
 
@@ -154,6 +122,6 @@ def settings_summary(settings: ExperimentSettings) -> str:
 
 def description_markdown(report: Mapping[str, Any], settings_summary: str) -> str:
     """The parent MLflow run's description: the settings in brief and the result, as Markdown."""
-    verdict = "\n".join(against_ntp(report))
+    verdict = "\n".join(f"- {line}" for line in verdict_lines(report))
     table = "\n".join(branch_table(report["table"]))
-    return f"**Settings**: {settings_summary}\n\n**Result**\n\n```\n{table}\n\n{verdict}\n```\n"
+    return f"**Settings**: {settings_summary}\n\n**Verdict**\n\n{verdict}\n\n**Branches**\n\n```\n{table}\n```\n"

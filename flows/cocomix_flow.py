@@ -3,7 +3,7 @@
     python flows/cocomix_flow.py run                               # the `cpu` preset, ~10 min on 2 cores
     python flows/cocomix_flow.py run --settings smoke --set 'train.steps=8; eval.limit=4'
     python flows/cocomix_flow.py resume                            # after a failed step
-    python flows/cocomix_flow.py card server                       # the report card (id `report`)
+    python flows/cocomix_flow.py card view <run id>/report --id report   # the report card, as an HTML file
     mlflow ui --backend-store-uri sqlite:///<project>/mlruns.db    # every run, metric and artifact
 
 Graph: start -> prepare -> concepts -> train (a foreach over branches: arm × seed × λ, in parallel)
@@ -70,17 +70,20 @@ def _user_name() -> str:
 os.environ.setdefault("METAFLOW_USER", _user_name())
 
 import contextlib  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import TYPE_CHECKING, Any, Iterator  # noqa: E402
+from typing import TYPE_CHECKING, Any, Callable, Iterator  # noqa: E402
 
 import yaml  # noqa: E402
 from metaflow import FlowSpec, Parameter, card, current, package_sources, parallel, resources, retry, step  # noqa: E402
 from metaflow.cards import Image, Markdown  # noqa: E402
 
 from cocomix_core import stages  # noqa: E402
+from cocomix_core.fileio import scratch_folder  # noqa: E402
 from cocomix_core.launch import OVERRIDES_ENV, SETTINGS_ENV, parse_overrides, settings_source  # noqa: E402
 from cocomix_core.storage import Storage  # noqa: E402
 from settings import ExperimentSettings, SettingsError, load_settings, validate_settings  # noqa: E402
@@ -116,6 +119,26 @@ def _launch_settings() -> ExperimentSettings:
 LAUNCH = _launch_settings()
 
 
+def honest_step(body: Callable[..., None]) -> Callable[..., None]:
+    """Run a step's body with third-party noise hushed and, once `start` made them, the parent and evaluation runs
+    kept honest: ended KILLED (Ctrl-C, SIGTERM) or FAILED if the body does not finish, reopened when a retry or a
+    resume runs it again. Placed under @step, so the step's own code stays as it is."""
+
+    @functools.wraps(body)
+    def run(self: FlowSpec, *inputs: Any) -> None:
+        from cocomix_core import progress, tracking
+
+        lineage = inputs[0][0] if inputs else self  # a join reads the run ids from any of its inputs
+        with progress.quiet_third_party():
+            if not hasattr(lineage, "parent_run_id"):  # `start`, before it creates the runs
+                body(self, *inputs)
+                return
+            with tracking.ended_on_failure([lineage.parent_run_id, lineage.evaluation_run_id], lineage.tracking_uri):
+                body(self, *inputs)
+
+    return run
+
+
 def _resources(kind: str) -> dict[str, int]:
     """@resources arguments of one kind of step (prepare, concepts, train, evaluate) from the settings."""
     spec = getattr(LAUNCH.compute, kind)
@@ -139,6 +162,7 @@ class CocomixFlow(FlowSpec):
     # ------------------------------------------------------------------ steps
 
     @step
+    @honest_step
     def start(self) -> None:
         """Validate the settings; create the MLflow experiment, the parent run and one run per branch."""
         from cocomix_core import tracking
@@ -156,6 +180,7 @@ class CocomixFlow(FlowSpec):
         self.branch_names = list(self.branches)
         self.storage_root = settings.compute.storage_root or default_storage_root(self._datastore_root())
         self.tracking_uri = tracking.resolve_tracking_uri(settings.tracking.mlflow_uri)
+        self._preflight(settings)
         self.experiment_id = tracking.ensure_experiment(settings.tracking.experiment_name, self.tracking_uri)
         self.parent_run_id = tracking.create_run(
             self.experiment_id, f"{current.flow_name}/{current.run_id}", tags=self._tags(),
@@ -179,10 +204,13 @@ class CocomixFlow(FlowSpec):
         tracking.MlflowTracker(self.evaluation_run_id, self.tracking_uri).log_params(
             stages.section_params(settings, "eval")
         )
+        print(f"MLflow experiment {settings.tracking.experiment_name!r} at {self.tracking_uri}: parent run "
+              f"{self.parent_run_id}, branches {', '.join(self.branch_names)}; storage at {self.storage_root}")
         self.next(self.prepare)
 
     @resources(**_resources("prepare"))
     @step
+    @honest_step
     def prepare(self) -> None:
         """Corpus -> token shards + manifest, and the offline lm-eval tasks (reused when already prepared)."""
         settings = self._settings()
@@ -195,6 +223,7 @@ class CocomixFlow(FlowSpec):
 
     @resources(**_resources("concepts"))
     @step
+    @honest_step
     def concepts(self) -> None:
         """The concept teacher and its SAE (pretrained, or trained on the corpus); the label caches of the CoCoMix
         arms (one per label selection) and the teacher-logit caches of the KD arms (one per τ and top-k)."""
@@ -220,16 +249,20 @@ class CocomixFlow(FlowSpec):
         self.next(self.train, foreach="branch_names")
 
     @step
+    @honest_step
     def train(self) -> None:
         """One branch (arm × seed × λ): hand it to a gang of compute.train.nodes nodes (one node: a gang of one)."""
         self.branch = self.branches[self.input]
         self.branch_index = self.index  # offsets the gang's rendezvous port: local gangs share one machine
-        self.next(self.train_gang, num_parallel=self._settings().compute.train.nodes)
+        nodes = self._settings().compute.train.nodes
+        print(f"{self.input}: training on {nodes} node{'s' if nodes > 1 else ''}")
+        self.next(self.train_gang, num_parallel=nodes)
 
     @resources(**_resources("train"))
     @retry(times=LAUNCH.compute.train.retries, minutes_between_retries=0)
     @parallel
     @step
+    @honest_step
     def train_gang(self) -> None:
         """One node of the branch's gang; node 0 logs to MLflow and publishes the checkpoints. A retried or
         resumed gang continues from the branch's last checkpoint."""
@@ -259,6 +292,7 @@ class CocomixFlow(FlowSpec):
         self.next(self.join_gang)
 
     @step
+    @honest_step
     def join_gang(self, inputs: Any) -> None:
         """The gang finished: keep what node 0 trained and published."""
         (main,) = [task for task in inputs if task.node_index == 0]
@@ -268,6 +302,7 @@ class CocomixFlow(FlowSpec):
         self.next(self.trained)
 
     @step
+    @honest_step
     def trained(self) -> None:
         """Fan out over the branch's checkpoints (Metaflow: a join cannot also split)."""
         # The evaluate foreach runs over checkpoint names (step_000040); the checkpoints stay in `checkpoints`.
@@ -276,6 +311,7 @@ class CocomixFlow(FlowSpec):
 
     @resources(**_resources("evaluate"))
     @step
+    @honest_step
     def evaluate(self) -> None:
         """Validation perplexity and the lm-eval tasks of one checkpoint, logged at its step in the branch's run."""
         from cocomix_core.tracking import MlflowTracker
@@ -296,6 +332,7 @@ class CocomixFlow(FlowSpec):
         self.next(self.join_checkpoints)
 
     @step
+    @honest_step
     def join_checkpoints(self, inputs: Any) -> None:
         """Gather one branch's evaluations."""
         self.merge_artifacts(inputs, include=_SHARED_ARTIFACTS + ["branch"])
@@ -305,6 +342,7 @@ class CocomixFlow(FlowSpec):
 
     @card(type="blank", id="report")
     @step
+    @honest_step
     def report(self, inputs: Any) -> None:
         """Per-branch curves against training tokens, tokens-to-match, table and plots: MLflow artifacts and a card."""
         from cocomix_core import tracking
@@ -314,25 +352,28 @@ class CocomixFlow(FlowSpec):
         self._fail_once()
         evaluations = [(Branch(**task.branch), checkpoint, metrics)
                        for task in inputs for checkpoint, metrics in task.evaluations]
-        with self._timed("write_report"):
-            written = stages.write_report(
-                evaluations, self._scratch("report"), tracking.MlflowTracker(self.parent_run_id, self.tracking_uri)
-            )
-        self.report_summary = written.summary
-        tracking.end_run(self.evaluation_run_id, "FINISHED", self.tracking_uri)
-        # Wide tables are split so the card fits a page; plots are captioned in words, not file names.
-        current.card.append(Markdown(stages.split_wide_tables(written.markdown_path.read_text(), CARD_TABLE_COLUMNS)))
-        for plot in written.plots:
-            current.card.append(Image(plot.read_bytes(), label=stages.plot_caption(plot)))
+        with scratch_folder("report") as folder:  # the files live on as MLflow artifacts and in the card
+            with self._timed("write_report"):
+                written = stages.write_report(
+                    evaluations, folder, tracking.MlflowTracker(self.parent_run_id, self.tracking_uri)
+                )
+            self.report_summary = written.summary
+            self.report_content = json.loads(written.json_path.read_text())  # the verdict `end` prints
+            # The card opens with the verdict; wide tables are split to fit a page; plots are captioned in words.
+            current.card.append(Markdown(stages.split_wide_tables(written.markdown_path.read_text(), CARD_TABLE_COLUMNS)))
+            for plot in written.plots:
+                current.card.append(Image(plot.read_bytes(), label=stages.plot_caption(plot)))
+        self.report_pathspec = f"{current.run_id}/report"  # a resume that clones `report` keeps the origin's card
         print(f"report: {len(evaluations)} checkpoint evaluations of {len(self.branches)} branches, card `report`")
         self.next(self.end)
 
     @step
+    @honest_step
     def end(self) -> None:
-        """Close the parent MLflow run; tag a resumed run with its origin."""
+        """Print the verdict and where to look further; describe and close the parent MLflow run; tag a resume."""
         from metaflow import Run, namespace
 
-        from cocomix_core import tracking
+        from cocomix_core import summary, tracking
 
         if current.origin_run_id:  # the parent was created by the origin run; record who finished it
             tracking.MlflowTracker(self.parent_run_id, self.tracking_uri).set_tags(
@@ -341,7 +382,15 @@ class CocomixFlow(FlowSpec):
             namespace(None)  # the run itself, whatever namespace this task's client would default to
             Run(f"{current.flow_name}/{current.run_id}").add_tag(f"origin_run:{current.origin_run_id}")
             print(f"resumed from run {current.origin_run_id}: tagged origin_run:{current.origin_run_id}")
-        tracking.end_run(self.parent_run_id, "FINISHED", self.tracking_uri)
+        links = summary.RunLinks(
+            self.tracking_uri, self.experiment_id, self.parent_run_id, self.branch_run_ids,
+            flow_file=sys.argv[0], card_pathspec=self.report_pathspec,
+        )
+        tracking.set_description(self.parent_run_id, summary.description_markdown(
+            self.report_content, summary.settings_summary(self._settings())), self.tracking_uri)
+        for run_id in (self.evaluation_run_id, self.parent_run_id):
+            tracking.end_run(run_id, "FINISHED", self.tracking_uri)
+        print(summary.result_text(self.report_content, links))
 
     # ------------------------------------------------------------------ helpers
     # Small pieces shared by the steps above; all real work happens in cocomix_core.
@@ -353,9 +402,17 @@ class CocomixFlow(FlowSpec):
     def _storage(self) -> Storage:
         return Storage(self.storage_root)
 
-    def _scratch(self, name: str) -> Path:
-        """A fresh local folder (under $TMPDIR) for this task's small files."""
-        return Path(tempfile.mkdtemp(prefix=f"cocomix-{name}-"))
+    def _preflight(self, settings: ExperimentSettings) -> None:
+        """Stop the run before any work if the inputs, the MLflow store or the storage root would fail it later:
+        one line per problem, naming the setting or file, and no traceback (a SystemExit, which Metaflow lets through)."""
+        from cocomix_core.preflight import preflight
+
+        problems = preflight(settings, storage_root=self.storage_root, tracking_uri=self.tracking_uri)
+        if problems:
+            print(f"cocomix_flow: {len(problems)} problem(s) before the run could start:", file=sys.stderr)
+            for problem in problems:
+                print(f"  {problem}", file=sys.stderr)
+            sys.exit(1)
 
     def _datastore_root(self) -> str:
         # Metaflow has no public accessor for the datastore a run writes to; storage sits beside it.

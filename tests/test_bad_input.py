@@ -426,3 +426,94 @@ def test_concurrent_creation_of_a_fresh_sqlite_store(tmp_path, stores):
         runs = client.search_runs([experiments["race"]])
         assert len(runs) == 2
         assert [client.get_metric_history(run.info.run_id, "m")[0].value for run in runs] == [1.0, 1.0]
+
+
+# ----- the flow itself: its start step runs preflight before any work -------------------------------
+FLOW_CASES = {
+    # name: (`--set` overrides (p: paths), extra environment (p, silent url), words its message must hold)
+    "missing_corpus": (lambda p: "data.source=files; data.path=" + str(p["root"] / "no_corpus"), lambda p, url: {},
+                       lambda p: ["data.path", str(p["root"] / "no_corpus")]),
+    "unknown_eval_task": (lambda p: 'eval.tasks=["cocomix_choice", "no_such_task"]', lambda p, url: {},
+                          lambda p: ["eval.tasks", "no_such_task"]),
+    "silent_tracking_server": (lambda p: "", lambda p, url: {"MLFLOW_TRACKING_URI": url},
+                               lambda p: ["tracking.mlflow_uri", "did not answer"]),
+    "unwritable_storage_root": (lambda p: f"compute.storage_root={p['root'] / 'a_file' / 'artifacts'}",
+                                lambda p, url: {}, lambda p: ["compute.storage_root", str(p["root"] / "a_file")]),
+}
+FLOW_PROBE_LIMIT_S = 120  # Metaflow's start, the start step's imports and the probes: well under this, even loaded
+
+
+@pytest.fixture(scope="module")
+def flow_runs(inputs: dict[str, Path], silent_url: str, tmp_path_factory: pytest.TempPathFactory
+              ) -> dict[str, tuple[subprocess.CompletedProcess, float]]:
+    """Every flow case started together (each pays Metaflow's start and a step process): output and seconds."""
+    from test_flow import FLOW, flow_env
+
+    (inputs["root"] / "a_file").write_text("a file where the storage root's parent folder should be")
+    started, processes = time.monotonic(), {}
+    for case, (overrides, environment, _) in FLOW_CASES.items():
+        root = tmp_path_factory.mktemp(f"flow_{case}")
+        env = flow_env(root, **environment(inputs, silent_url))
+        default_root = f"compute.storage_root={root / 'artifacts'}"
+        settings = "; ".join(part for part in (default_root, overrides(inputs)) if part)
+        processes[case] = subprocess.Popen([sys.executable, str(FLOW), "run", "--settings", "smoke", "--set", settings],
+                                           env=env, cwd=root, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    results = {}
+    for case, process in processes.items():
+        output, _ = process.communicate(timeout=FLOW_PROBE_LIMIT_S * 2)
+        results[case] = (subprocess.CompletedProcess(process.args, process.returncode, output, ""),
+                         time.monotonic() - started)
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(FLOW_CASES))
+def test_the_flow_stops_in_start_naming_the_culprit(case, inputs, flow_runs):
+    result, seconds = flow_runs[case]
+    assert result.returncode != 0, result.stdout[-3000:]
+    assert "Traceback" not in result.stdout, result.stdout[-3000:]
+    problem_lines = [line for line in result.stdout.splitlines() if "problem(s) before the run could start" in line]
+    assert problem_lines, result.stdout[-3000:]
+    for word in FLOW_CASES[case][2](inputs):
+        assert word in result.stdout, (word, result.stdout[-3000:])
+    assert "/start/1" in result.stdout and "/prepare/" not in result.stdout  # it stopped in start: nothing else ran
+    assert seconds < FLOW_PROBE_LIMIT_S, f"{case} took {seconds:.0f} s"
+
+
+TWO_FLOWS_AT_ONCE_LIMIT_S = 900
+
+
+@pytest.mark.slow
+def test_two_flows_started_together_on_one_fresh_store_both_finish(tmp_path):
+    """Two smoke flows on one new SQLite store and storage root: both finish, nothing lands in "Default",
+    every branch run has each checkpoint's metric once (issue 14: one died in alembic's migration)."""
+    from mlflow.tracking import MlflowClient
+    from test_flow import FLOW, flow_env
+
+    env = flow_env(tmp_path)
+    settings = f"compute.storage_root={tmp_path / 'artifacts'}"
+    flows = []
+    for index in range(2):  # each its own Metaflow datastore (working folder), one store and storage root
+        folder = tmp_path / f"flow{index}"
+        folder.mkdir()
+        flows.append(subprocess.Popen(
+            [sys.executable, str(FLOW), "run", "--settings", "smoke", "--set", settings],
+            env=env | {"METAFLOW_DATASTORE_SYSROOT_LOCAL": str(folder)}, cwd=folder, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    for flow in flows:
+        output, _ = flow.communicate(timeout=TWO_FLOWS_AT_ONCE_LIMIT_S)
+        assert flow.returncode == 0, output[-5000:]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiments = {experiment.name: experiment.experiment_id for experiment in client.search_experiments()}
+    if "Default" in experiments:
+        assert client.search_runs([experiments["Default"]]) == []
+    runs = client.search_runs([experiments["cocomix-flow"]])
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    assert len(parents) == 2 and all(run.info.status == "FINISHED" for run in runs)
+    branch_runs = [run for run in runs if run.info.run_name.startswith("train/")]
+    assert len(branch_runs) == 4
+    for run in branch_runs:
+        steps = [point.step for point in client.get_metric_history(run.info.run_id, "eval/val_ppl")]
+        assert sorted(steps) == [4, 8, 12], run.info.run_name
+        losses = [point.step for point in client.get_metric_history(run.info.run_id, "train/loss")]
+        assert losses and len(losses) == len(set(losses)), run.info.run_name

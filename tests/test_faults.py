@@ -265,3 +265,64 @@ def test_scratch_folders_are_removed_when_the_task_ends(tmp_path):
     with scratch_folder("checkpoints") as folder:
         (folder / "checkpoints.json").write_text("[]")
     assert not folder.exists()
+
+
+def test_evaluation_refuses_a_checkpoint_zeroed_after_it_was_published(trained, tmp_path):
+    from cocomix_core import stages
+
+    storage = Storage(str(tmp_path / "storage"))
+    run = shutil.copytree(trained, tmp_path / "run")
+    checkpoint = stages.publish_checkpoints(run, "runs/1/ntp", storage)[-1]
+    weights = storage.materialize(checkpoint.key) / "model.safetensors"
+    zero_in_place(weights)
+    data = stages.PreparedData(key="data/unused", uri="", digest="", source="", splits={}, note="")
+    with pytest.raises(Exception, match=re.escape(str(weights.parent))) as refused:  # the storage's or the
+        stages.evaluate_checkpoint_job(load_settings("smoke"), storage, data, checkpoint, parallel_tasks=1)
+    assert "model.safetensors" in str(refused.value)  # checkpoint's own digest check, whichever sees it first
+
+
+# ----- the flow: Ctrl-C during training, then resume ---------------------------------------------
+INTERRUPT_LIMIT_S = 600
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_training_then_resume_leaves_honest_runs_and_no_temp_folders(tmp_path):
+    """SIGINT to the flow's process group while a branch trains (as Ctrl-C does): no MLflow run stays RUNNING
+    (the parent and evaluation end KILLED); `resume` finishes with one point per step of every branch metric,
+    every run FINISHED, and no cocomix-* folder left in the run's private TMPDIR."""
+    from test_flow import FLOW, flow_env, run_flow, tail
+
+    env = flow_env(tmp_path)
+    flow = subprocess.Popen(
+        [sys.executable, str(FLOW), "run", "--settings", "smoke", "--set",
+         f"compute.storage_root={tmp_path / 'artifacts'}; train.steps=40; train.checkpoint_every=20"],
+        env=env, cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    seen, deadline = [], time.monotonic() + INTERRUPT_LIMIT_S
+    for line in flow.stdout:  # a training progress line: the branch is between its steps
+        seen.append(line)
+        if "/train/" in line and re.search(r"\] step \d+/\d+", line) or time.monotonic() > deadline:
+            break
+    os.killpg(flow.pid, signal.SIGINT)
+    seen.append(flow.communicate(timeout=120)[0])
+    assert flow.returncode != 0, "".join(seen)[-3000:]
+    assert "/train/" in "".join(seen) and "Workflow interrupted" in "".join(seen), "".join(seen)[-3000:]
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("cocomix-flow").experiment_id
+    statuses = {run.info.run_name: run.info.status for run in client.search_runs([experiment])}
+    assert "RUNNING" not in statuses.values(), statuses
+    parent_name = next(name for name in statuses if name.startswith("CocomixFlow/"))
+    assert statuses[parent_name] == statuses["evaluation"] == "KILLED", statuses
+
+    resumed = run_flow(["resume"], env, cwd=tmp_path)
+    assert resumed.returncode == 0, tail(resumed)
+    runs = client.search_runs([experiment])
+    assert {run.info.status for run in runs} == {"FINISHED"}, {run.info.run_name: run.info.status for run in runs}
+    branch_runs = [run for run in runs if run.info.run_name.startswith("train/")]
+    assert len(branch_runs) == 2
+    for run in branch_runs:
+        for metric in run.data.metrics:
+            steps = Counter(point.step for point in client.get_metric_history(run.info.run_id, metric))
+            assert set(steps.values()) == {1}, (run.info.run_name, metric, steps)
+        assert sorted(point.step for point in client.get_metric_history(run.info.run_id, "eval/val_ppl")) == [20, 40]
+    assert not list((tmp_path / "tmp").glob("cocomix-*/")), list((tmp_path / "tmp").iterdir())

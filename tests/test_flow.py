@@ -13,6 +13,8 @@ import os
 import re
 import subprocess
 import sys
+import urllib.parse
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,10 +102,15 @@ def test_the_flow_runs_without_a_user_name(tmp_path: Path):
 class Experiment:
     root: Path
     env: dict[str, str]
-    failed: subprocess.CompletedProcess
-    resumed: subprocess.CompletedProcess
+    failed: subprocess.CompletedProcess  # the first run (the only one when nothing made it fail)
+    resumed: subprocess.CompletedProcess | None
     client: MlflowClient
     runs: list[Any]  # every MLflow run of the experiment
+
+    @property
+    def output(self) -> str:
+        """Everything the runs printed, as the user saw it."""
+        return "".join(result.stdout + result.stderr for result in (self.failed, self.resumed) if result is not None)
 
     def named(self, name: str) -> list[Any]:
         return [run for run in self.runs if run.info.run_name == name]
@@ -114,21 +121,39 @@ class Experiment:
         return parent
 
 
+def run_smoke(root: Path, env: dict[str, str], experiment_name: str = "cocomix-flow", resume: bool = True) -> Experiment:
+    """The smoke experiment in `root`, logging where env's MLFLOW_TRACKING_URI says; resumed when `resume`."""
+    overrides = f"compute.storage_root={root / 'artifacts'}; tracking.experiment_name={experiment_name}"
+    first = run_flow(["run", "--settings", "smoke", "--set", overrides], env, cwd=root)
+    resumed = run_flow(["resume"], env, cwd=root) if resume else None
+    assert (resumed or first).returncode == 0, tail(resumed or first)
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name(experiment_name)
+    return Experiment(root, env, first, resumed, client, client.search_runs([experiment.experiment_id]))
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> Experiment:
     root = tmp_path_factory.mktemp("smoke")
-    env = flow_env(root, COCOMIX_FAIL_ONCE="train_gang,report")
-    overrides = f"compute.storage_root={root / 'artifacts'}"
-    failed = run_flow(["run", "--settings", "smoke", "--set", overrides], env, cwd=root)
-    resumed = run_flow(["resume"], env, cwd=root)
-    assert resumed.returncode == 0, tail(resumed)
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    experiment = client.get_experiment_by_name("cocomix-flow")
-    return Experiment(root, env, failed, resumed, client, client.search_runs([experiment.experiment_id]))
+    return run_smoke(root, flow_env(root, COCOMIX_FAIL_ONCE="train_gang,report"))
+
+
+def check_lineage(experiment: Experiment) -> None:
+    """The checks every store must pass: the run tree, lineage tags, dataset inputs, metrics once per checkpoint,
+    the report on the parent."""
+    check_run_tree(experiment)
+    check_lineage_tags(experiment)
+    check_dataset_inputs(experiment)
+    check_eval_metrics(experiment)
+    check_report_on_parent(experiment)
 
 
 @pytest.mark.slow
 def test_one_parent_run_with_a_child_per_piece_of_work(smoke: Experiment):
+    check_run_tree(smoke)
+
+
+def check_run_tree(smoke: Experiment) -> None:
     parent = smoke.parent
     assert parent.info.status == "FINISHED"
     children = [run for run in smoke.runs if run is not parent]
@@ -141,6 +166,10 @@ def test_one_parent_run_with_a_child_per_piece_of_work(smoke: Experiment):
 
 @pytest.mark.slow
 def test_every_run_carries_its_lineage_tags_and_the_parent_the_flat_settings(smoke: Experiment):
+    check_lineage_tags(smoke)
+
+
+def check_lineage_tags(smoke: Experiment) -> None:
     for run in smoke.runs:
         tags = run.data.tags
         assert tags["metaflow.flow"] == "CocomixFlow"
@@ -157,6 +186,10 @@ def test_every_run_carries_its_lineage_tags_and_the_parent_the_flat_settings(smo
 
 @pytest.mark.slow
 def test_prepared_data_is_a_dataset_input_with_the_manifests_digest(smoke: Experiment):
+    check_dataset_inputs(smoke)
+
+
+def check_dataset_inputs(smoke: Experiment) -> None:
     from cocomix_core.data import data_digest, load_manifest
 
     (data_dir,) = (smoke.root / "artifacts" / "data").iterdir()
@@ -168,6 +201,10 @@ def test_prepared_data_is_a_dataset_input_with_the_manifests_digest(smoke: Exper
 
 @pytest.mark.slow
 def test_both_arms_have_eval_metrics_at_every_checkpoint_step_in_their_own_runs(smoke: Experiment):
+    check_eval_metrics(smoke)
+
+
+def check_eval_metrics(smoke: Experiment) -> None:
     for arm in ARMS:
         run_id = smoke.named(f"train/{arm}")[0].info.run_id
         for metric in ("eval/val_ppl", "eval/cocomix_lastword/acc", "eval/cocomix_choice/acc_norm", "checkpoint/tokens_seen"):
@@ -184,8 +221,8 @@ def test_both_arms_have_eval_metrics_at_every_checkpoint_step_in_their_own_runs(
     assert {"sae/fvu", "sae/dead_fraction", "sae/mean_l0"} <= set(sae)
 
 
-@pytest.mark.slow
-def test_the_report_is_logged_on_the_parent_and_shown_in_a_card(smoke: Experiment):
+def check_report_on_parent(smoke: Experiment) -> None:
+    """The report's files, its headline numbers and each branch's curves against tokens, on the parent run."""
     parent_id = smoke.parent.info.run_id
     report_dir = Path(smoke.client.download_artifacts(parent_id, "report"))
     content = json.loads((report_dir / "report.json").read_text())
@@ -193,6 +230,16 @@ def test_the_report_is_logged_on_the_parent_and_shown_in_a_card(smoke: Experimen
     assert (report_dir / "report.md").read_text().strip()
     assert list((report_dir / "plots").glob("*.png"))
     assert any(name.endswith("final_val_ppl") for name in smoke.parent.data.metrics)
+    for arm in ARMS:  # the parent's chart view compares the arms: val ppl at 4, 8, 12 steps × 4 × 32 tokens
+        history = smoke.client.get_metric_history(parent_id, f"{arm}/eval/val_ppl")
+        assert sorted(point.step for point in history) == [512, 1024, 1536], arm
+    assert content["verdict"] and all(f"- {line}" in smoke.parent.data.tags["mlflow.note.content"]
+                                      for line in content["verdict"])
+
+
+@pytest.mark.slow
+def test_the_report_is_logged_on_the_parent_and_shown_in_a_card(smoke: Experiment):
+    check_report_on_parent(smoke)
     cards = metaflow_query(
         "from metaflow.cards import get_cards\n"
         "task = Flow('CocomixFlow').latest_run['report'].task\n"
@@ -205,6 +252,7 @@ def test_the_report_is_logged_on_the_parent_and_shown_in_a_card(smoke: Experimen
     (encoded,) = re.findall(r'__MF_DATA__\["[^"]+"\] = "([^"]+)"', html)
     content = base64.b64decode(encoded).decode()
     assert "Final checkpoints" in content and "data:image/png" in content
+    assert content.index("Verdict") < content.index("Final checkpoints")  # the card opens with the verdict
     # Plots are captioned in words, not with their file names; tables are split to fit the page.
     assert "cocomix_choice: accuracy by training tokens" in content and "cocomix_choice__acc" not in content
     table_rows = [line for line in "\n".join(_strings(json.loads(content))).splitlines() if line.startswith("|")]
@@ -268,3 +316,60 @@ def test_a_failed_training_task_is_retried_and_finishes(smoke: Experiment):
         smoke.env,
     )
     assert attempts == [0, 1]
+
+
+# Metaflow's own lines about a task, not what the step printed.
+_SYSTEM_MESSAGES = ("Task is starting", "Task finished successfully", "Task failed", "Cloning", "Sleeping",
+                    "This failed task will", "[KILLED BY ORCHESTRATOR]", "Retrying", "Workflow", "Pre-Inited")
+# Third-party warnings the flow hushes (issue 13): none may appear at all.
+_HUSHED = ("`pretrained` model kwarg is not of type `str`", "HF model type is neither marked as CausalLM",
+           "Passed an already-initialized model", "exceeds model's maximum length", "Writing model shards",
+           "Loading weights")
+_TASK_LINE = re.compile(r"\[(\d+)/(\w+)/(\d+) \(pid \d+\)\] (.*)")
+
+
+@pytest.mark.slow
+def test_the_output_is_lines_a_person_reads_and_every_step_says_something(smoke: Experiment):
+    output = smoke.output
+    assert "\r" not in output, "progress redraws in captured output"
+    for noise in _HUSHED:
+        assert noise not in output, noise
+    said: dict[tuple[str, str, str], list[str]] = {}  # (run, step, task): what the task printed
+    for match in map(_TASK_LINE.search, output.splitlines()):
+        if match and not match.group(4).startswith(_SYSTEM_MESSAGES):
+            said.setdefault(match.group(1, 2, 3), []).append(match.group(4))
+    steps = ("start", "prepare", "concepts", "train", "train_gang", "evaluate", "join_checkpoints", "report", "end")
+    assert [step for step in steps if not any(task[1] == step for task in said)] == [], sorted(said)
+    for task, lines in said.items():  # a warning comes once per task, never once per input or batch
+        repeated = {line: count for line, count in Counter(lines).items() if count > 1 and "warn" in line.lower()}
+        assert not repeated, (task, repeated)
+
+
+@pytest.mark.slow
+def test_the_end_step_prints_the_verdict_and_links_to_runs_that_exist(smoke: Experiment):
+    end_lines = [match.group(4) for match in map(_TASK_LINE.search, smoke.resumed.stdout.splitlines())
+                 if match and match.group(2) == "end"]
+    text = "\n".join(end_lines)
+    content = json.loads(Path(smoke.client.download_artifacts(smoke.parent.info.run_id, "report/report.json"))
+                         .read_text())
+    assert "Verdict (95% intervals):" in text
+    assert all(line in text for line in content["verdict"]), text
+    store = smoke.env["MLFLOW_TRACKING_URI"]
+    assert f"mlflow ui --backend-store-uri {store}" in text
+    assert re.search(r"card view \d+/report --id report", text), text
+    query = urllib.parse.parse_qs(re.search(r"#/compare-runs\?(\S+)", text).group(1))
+    runs = [smoke.client.get_run(run_id) for run_id in json.loads(query["runs"][0])]
+    assert sorted(run.info.run_name for run in runs) == sorted(f"train/{arm}" for arm in ARMS)
+    experiment, parent = re.search(r"#/experiments/(\w+)/runs/(\w+)", text).groups()
+    assert parent == smoke.parent.info.run_id and experiment == smoke.parent.info.experiment_id
+
+
+@pytest.mark.slow
+def test_the_smoke_flow_against_a_tracking_server_passes_the_same_lineage_checks(tmp_path, mlflow_server):
+    """A cluster logs to `http://…`: both branches log at once through the server, a training task fails once and
+    @retry continues it; nothing lands in "Default" and every point is there once."""
+    env = flow_env(tmp_path, MLFLOW_TRACKING_URI=mlflow_server.url, COCOMIX_FAIL_ONCE="train_gang")
+    served = run_smoke(tmp_path, env, experiment_name="cocomix-flow-served", resume=False)
+    check_lineage(served)
+    default = served.client.get_experiment_by_name("Default")
+    assert default is None or served.client.search_runs([default.experiment_id]) == []
