@@ -85,12 +85,6 @@ class MlflowServer:
     artifacts: Path  # where the server puts artifacts that clients upload through it
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
@@ -104,7 +98,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     """An `mlflow server` process for the session: SQLite behind it, artifacts proxied (clients never
     see the artifact folder), as a cluster's tracking server is. Tests pass `.url` as the tracking URI."""
     folder = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
+    port = free_port()
     server = MlflowServer(f"http://127.0.0.1:{port}", folder / "mlflow.db", folder / "artifacts")
     log = (folder / "server.log").open("w")
     process = subprocess.Popen(
@@ -127,3 +121,31 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
     log.close()
+
+
+@pytest.fixture(scope="session")
+def smoke_label_cache(smoke_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real concept labels (random smoke teacher and SAE) for the first 16 samples of the smoke windows."""
+    import torch
+
+    from cocomix_core.concepts import ConceptExtractor, build_label_cache
+    from cocomix_core.data import load_split
+    from cocomix_core.models import build_model
+    from cocomix_core.sae import TopKSAE
+    from cocomix_core.windows import TrainWindows
+
+    settings = load_settings("smoke")
+    teacher = build_model("ntp", settings.teacher.model, settings.data.block_size, seed=0)
+    torch.manual_seed(0)
+    sae = TopKSAE(settings.sae.num_latents, settings.teacher.model.width, settings.sae.k)
+    windows = TrainWindows(load_split(smoke_data, "train"), settings.data.block_size, settings.data.window_seed)
+    return build_label_cache(ConceptExtractor(teacher, sae, settings.sae.layer_index), windows, 4 * 4, 16,
+                             settings.concepts.labels_per_token, tmp_path_factory.mktemp("labels"),
+                             provenance={"teacher": "random smoke"})
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

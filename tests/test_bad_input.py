@@ -27,6 +27,8 @@ from cocomix_core.checkpoints import save_checkpoint
 from cocomix_core.sae import TopKSAE, download, save_sae
 from settings import load_settings
 
+from conftest import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 TEACHER_WIDTH = 32  # the smoke preset's teacher width, and the tiny pretrained teacher's
 SMOKE_LATENTS = 256  # the smoke preset's sae.num_latents
@@ -108,11 +110,7 @@ def silent_url() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def refused_url() -> str:
     """An address whose port refuses connections: bound once, then closed."""
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 # ----- library CLIs as the user runs them ---------------------------------------------------------

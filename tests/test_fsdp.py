@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -20,15 +19,14 @@ import torch
 from safetensors.torch import load_file
 
 from cocomix_core.checkpoints import latest_trainer_state, load_trainer_state
-from cocomix_core.concepts import ConceptExtractor, LabelCache, build_label_cache
-from cocomix_core.data import load_split
+from cocomix_core.concepts import LabelCache
 from cocomix_core.launch import training_command
-from cocomix_core.models import build_model, job_for_branch
-from cocomix_core.sae import TopKSAE
+from cocomix_core.models import job_for_branch
 from cocomix_core.train import final_checkpoint, train
-from cocomix_core.windows import TrainWindows
 from settings import load_settings, training_branches
 from settings.schema import TrainResources
+
+from conftest import free_port
 
 pytestmark = pytest.mark.slow  # each launch costs ~10 s of process and process-group setup
 
@@ -38,25 +36,6 @@ SHORT = ["train.steps=4", "train.eval_every=2", "train.checkpoint_every=2", "tra
 LONG = ["train.steps=48", "train.eval_every=48", "train.checkpoint_every=8", "train.log_every=8"]
 FSDP_PAIR = TrainResources(cpu_processes=2, strategy="fsdp")
 TOLERANCE = 1e-5
-
-
-@pytest.fixture(scope="module")
-def label_cache(smoke_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Real concept labels (random smoke teacher and SAE) for every sample of the SHORT runs."""
-    settings = load_settings("smoke")
-    teacher = build_model("ntp", settings.teacher.model, settings.data.block_size, seed=0)
-    torch.manual_seed(0)
-    sae = TopKSAE(settings.sae.num_latents, settings.teacher.model.width, settings.sae.k)
-    windows = TrainWindows(load_split(smoke_data, "train"), settings.data.block_size, settings.data.window_seed)
-    return build_label_cache(ConceptExtractor(teacher, sae, settings.sae.layer_index), windows, 4 * 4, 16,
-                             settings.concepts.labels_per_token, tmp_path_factory.mktemp("labels"),
-                             provenance={"teacher": "random smoke"})
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_fsdp(arm: str, overrides: list[str], data: Path, out: Path, labels: Path | None, log: Path
@@ -94,8 +73,8 @@ def max_difference(first: dict[str, torch.Tensor], second: dict[str, torch.Tenso
 
 
 @pytest.mark.parametrize("arm", ["ntp", "cocomix"])
-def test_two_fsdp_processes_equal_one_process_with_two_accumulation_steps(arm, smoke_data, label_cache, tmp_path):
-    labels = label_cache if arm == "cocomix" else None
+def test_two_fsdp_processes_equal_one_process_with_two_accumulation_steps(arm, smoke_data, smoke_label_cache, tmp_path):
+    labels = smoke_label_cache if arm == "cocomix" else None
     run_fsdp(arm, SHORT, smoke_data, tmp_path / "fsdp", labels, tmp_path / "fsdp.log")
     reference = accumulated_reference(arm, SHORT, smoke_data, tmp_path / "accum", labels)
 

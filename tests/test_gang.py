@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -19,15 +18,14 @@ import torch
 from safetensors.torch import load_file
 
 from cocomix_core.checkpoints import latest_trainer_state
-from cocomix_core.concepts import ConceptExtractor, LabelCache, build_label_cache
-from cocomix_core.data import load_split
+from cocomix_core.concepts import LabelCache
 from cocomix_core.launch import training_command
-from cocomix_core.models import build_model, job_for_branch
-from cocomix_core.sae import TopKSAE
+from cocomix_core.models import job_for_branch
 from cocomix_core.train import final_checkpoint, train
-from cocomix_core.windows import TrainWindows
 from settings import load_settings, training_branches
 from settings.schema import TrainResources
+
+from conftest import free_port
 
 pytestmark = pytest.mark.slow  # each gang start costs ~10 s of process and rendezvous setup
 
@@ -36,25 +34,6 @@ SHORT = ["train.steps=4", "train.eval_every=4", "train.checkpoint_every=4"]
 # Long enough that a node can be killed between the first checkpoint and the end.
 LONG = ["train.steps=64", "train.eval_every=64", "train.checkpoint_every=8", "train.log_every=8"]
 GANG = TrainResources(nodes=2, cpu_processes=1)
-
-
-@pytest.fixture(scope="module")
-def label_cache(smoke_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Real concept labels (random smoke teacher and SAE) for every sample of the SHORT runs."""
-    settings = load_settings("smoke")
-    teacher = build_model("ntp", settings.teacher.model, settings.data.block_size, seed=0)
-    torch.manual_seed(0)
-    sae = TopKSAE(settings.sae.num_latents, settings.teacher.model.width, settings.sae.k)
-    windows = TrainWindows(load_split(smoke_data, "train"), settings.data.block_size, settings.data.window_seed)
-    return build_label_cache(ConceptExtractor(teacher, sae, settings.sae.layer_index), windows, 4 * 4, 16,
-                             settings.concepts.labels_per_token, tmp_path_factory.mktemp("labels"),
-                             provenance={"teacher": "random smoke"})
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_gang(arm: str, overrides: list[str], data: Path, out: Path, labels: Path | None, logs: Path
@@ -129,8 +108,8 @@ def node_log(logs: Path, rank: int) -> str:
 
 
 @pytest.mark.parametrize("arm", ["ntp", "cocomix"])
-def test_two_node_gang_equals_one_process_with_two_accumulation_steps(arm, smoke_data, label_cache, tmp_path):
-    labels = label_cache if arm == "cocomix" else None
+def test_two_node_gang_equals_one_process_with_two_accumulation_steps(arm, smoke_data, smoke_label_cache, tmp_path):
+    labels = smoke_label_cache if arm == "cocomix" else None
     nodes = start_gang(arm, SHORT, smoke_data, tmp_path / "gang", labels, tmp_path / "logs")
     codes = wait_all(nodes)
     assert codes == [0, 0], node_log(tmp_path / "logs", 0)[-3000:] + node_log(tmp_path / "logs", 1)[-3000:]
