@@ -371,3 +371,31 @@ def test_a_pretrained_teacher_with_its_own_tokenizer_runs_every_stage(tmp_path: 
         mismatched_data = stages.prepare_data(mismatched, storage, tracker)
     with child("teacher mismatched") as tracker, pytest.raises(TokenizerError, match="teacher's tokenizer .*differs"):
         stages.obtain_teacher(mismatched, storage, mismatched_data, tracker)
+
+
+def test_the_cpu_presets_gguf_teacher_is_converted_once_into_storage_and_tokenizes_the_data(tmp_path, monkeypatch):
+    from cocomix_core import teachers
+    from cocomix_core.data import data_tokenizer
+    from cocomix_core.fileio import sha256_file
+    from cocomix_core.tokenizer import hf_tokenizer
+
+    settings = load_settings("cpu", ["data.offline_task_items=4"])
+    storage = Storage(str(tmp_path / "artifacts"))
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    experiment_id = tracking.ensure_experiment("gguf", uri)
+    with tracking.tracked_run(experiment_id, "prepare", parent_run_id=None, tags={}, tracking_uri=uri) as tracker:
+        data = stages.prepare_data(settings, storage, tracker)  # converts the GGUF: the data needs its tokenizer
+
+    def no_second_conversion(path):
+        raise AssertionError(f"{path} converted again")
+
+    monkeypatch.setattr(teachers, "_load_gguf", no_second_conversion)
+    with tracking.tracked_run(experiment_id, "teacher", parent_run_id=None, tags={}, tracking_uri=uri) as tracker:
+        teacher = stages.obtain_teacher(settings, storage, data, tracker)
+    identity = f"gguf-{sha256_file(teachers.packaged_gguf('smollm2-135m'))[:16]}"
+    assert (teacher.key, teacher.identity) == (f"teacher/{identity}", identity)
+    assert "already converted" in teacher.note
+    folder = Path(teacher.local(storage))
+    assert folder == storage.materialize(teacher.key) and (folder / "model.safetensors").is_file()
+    tokenizer = data_tokenizer(data.folder(storage))
+    assert tokenizer.vocab_size == 49_152 and tokenizer.digest == hf_tokenizer(folder).digest
