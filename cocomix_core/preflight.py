@@ -186,6 +186,8 @@ def teacher_config(settings: ExperimentSettings, timeout_s: float = PROBE_TIMEOU
     name = settings.teacher.pretrained
     if name is None:
         return None, []
+    if is_gguf_teacher(name):
+        return gguf_teacher_config(name)
     local = Path(name).expanduser()
     if local.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         if not local.is_dir():
@@ -204,13 +206,45 @@ def teacher_config(settings: ExperimentSettings, timeout_s: float = PROBE_TIMEOU
     return None, problems
 
 
+def is_gguf_teacher(name: str) -> bool:
+    """Whether `teacher.pretrained` names a GGUF file (a path ending in .gguf, or a packaged one like smollm2-135m)."""
+    from cocomix_core.teachers import PACKAGED_TEACHERS
+
+    return name in PACKAGED_TEACHERS or name.endswith(".gguf")
+
+
+def gguf_teacher_config(name: str) -> tuple[dict[str, Any] | None, list[Problem]]:
+    """The depth and width a GGUF teacher's metadata declares (read without loading its weights), and the problems
+    found: the file or its package missing (with the pip command), not a GGUF file, the `gguf` package missing."""
+    import importlib.util
+
+    from cocomix_core.teachers import PACKAGED_TEACHERS, TeacherError, check_gguf_file, packaged_gguf
+
+    try:
+        path = packaged_gguf(name) if name in PACKAGED_TEACHERS else Path(name).expanduser()
+        check_gguf_file(path)
+    except TeacherError as error:
+        return None, [Problem("teacher.pretrained", str(error))]
+    if importlib.util.find_spec("gguf") is None:
+        return None, [Problem("teacher.pretrained", f"{name}: reading a GGUF teacher needs the gguf package: pip install gguf")]
+    from gguf import GGUFReader
+
+    try:
+        fields = GGUFReader(path).fields
+        architecture = fields["general.architecture"].contents()
+        return {"num_hidden_layers": int(fields[f"{architecture}.block_count"].contents()),
+                "hidden_size": int(fields[f"{architecture}.embedding_length"].contents())}, []
+    except (KeyError, ValueError, OSError) as error:  # truncated or foreign files fail inside the reader
+        return None, [Problem("teacher.pretrained", f"{path}: unreadable GGUF metadata ({type(error).__name__}: {error})")]
+
+
 def check_teacher(settings: ExperimentSettings, config: dict[str, Any] | None) -> list[Problem]:
-    """The teacher reads GPT-2 tokens and has the block the SAE reads."""
+    """A teacher read with GPT-2's tokenizer has its ids; the teacher has the block the SAE reads."""
     if config is None:
         return []
     problems = []
     vocab = config.get("vocab_size")
-    if vocab is not None and vocab < GPT2_VOCAB:
+    if vocab is not None and vocab < GPT2_VOCAB and settings.tokenizer.name == "gpt2":
         problems.append(Problem("teacher.pretrained", f"config vocab_size={vocab} is smaller than the GPT-2 tokenizer's "
                                                       f"{GPT2_VOCAB} ids (tokenizer.name={settings.tokenizer.name})"))
     layers = num_layers(config)

@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # torch, mlflow and lm-eval load inside the stages that need 
 
 SAE_FILE = "sae.safetensors"
 SAE_METRICS_FILE = "metrics.json"
-SAE_HEALTH = ("fvu", "dead_fraction", "mean_l0")
+SAE_HEALTH = ("fvu", "fvu_normalized", "dead_fraction", "mean_l0")
 TASKS_DIR = "lm_tasks"  # the offline lm-eval tasks, inside the prepared data folder
 
 
@@ -65,17 +65,23 @@ class PreparedData:
 
 @dataclasses.dataclass(frozen=True)
 class Teacher:
-    """The concept teacher: a pretrained HF model (`key` None) or the toy teacher trained into storage."""
+    """The concept teacher: a HF name or folder used as it is (`key` None), a GGUF file converted once into
+    storage, or the toy teacher trained into storage (`trained`)."""
 
-    key: str | None
-    ref: str  # the HF name, or the storage URI of the trained run folder
+    key: str | None  # storage key of the converted GGUF's folder, or of the trained teacher's run folder
+    ref: str  # the HF name or folder, or the storage URI of `key`
+    identity: str  # what cached products are keyed by: the HF name or folder, gguf-<sha256[:16]>, or `key`
     note: str
+    trained: bool = False
 
     def local(self, storage: Storage) -> str:
-        """What `load_teacher` reads here: the HF name, or a local folder of the final checkpoint."""
+        """What `load_teacher` reads here: the HF name or folder, the converted folder, or the final checkpoint."""
         from cocomix_core.checkpoints import final_checkpoint
 
-        return self.ref if self.key is None else str(final_checkpoint(storage.materialize(self.key)))
+        if self.key is None:
+            return self.ref
+        folder = storage.materialize(self.key)
+        return str(final_checkpoint(folder)) if self.trained else str(folder)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,11 +208,80 @@ def concept_extractor(
     settings: ExperimentSettings, storage: Storage, teacher: Teacher, sae: SAE, selection: str
 ) -> ConceptExtractor:
     """The teacher and SAE that label tokens with concepts, selected by attribution or by activation (SPEC §9)."""
-    from cocomix_core.concepts import ActivationConceptExtractor, ConceptExtractor, load_teacher
+    from cocomix_core.concepts import ActivationConceptExtractor, ConceptExtractor
     from cocomix_core.sae import load_sae
 
     extractor = ActivationConceptExtractor if selection == "activation" else ConceptExtractor
-    return extractor(load_teacher(teacher.local(storage)), load_sae(sae.local(storage)), settings.sae.layer_index)
+    return extractor(teacher_model(settings, storage, teacher), load_sae(sae.local(storage)), settings.sae.layer_index)
+
+
+def teacher_compute_dtype(settings: ExperimentSettings) -> Any:
+    """The torch dtype of the teacher's passes in the stages (on this machine's CPU): `teacher.precision` resolved."""
+    from cocomix_core.teachers import teacher_dtype
+
+    return teacher_dtype(settings.teacher.precision, "cpu")
+
+
+def teacher_model(settings: ExperimentSettings, storage: Storage, teacher: Teacher) -> Any:
+    """The teacher, frozen, in the dtype of `teacher.precision`."""
+    from cocomix_core.concepts import load_teacher
+
+    return load_teacher(teacher.local(storage), dtype=teacher_compute_dtype(settings))
+
+
+def teacher_provenance(settings: ExperimentSettings, teacher: Teacher) -> dict[str, str]:
+    """What a product of the teacher's passes depends on: which teacher, and the dtype its passes ran in."""
+    return {"teacher": teacher.identity, "teacher_dtype": str(teacher_compute_dtype(settings)).removeprefix("torch.")}
+
+
+def students_vocab_size(data_dir: Path) -> int:
+    """Embedding rows of every student: the prepared data's tokenizer's size (GPT-2: 50257; others padded)."""
+    from cocomix_core.data import data_tokenizer
+    from cocomix_core.tokenizer import student_vocab_size
+
+    return student_vocab_size(data_tokenizer(data_dir))
+
+
+def teacher_folder(teacher: Teacher, storage: Storage) -> Path:
+    """A local folder holding the teacher's model and tokenizer files (a hub name: its snapshot in the HF cache)."""
+    from cocomix_core.teachers import resolve_teacher
+
+    local = teacher.local(storage)
+    return resolve_teacher(local, cache_dir=local)  # a folder or hub name: nothing to convert, the cache is unused
+
+
+def pretrained_teacher(settings: ExperimentSettings, storage: Storage) -> Teacher:
+    """`teacher.pretrained` ready to load: a GGUF file (or a packaged one such as smollm2-135m) converted once
+    into storage at teacher/gguf-<sha256[:16]>, which every later step, task and run reuses; a HF name or folder
+    as it is."""
+    from cocomix_core import teachers
+    from cocomix_core.fileio import sha256_file
+
+    name = settings.teacher.pretrained
+    if name in teachers.PACKAGED_TEACHERS:
+        gguf = teachers.packaged_gguf(name)
+    elif name.endswith(".gguf"):
+        gguf = Path(name).expanduser()
+    else:
+        return Teacher(key=None, ref=name, identity=name, note=f"teacher: pretrained {name}")
+    teachers.check_gguf_file(gguf)
+    identity = f"gguf-{sha256_file(gguf)[:16]}"  # the folder name convert_gguf gives it
+    key = f"teacher/{identity}"
+    reused = storage.exists(key)
+    with storage.stored_folder(key) as folder:
+        teachers.convert_gguf(gguf, folder.parent)  # returns at once when the folder holds this conversion
+    uri = storage.uri(key)
+    done = "already converted at" if reused else "converted to float32 at"
+    return Teacher(key=key, ref=uri, identity=identity, note=f"teacher: pretrained {name} ({gguf.name}), {done} {uri}")
+
+
+def data_tokenizer_for(settings: ExperimentSettings, storage: Storage) -> Any:
+    """The tokenizer the data is prepared with (`tokenizer.name`; "teacher": the pretrained teacher's own)."""
+    from cocomix_core.tokenizer import TEACHER_NAME, load_tokenizer
+
+    if settings.tokenizer.name != TEACHER_NAME:
+        return load_tokenizer(settings.tokenizer.name)
+    return load_tokenizer(TEACHER_NAME, teacher_folder(pretrained_teacher(settings, storage), storage))
 
 
 def label_selections(settings: ExperimentSettings) -> list[str]:
@@ -227,12 +302,13 @@ def prepare_data(settings: ExperimentSettings, storage: Storage, tracker: Mlflow
     """Corpus -> token shards + manifest and the offline lm-eval tasks, in storage (reused when already there)."""
     from cocomix_core import data as corpus, offline_tasks
 
-    key = cache_key("data", settings.data.model_dump(mode="json"), settings.tokenizer.name)
+    tokenizer = data_tokenizer_for(settings, storage)
+    key = cache_key("data", settings.data.model_dump(mode="json"), settings.tokenizer.name, tokenizer.digest)
     reused = storage.exists(key)
     with storage.stored_folder(key) as folder:
-        manifest = corpus.prepare_corpus(settings.data, folder)
+        manifest = corpus.prepare_corpus(settings.data, folder, tokenizer)
         offline_tasks.build_offline_tasks(
-            folder, folder / TASKS_DIR, settings.data.offline_task_items, settings.data.split_seed
+            folder, folder / TASKS_DIR, settings.data.offline_task_items, settings.data.split_seed, tokenizer
         )
     digest = corpus.data_digest(manifest)
     split_tokens = {split: counts["tokens"] for split, counts in manifest["splits"].items()}
@@ -250,13 +326,19 @@ def prepare_data(settings: ExperimentSettings, storage: Storage, tracker: Mlflow
 def obtain_teacher(
     settings: ExperimentSettings, storage: Storage, data: PreparedData, tracker: MlflowTracker
 ) -> Teacher:
-    """`teacher.pretrained` as it is, or the small teacher trained on the corpus (cached by data and job digest)."""
+    """`teacher.pretrained` (a GGUF converted once into storage), or the small teacher trained on the corpus
+    (cached by data and job digest). A pretrained teacher whose tokenizer is not the data's is refused (SPEC §8)."""
+    from cocomix_core.data import data_tokenizer
     from cocomix_core.models import teacher_job
+    from cocomix_core.tokenizer import check_same_tokenizer, hf_tokenizer
     from cocomix_core.train import train
 
     if settings.teacher.pretrained:
-        return Teacher(key=None, ref=settings.teacher.pretrained, note=f"teacher: pretrained {settings.teacher.pretrained}")
-    job = teacher_job(settings)
+        teacher = pretrained_teacher(settings, storage)
+        check_same_tokenizer(hf_tokenizer(teacher_folder(teacher, storage)), data_tokenizer(data.folder(storage)))
+        tracker.set_tags({"cocomix.teacher": teacher.identity})
+        return teacher
+    job = teacher_job(settings, vocab_size=students_vocab_size(data.folder(storage)))
     key = cache_key("teacher", data.digest, job.digest())
     log_dataset(tracker, data)
     with storage.stored_folder(key, resumable=True) as out_dir:
@@ -268,7 +350,7 @@ def obtain_teacher(
         note = f"teacher already trained at {uri} (step {result.final_step}), reused"
     else:
         note = f"teacher trained to step {result.final_step} (val ppl {result.final_val_ppl:.4g}) at {uri}"
-    return Teacher(key=key, ref=uri, note=note)
+    return Teacher(key=key, ref=uri, identity=key, note=note, trained=True)
 
 
 def fit_sae(
@@ -283,12 +365,12 @@ def fit_sae(
 
     if settings.sae.pretrained:
         return SAE(key=None, ref=settings.sae.pretrained, metrics={}, note=f"SAE: pretrained {settings.sae.pretrained}")
-    key = cache_key("sae", data.digest, teacher.ref, settings.sae.model_dump(mode="json"))
+    key = cache_key("sae", data.digest, teacher_provenance(settings, teacher), settings.sae.model_dump(mode="json"))
     reused = storage.exists(key)
     with storage.stored_folder(key) as folder:
         if not (folder / SAE_FILE).is_file():
             reused = False
-            trained, metrics = _train_sae(settings, teacher.local(storage), data.folder(storage), tracker)
+            trained, metrics = _train_sae(settings, storage, teacher, data.folder(storage), tracker)
             write_json_atomic(folder / SAE_METRICS_FILE, metrics)
             sae_io.save_sae(trained, folder / SAE_FILE)
         metrics = json.loads((folder / SAE_METRICS_FILE).read_text())
@@ -301,24 +383,18 @@ def fit_sae(
     return SAE(key=key, ref=f"{uri}/{SAE_FILE}", metrics=health, note=note)
 
 
-def _train_sae(settings: ExperimentSettings, teacher: str, data_dir: Path, tracker: MlflowTracker) -> tuple[Any, dict]:
+def _train_sae(
+    settings: ExperimentSettings, storage: Storage, teacher: Teacher, data_dir: Path, tracker: MlflowTracker
+) -> tuple[Any, dict]:
     """Train the SAE with the settings' knobs; progress goes to `tracker` at the SAE's step."""
-    from cocomix_core.concepts import load_teacher
-    from cocomix_core.sae_training import SAETrainConfig, train_sae
-
-    sae = settings.sae
-    batch_tokens = sae.batch_size * settings.data.block_size
-    config = SAETrainConfig(
-        num_latents=sae.num_latents, k=sae.k, steps=sae.steps, batch_tokens=batch_tokens, lr=sae.lr,
-        aux_k=sae.aux_k, aux_coef=sae.aux_coef, dead_steps_threshold=max(1, sae.dead_after_tokens // batch_tokens),
-        teacher_batch_size=sae.batch_size, seed=sae.seed,
-    )
+    from cocomix_core.sae_training import sae_train_config, train_sae
 
     def log(record: dict[str, Any]) -> None:
         tracker.log_metrics({f"sae/{name[4:]}": value for name, value in record.items() if name != "sae_step"},
                             step=int(record["sae_step"]))
 
-    return train_sae(load_teacher(teacher), train_windows(settings, data_dir), sae.layer_index, config, log_fn=log)
+    return train_sae(teacher_model(settings, storage, teacher), train_windows(settings, data_dir),
+                     settings.sae.layer_index, sae_train_config(settings.sae, settings.data.block_size), log_fn=log)
 
 
 def build_labels(
@@ -340,7 +416,7 @@ def build_labels(
     samples = settings.train.steps * settings.train.batch_size
     keys, notes = {}, []
     for selection in selections:
-        provenance = {"data": data.digest, "teacher": teacher.ref, "sae": sae.ref,
+        provenance = {"data": data.digest, **teacher_provenance(settings, teacher), "sae": sae.ref,
                       "layer_index": settings.sae.layer_index, "label_selection": selection}
         key = cache_key("labels", provenance, settings.concepts.model_dump(mode="json"), settings.train.steps,
                         settings.train.batch_size)
@@ -368,7 +444,6 @@ def build_teacher_logits(
     Nothing is built when no branch is KD, or when `concepts.label_source` is "online" (KD branches then run
     the teacher on each batch: exact full logits).
     """
-    from cocomix_core.concepts import load_teacher
     from cocomix_core.distill import TeacherLogitCache, build_teacher_logit_cache
 
     kd_arms = {branch.arm for branch in training_branches(settings) if branch.kind == "kd"}
@@ -379,8 +454,8 @@ def build_teacher_logits(
                                            f"(concepts.label_source={settings.concepts.label_source})")
     caches = {teacher_logits_name(settings, arm): settings.arms[arm] for arm in sorted(kd_arms)}
     samples = settings.train.steps * settings.train.batch_size
-    provenance = {"data": data.digest, "teacher": teacher.ref}
-    model = load_teacher(teacher.local(storage))  # a reused cache is checked against the teacher's vocabulary too
+    provenance = {"data": data.digest, **teacher_provenance(settings, teacher)}
+    model = teacher_model(settings, storage, teacher)  # a reused cache is checked against the teacher's vocabulary too
     keys, notes = {}, []
     for name, options in caches.items():
         key = cache_key("teacher_logits", provenance, options.kd_temperature, options.kd_top_k,
@@ -509,7 +584,8 @@ def _run_trainer(
     if branch.kind == "kd":
         teacher_source = _teacher_source(settings, storage, branch, teacher, teacher_logits)
     threads = threads_for(settings, "train", len(training_branches(settings)))
-    result = train(job_for_branch(settings, branch), data.folder(storage), out_dir, tracker=tracker,
+    job = job_for_branch(settings, branch, vocab_size=students_vocab_size(data.folder(storage)))
+    result = train(job, data.folder(storage), out_dir, tracker=tracker,
                    labels=label_source, teacher=teacher_source, num_threads=threads)
     if result.resumed_from_step == result.final_step:
         return f"already trained to step {result.final_step}, nothing to do"
@@ -533,12 +609,11 @@ def _teacher_source(
     settings: ExperimentSettings, storage: Storage, branch: Branch, teacher: Teacher, teacher_logits: TeacherLogits
 ) -> TeacherLogitCache | OnlineTeacher:
     """What a KD branch distils from: the cache of its arm's (τ, top_k), or the teacher run on each batch (online)."""
-    from cocomix_core.concepts import load_teacher
     from cocomix_core.distill import OnlineTeacher, TeacherLogitCache
 
     if teacher_logits.keys:
         return TeacherLogitCache(storage.materialize(teacher_logits.keys[teacher_logits_name(settings, branch.arm)]))
-    return OnlineTeacher(load_teacher(teacher.local(storage)))
+    return OnlineTeacher(teacher_model(settings, storage, teacher))
 
 
 def _teacher_input_args(

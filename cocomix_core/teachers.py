@@ -86,7 +86,8 @@ def _hub_snapshot(name: str) -> Path:
                            f"({type(error).__name__}: {error}); give a local folder or a .gguf file") from error
 
 
-def _check_gguf_file(path: Path) -> None:
+def check_gguf_file(path: Path) -> None:
+    """Refuse a GGUF path that is missing or is not a GGUF file (checks its magic bytes only: cheap)."""
     if not path.is_file():
         raise TeacherError(f"GGUF teacher {path} does not exist")
     with open(path, "rb") as handle:
@@ -98,7 +99,7 @@ def _check_gguf_file(path: Path) -> None:
 def convert_gguf(path: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
     """cache_dir/gguf-<sha256[:16]>: the GGUF model as a plain float32 HF folder plus its tokenizer (made once)."""
     path = Path(path).resolve()
-    _check_gguf_file(path)
+    check_gguf_file(path)
     digest = sha256_file(path)
     folder = Path(cache_dir) / f"gguf-{digest[:16]}"
     marker = folder / CONVERTED_MARKER

@@ -656,10 +656,12 @@ class InputError(ValueError):
     """A bad command-line input (folder, file, run id), worded for the user."""
 
 
-def _load_teacher_arg(name: str, device: torch.device) -> torch.nn.Module:
-    """The --teacher model: a local folder is checked (config.json, weight files) before transformers sees it."""
+def _load_teacher_arg(name: str, device: torch.device, precision: str) -> torch.nn.Module:
+    """The --teacher model in the dtype of `teacher.precision`: a local folder is checked (config.json, weight
+    files) before transformers sees it."""
     from cocomix_core.concepts import load_teacher
     from cocomix_core.preflight import ModelFolderError, check_model_folder
+    from cocomix_core.teachers import teacher_dtype
 
     folder = Path(name).expanduser()
     if folder.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
@@ -668,7 +670,7 @@ def _load_teacher_arg(name: str, device: torch.device) -> torch.nn.Module:
         except (ModelFolderError, OSError) as error:
             raise InputError(f"--teacher {name}: {error}") from None
     try:
-        return load_teacher(name, device)
+        return load_teacher(name, device, dtype=teacher_dtype(precision, device))
     except OSError as error:  # transformers: not on the hub, hub unreachable, offline and not cached
         raise InputError(f"--teacher {name}: cannot load the model ({str(error).strip().splitlines()[0]})") from None
 
@@ -684,7 +686,7 @@ def _label_source(args: argparse.Namespace, settings: Any, job: TrainJob, device
         except (OSError, ValueError, KeyError) as error:
             raise InputError(f"--labels {args.labels}: not a label cache ({error})") from None
     elif args.teacher and args.sae:
-        teacher = _load_teacher_arg(args.teacher, device)
+        teacher = _load_teacher_arg(args.teacher, device, settings.teacher.precision)
         try:
             sae = load_sae(args.sae, map_location=device)
         except (SAEError, OSError) as error:
@@ -703,7 +705,7 @@ def _label_source(args: argparse.Namespace, settings: Any, job: TrainJob, device
     return source
 
 
-def _teacher_source(args: argparse.Namespace, job: TrainJob, device: torch.device) -> TeacherSource:
+def _teacher_source(args: argparse.Namespace, settings: Any, job: TrainJob, device: torch.device) -> TeacherSource:
     """A TeacherLogitCache from --teacher-logits, or an OnlineTeacher from --teacher, checked against the job."""
     if args.teacher_logits:
         try:
@@ -711,7 +713,7 @@ def _teacher_source(args: argparse.Namespace, job: TrainJob, device: torch.devic
         except (OSError, ValueError, KeyError) as error:
             raise InputError(f"--teacher-logits {args.teacher_logits}: not a teacher-logit cache ({error})") from None
     elif args.teacher:
-        source = OnlineTeacher(_load_teacher_arg(args.teacher, device))
+        source = OnlineTeacher(_load_teacher_arg(args.teacher, device, settings.teacher.precision))
     else:
         raise InputError(f"--arm {job.name} is a KD branch: give --teacher-logits, or --teacher")
     try:
@@ -736,19 +738,21 @@ def _open_inputs(args: argparse.Namespace, parser: argparse.ArgumentParser
                  ) -> tuple[TrainJob, Any, LabelSource | None, TeacherSource | None]:
     """Settings, job, tracker, labels and KD teacher of the command line, every input checked before training starts."""
     from cocomix_core.data import load_manifest
+    from cocomix_core.tokenizer import student_vocab_size
     from cocomix_core.tracking import ConsoleTracker, MlflowTracker, check_run
     from settings.cli import settings_from_args
     from settings.schema import training_branches
 
     settings = settings_from_args(args)
+    load_manifest(args.data)  # a missing or broken data folder fails here, before any model is built
+    vocab_size = student_vocab_size(data_tokenizer(args.data))  # the models read the data's tokenizer's ids
     if args.arm == "teacher":
-        job = teacher_job(settings)
+        job = teacher_job(settings, vocab_size=vocab_size)
     else:
         branches = {branch.name: branch for branch in training_branches(settings)}
         if args.arm not in branches:
             parser.error(f"--arm {args.arm!r} is not a branch; choose from teacher, {', '.join(branches)}")
-        job = job_for_branch(settings, branches[args.arm])
-    load_manifest(args.data)  # a missing or broken data folder fails here, before any model is built
+        job = job_for_branch(settings, branches[args.arm], vocab_size=vocab_size)
     _check_output_folder(args.out)
     if args.mlflow_run_id:
         check_run(args.mlflow_run_id, settings.tracking.mlflow_uri)
@@ -757,7 +761,7 @@ def _open_inputs(args: argparse.Namespace, parser: argparse.ArgumentParser
         tracker = ConsoleTracker(f"[{job.name}] ")
     device = Accelerator(cpu=not torch.cuda.is_available()).device
     labels = _label_source(args, settings, job, device) if job.kind == "cocomix" else None
-    teacher = _teacher_source(args, job, device) if job.kind == "kd" else None
+    teacher = _teacher_source(args, settings, job, device) if job.kind == "kd" else None
     return job, tracker, labels, teacher
 
 

@@ -296,3 +296,106 @@ def test_wide_tables_are_split_with_the_row_label_repeated():
 ])
 def test_plot_captions_are_words(file_name: str, caption: str):
     assert stages.plot_caption(Path(file_name)) == caption
+
+
+# ----- a pretrained teacher with its own tokenizer (SPEC §8) ----------------------------------------
+def pretrained_settings(teacher: Path, tokenizer: str = "teacher") -> ExperimentSettings:
+    """The smoke preset with a pretrained teacher folder, its SAE at a middle block, two training steps."""
+    return load_settings("smoke", [
+        f"tokenizer.name={tokenizer}", f"teacher.pretrained={teacher}", "sae.layer_index=1", "data.val_fraction=0.1",
+        "sae.steps=8", "sae.num_latents=64", "sae.k=8", "sae.aux_k=16", "arms.cocomix.concept_num=8",
+        "train.steps=2", "train.eval_every=2", "train.checkpoint_every=2", "train.eval_windows=2",
+        "eval.tasks=[cocomix_choice]", "eval.limit=4",
+    ])
+
+
+def test_a_pretrained_teacher_with_its_own_tokenizer_runs_every_stage(tmp_path: Path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from cocomix_core.data import data_tokenizer
+    from cocomix_core.tokenizer import TokenizerError, hf_tokenizer
+    from tiny_teachers import save_teacher
+
+    llama = save_teacher("llama", tmp_path / "llama")
+    settings, storage = pretrained_settings(llama), Storage(str(tmp_path / "artifacts"))
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    experiment_id = tracking.ensure_experiment("pretrained", uri)
+
+    def child(name: str):
+        return tracking.tracked_run(experiment_id, name, parent_run_id=None, tags={}, tracking_uri=uri)
+
+    with child("prepare") as tracker:
+        data = stages.prepare_data(settings, storage, tracker)
+    with child("teacher") as tracker:
+        teacher = stages.obtain_teacher(settings, storage, data, tracker)
+    with child("sae") as tracker:
+        sae = stages.fit_sae(settings, storage, data, teacher, tracker)
+    labels = stages.build_labels(settings, storage, data, teacher, sae)
+    teacher_logits = stages.build_teacher_logits(settings, storage, data, teacher)  # none: no KD arm
+
+    tokenizer = hf_tokenizer(llama)  # the teacher's own BPE: 800 ids, EOS </s>
+    assert data_tokenizer(data.folder(storage)).digest == tokenizer.digest
+    assert (teacher.key, teacher.local(storage), teacher.identity) == (None, str(llama), str(llama))
+    padded = -(-tokenizer.vocab_size // 64) * 64  # students' rows: the tokenizer's ids padded to a multiple of 64
+    text = "The state of the Union is strong."
+    for branch in training_branches(settings):
+        with child(f"train/{branch.name}") as tracker:
+            trained = stages.train_branch(settings, storage, branch, stages.run_folder_key("pretrained", branch.name),
+                                          data, teacher, sae, labels, tracker, teacher_logits=teacher_logits)
+        (checkpoint,) = trained.checkpoints
+        folder = storage.materialize(checkpoint.key)
+        assert AutoConfig.from_pretrained(folder).vocab_size == padded == 832
+        stock = AutoTokenizer.from_pretrained(str(folder))  # the checkpoint carries the teacher's tokenizer files
+        assert stock(text, add_special_tokens=False)["input_ids"] == tokenizer.encode_ordinary(text)
+        assert stock.eos_token_id == tokenizer.eos_id == 2
+        metrics = stages.evaluate_checkpoint_job(settings, storage, data, checkpoint, parallel_tasks=1)
+        assert 1 < metrics["eval/val_ppl"] < 2 * padded  # an untrained model over 800 ids: about the vocabulary size
+
+    # Another teacher with the same tokenizer: the data is reused, the SAE and the labels are not.
+    other = pretrained_settings(save_teacher("llama", tmp_path / "llama_seed1", seed=1))
+    with child("prepare other") as tracker:
+        other_data = stages.prepare_data(other, storage, tracker)
+    with child("teacher other") as tracker:
+        other_teacher = stages.obtain_teacher(other, storage, other_data, tracker)
+    with child("sae other") as tracker:
+        other_sae = stages.fit_sae(other, storage, other_data, other_teacher, tracker)
+    other_labels = stages.build_labels(other, storage, other_data, other_teacher, other_sae)
+    assert other_data.key == data.key
+    assert other_sae.key != sae.key and other_labels.keys["attribution"] != labels.keys["attribution"]
+    assert other_sae.metrics != sae.metrics  # fitted afresh on the other teacher's residual stream
+
+    # A teacher whose tokenizer is not the data's is refused before its SAE is fitted.
+    neox = save_teacher("gpt_neox", tmp_path / "neox")
+    mismatched = pretrained_settings(neox, tokenizer=str(llama))
+    with child("prepare mismatched") as tracker:
+        mismatched_data = stages.prepare_data(mismatched, storage, tracker)
+    with child("teacher mismatched") as tracker, pytest.raises(TokenizerError, match="teacher's tokenizer .*differs"):
+        stages.obtain_teacher(mismatched, storage, mismatched_data, tracker)
+
+
+def test_the_cpu_presets_gguf_teacher_is_converted_once_into_storage_and_tokenizes_the_data(tmp_path, monkeypatch):
+    from cocomix_core import teachers
+    from cocomix_core.data import data_tokenizer
+    from cocomix_core.fileio import sha256_file
+    from cocomix_core.tokenizer import hf_tokenizer
+
+    settings = load_settings("cpu", ["data.offline_task_items=4"])
+    storage = Storage(str(tmp_path / "artifacts"))
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    experiment_id = tracking.ensure_experiment("gguf", uri)
+    with tracking.tracked_run(experiment_id, "prepare", parent_run_id=None, tags={}, tracking_uri=uri) as tracker:
+        data = stages.prepare_data(settings, storage, tracker)  # converts the GGUF: the data needs its tokenizer
+
+    def no_second_conversion(path):
+        raise AssertionError(f"{path} converted again")
+
+    monkeypatch.setattr(teachers, "_load_gguf", no_second_conversion)
+    with tracking.tracked_run(experiment_id, "teacher", parent_run_id=None, tags={}, tracking_uri=uri) as tracker:
+        teacher = stages.obtain_teacher(settings, storage, data, tracker)
+    identity = f"gguf-{sha256_file(teachers.packaged_gguf('smollm2-135m'))[:16]}"
+    assert (teacher.key, teacher.identity) == (f"teacher/{identity}", identity)
+    assert "already converted" in teacher.note
+    folder = Path(teacher.local(storage))
+    assert folder == storage.materialize(teacher.key) and (folder / "model.safetensors").is_file()
+    tokenizer = data_tokenizer(data.folder(storage))
+    assert tokenizer.vocab_size == 49_152 and tokenizer.digest == hf_tokenizer(folder).digest
