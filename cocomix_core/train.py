@@ -478,6 +478,14 @@ def _fresh_or_resumed(job: TrainJob, out_dir: Path, device: torch.device
     return model, state["optimizer"], summary["step"], summary["val_loss"]
 
 
+def _end_documents_with(model: PreTrainedModel, eos_id: int) -> None:
+    """The data's end-of-sequence id in the model's configs (GPT-2's 50256 by default), so `generate` and
+    lm-eval stop where the data's documents end (SPEC §8: documents end with the tokenizer's EOS)."""
+    for config in (model.config, getattr(model, "generation_config", None)):
+        if config is not None:
+            config.eos_token_id = config.bos_token_id = eos_id
+
+
 def _check_same_start(start_step: int, out_dir: Path, accelerator: Accelerator) -> None:
     """Every process must resume from the same trainer state: a gang node that cannot see rank 0's run folder would not."""
     starts = accelerator.gather(torch.tensor([start_step], device=accelerator.device)).tolist()
@@ -532,6 +540,7 @@ def train(
     val_windows = validation_windows(load_split(data_dir, "val", block_size=job.block_size), job.block_size, settings.eval_windows)
 
     model, optimizer_state, start_step, last_val_loss = _fresh_or_resumed(job, out_dir, device)
+    _end_documents_with(model, tokenizer.eos_id)
     _check_same_start(start_step, out_dir, accelerator)
     resumed = start_step > 0
     if is_main:

@@ -344,7 +344,9 @@ def test_a_pretrained_teacher_with_its_own_tokenizer_runs_every_stage(tmp_path: 
                                           data, teacher, sae, labels, tracker, teacher_logits=teacher_logits)
         (checkpoint,) = trained.checkpoints
         folder = storage.materialize(checkpoint.key)
-        assert AutoConfig.from_pretrained(folder).vocab_size == padded == 832
+        config = AutoConfig.from_pretrained(folder)
+        assert config.vocab_size == padded == 832
+        assert config.eos_token_id == config.bos_token_id == 2  # the data's EOS, not GPT-2's 50256
         stock = AutoTokenizer.from_pretrained(str(folder))  # the checkpoint carries the teacher's tokenizer files
         assert stock(text, add_special_tokens=False)["input_ids"] == tokenizer.encode_ordinary(text)
         assert stock.eos_token_id == tokenizer.eos_id == 2
