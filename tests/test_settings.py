@@ -88,7 +88,7 @@ def test_bad_value_names_field_and_value():
         ("arms.cocomix.insert_layer_index=4", r"insert_layer_index=4 must be < depth=4"),
         ("arms.cocomix.concept_num=4096", r"concept_num=4096 exceeds sae.num_latents=2048"),
         ("sae.k=4096", r"k=4096 exceeds num_latents=2048"),
-        ("concepts.labels_per_token=17", r"labels_per_token=17 exceeds sae.k=16"),
+        ("concepts.labels_per_token=33", r"labels_per_token=33 exceeds sae.k=32"),
         ("train.eval_every=500", r"eval_every=500 exceeds steps=64"),
         ("train.checkpoint_every=0", r"train.checkpoint_every"),
         ("train.grad_accum_steps=3", r"grad_accum_steps=3 does not divide batch_size=4"),
