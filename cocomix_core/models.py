@@ -70,16 +70,21 @@ def build_model(
     The global torch RNG is left untouched, so building a model never shifts other random draws.
     """
     # A shape without vocab_size is GPT-2's; jobs of other tokenizers are sized by `sized_shape`.
+    vocab_size = shape.vocab_size or GPT2_VOCAB_SIZE
+    # GPT-2's end-of-text id (its config's default) exists only in GPT-2-sized vocabularies; on others the
+    # trainer sets the data's EOS id (train._end_documents_with).
+    special_ids = {} if vocab_size >= GPT2_VOCAB_SIZE else {"bos_token_id": None, "eos_token_id": None}
     gpt2_fields = dict(
         n_embd=shape.width,
         n_layer=shape.depth,
         n_head=shape.heads,
-        vocab_size=shape.vocab_size or GPT2_VOCAB_SIZE,
+        vocab_size=vocab_size,
         n_positions=block_size,
         resid_pdrop=0.0,  # SPEC §5: dropout 0 everywhere
         embd_pdrop=0.0,
         attn_pdrop=0.0,
         attn_implementation=shape.attn_implementation,
+        **special_ids,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
