@@ -149,3 +149,11 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def smoke_trainer_args(arm: str, overrides: list[str], data: Path, out: Path, labels: Path | None) -> list[str]:
+    """Arguments of `python -m cocomix_core.train` for one smoke-preset arm, one torch thread per process."""
+    args = ["--settings", "smoke", "--arm", arm, "--data", str(data), "--out", str(out), "--threads", "1"]
+    for override in overrides:
+        args += ["--set", override]
+    return args + (["--labels", str(labels)] if labels is not None else [])

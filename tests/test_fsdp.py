@@ -26,7 +26,7 @@ from cocomix_core.train import final_checkpoint, train
 from settings import load_settings, training_branches
 from settings.schema import TrainResources
 
-from conftest import free_port
+from conftest import free_port, smoke_trainer_args
 
 pytestmark = pytest.mark.slow  # each launch costs ~10 s of process and process-group setup
 
@@ -42,11 +42,7 @@ def start_fsdp(arm: str, overrides: list[str], data: Path, out: Path, labels: Pa
                ) -> subprocess.Popen:
     """`accelerate launch` of 2 FSDP trainer processes on this node, in a process group of its own."""
     resources = FSDP_PAIR.model_copy(update={"main_port": free_port()})
-    args = ["--settings", "smoke", "--arm", arm, "--data", str(data), "--out", str(out), "--threads", "1"]
-    for override in overrides:
-        args += ["--set", override]
-    if labels is not None:
-        args += ["--labels", str(labels)]
+    args = smoke_trainer_args(arm, overrides, data, out, labels)
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     return subprocess.Popen(training_command(args, resources), cwd=REPO_ROOT, env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True)

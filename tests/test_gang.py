@@ -25,7 +25,7 @@ from cocomix_core.train import final_checkpoint, train
 from settings import load_settings, training_branches
 from settings.schema import TrainResources
 
-from conftest import free_port
+from conftest import free_port, smoke_trainer_args
 
 pytestmark = pytest.mark.slow  # each gang start costs ~10 s of process and rendezvous setup
 
@@ -40,11 +40,7 @@ def start_gang(arm: str, overrides: list[str], data: Path, out: Path, labels: Pa
                ) -> list[subprocess.Popen]:
     """Both nodes of a 2-node gang, each in its own process group (so one node can be killed whole)."""
     resources = GANG.model_copy(update={"main_port": free_port()})
-    args = ["--settings", "smoke", "--arm", arm, "--data", str(data), "--out", str(out), "--threads", "1"]
-    for override in overrides:
-        args += ["--set", override]
-    if labels is not None:
-        args += ["--labels", str(labels)]
+    args = smoke_trainer_args(arm, overrides, data, out, labels)
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     logs.mkdir(parents=True, exist_ok=True)
     return [
