@@ -10,6 +10,7 @@ folder costs one hash per file once, then a stat per file.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 PARTIAL_MARKER = ".partial"
 LOCAL_ONLY_PREFIX = ".local-"  # files about this machine's copy (digest caches): never published
@@ -76,6 +77,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(temp, ignore_errors=True)
         elif temp.exists():
             temp.unlink()
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive flock on the file `path` (created if absent) for the block; other processes wait.
+
+    `on_wait` runs once when another process holds the lock, before waiting for it. The kernel drops the
+    lock when its holder dies, so a killed process never leaves the others waiting forever.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

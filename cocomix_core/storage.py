@@ -35,12 +35,15 @@ import botocore.config
 from botocore.exceptions import ClientError
 
 from cocomix_core import PROJECT_ROOT
-from cocomix_core.fileio import atomic_path, cached_sha256, is_local_only, is_partial, sha256_file, write_json_atomic
+from cocomix_core.fileio import (
+    atomic_path, cached_sha256, exclusive_lock, is_local_only, is_partial, sha256_file, write_json_atomic,
+)
 
 MARKER = "_COMPLETE"
 RESUMABLE_MARKER = "_RESUMABLE"
 MARKERS = (MARKER, RESUMABLE_MARKER)
 MARKER_FORMAT = 1
+LOCKS_FOLDER = ".locks"  # lock files of folders being built (empty files; the kernel holds the locks)
 
 # {relative posix path: {"size": bytes, "sha256": hex}}
 FileTable = dict[str, dict[str, Any]]
@@ -195,24 +198,40 @@ class Storage(abc.ABC):
         block that fails or is interrupted publishes what it has without the completion marker, so
         a retry on any node continues from it. A complete folder whose content no longer matches
         its marker is withdrawn and handed over to be rebuilt.
+
+        Processes on one machine take turns on a key (two flows sharing a storage root would otherwise
+        write one folder at once): a second one waits, then finds the first one's folder complete.
         """
-        try:
-            found = self.exists(key, resumable)
-            folder = self.materialize(key, resumable=resumable) if found else self.local_workdir(key)
-        except (IntegrityError, IncompleteError) as error:
-            log.warning("%s: withdrawn, the step rebuilds it", error)
-            self.withdraw(key)
-            folder = self.local_workdir(key)
-        try:
-            yield folder
-        except BaseException as error:
-            if resumable:
-                try:
-                    self.publish(folder, key, complete=False)
-                except Exception as publish_error:  # e.g. the same full disk: the original error matters more
-                    error.add_note(f"publishing the resumable state of {self.uri(key)} failed too: {publish_error}")
-            raise
-        self.publish(folder, key)
+        def say_waiting() -> None:
+            log.info("%s is being built by another process on this machine; waiting for it", self.uri(key))
+
+        with exclusive_lock(self._lock_file(key), on_wait=say_waiting):
+            try:
+                found = self.exists(key, resumable)
+                folder = self.materialize(key, resumable=resumable) if found else self.local_workdir(key)
+            except (IntegrityError, IncompleteError) as error:
+                log.warning("%s: withdrawn, the step rebuilds it", error)
+                self.withdraw(key)
+                folder = self.local_workdir(key)
+            try:
+                yield folder
+            except BaseException as error:
+                if resumable:
+                    try:
+                        self.publish(folder, key, complete=False)
+                    except Exception as publish_error:  # e.g. the same full disk: the original error matters more
+                        error.add_note(f"publishing the resumable state of {self.uri(key)} failed too: {publish_error}")
+                raise
+            self.publish(folder, key)
+
+    def _lock_file(self, key: str) -> Path:
+        """This machine's lock file for building `key`: beside the local root, or in the cache for object storage."""
+        name = _normalize_key(key).replace("/", "%") + ".lock"
+        return self._lock_folder() / name
+
+    @abc.abstractmethod
+    def _lock_folder(self) -> Path:
+        """Where this machine keeps the lock files of `stored_folder`."""
 
     def _read_marker(self, key: str, name: str = MARKER) -> dict[str, Any] | None:
         try:
@@ -251,6 +270,9 @@ class LocalStorage(Storage):
 
     def _path(self, key: str) -> Path:
         return self.root / _normalize_key(key)
+
+    def _lock_folder(self) -> Path:
+        return self.root / LOCKS_FOLDER
 
     def uri(self, key: str) -> str:
         return str(self._path(key))
@@ -355,6 +377,9 @@ class S3Storage(Storage):
     def _mirror(self, key: str, cache_dir: str | os.PathLike | None) -> Path:
         base = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
         return base / self.bucket / self.prefix / _normalize_key(key)
+
+    def _lock_folder(self) -> Path:
+        return _default_cache_dir() / LOCKS_FOLDER / self.bucket / self.prefix
 
     def local_workdir(self, key: str) -> Path:
         path = self._mirror(key, None)

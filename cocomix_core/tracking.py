@@ -17,7 +17,6 @@ Metric names (stable; the flow's report and MLflow comparisons rely on them):
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import signal
@@ -45,6 +44,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from cocomix_core import PROJECT_ROOT  # noqa: E402
+from cocomix_core.fileio import exclusive_lock  # noqa: E402
 
 DEFAULT_STORE = PROJECT_ROOT / "mlruns.db"
 DEFAULT_ARTIFACTS = PROJECT_ROOT / "mlartifacts"
@@ -279,13 +279,8 @@ def store_creation_lock(tracking_uri: str) -> Iterator[None]:
     if store is None:
         yield
         return
-    store.parent.mkdir(parents=True, exist_ok=True)
-    with open(store.with_name(store.name + ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with exclusive_lock(store.with_name(store.name + ".lock")):
+        yield
 
 
 def ensure_experiment(name: str, tracking_uri: str | None = None) -> str:

@@ -6,6 +6,9 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -135,6 +138,44 @@ def test_failed_local_publish_leaves_no_valid_looking_folder(tmp_path: Path, mon
     assert not storage.exists("data/x")
     assert not (tmp_path / "store" / "data" / "x").exists()
     assert list((tmp_path / "store" / "data").iterdir()) == []  # no temporary left behind
+
+
+BUILD_ONCE = """
+import json, logging, os, sys, time
+from cocomix_core.storage import Storage
+
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+with Storage(sys.argv[1]).stored_folder("teacher/t") as folder:
+    built = not (folder / "weights").exists()
+    if built:  # a slow build, in two writes: a second builder must not start meanwhile
+        (folder / "started").write_text(str(os.getpid()))
+        time.sleep(2)
+        (folder / "weights").write_text(str(os.getpid()))
+print(json.dumps({"pid": os.getpid(), "built": built, "weights": (folder / "weights").read_text()}))
+"""
+
+
+def test_two_processes_building_one_key_take_turns(tmp_path: Path):
+    """Two flows sharing a storage root once wrote one teacher folder at once (one lost its trainer state)."""
+    root = tmp_path / "store"
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def builder() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", BUILD_ONCE, str(root)], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    first = builder()
+    deadline = time.monotonic() + 60
+    while not (root / "teacher" / "t" / "started").exists():
+        assert time.monotonic() < deadline and first.poll() is None, first.communicate()
+        time.sleep(0.05)
+    second = builder()
+    (first_out, _), (second_out, second_log) = first.communicate(timeout=60), second.communicate(timeout=60)
+    first_result, second_result = json.loads(first_out), json.loads(second_out)
+    assert first_result["built"] and not second_result["built"]
+    assert second_result["weights"] == str(first_result["pid"])  # the second found the first one's folder
+    assert "waiting for it" in second_log
+    assert Storage(str(root)).exists("teacher/t")
 
 
 def test_keys_cannot_escape_the_root(tmp_path: Path):
