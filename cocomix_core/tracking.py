@@ -19,11 +19,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import sqlite3
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -45,6 +43,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from cocomix_core import PROJECT_ROOT  # noqa: E402
 from cocomix_core.fileio import exclusive_lock  # noqa: E402
+from cocomix_core.interrupts import ended_on_failure  # noqa: E402
 
 DEFAULT_STORE = PROJECT_ROOT / "mlruns.db"
 DEFAULT_ARTIFACTS = PROJECT_ROOT / "mlartifacts"
@@ -385,40 +384,19 @@ def run_status(run_id: str, tracking_uri: str | None = None) -> str:
     return when_unlocked(lambda: client.get_run(run_id)).info.status
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived (a scheduler or an operator stopping the task); raised like KeyboardInterrupt."""
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated(f"signal {signal.Signals(signum).name}")
-
-
-@contextlib.contextmanager
-def ended_on_failure(run_ids: list[str], tracking_uri: str | None = None) -> Iterator[None]:
-    """Keep runs honest about a block of work: reopen them, and end them KILLED or FAILED if the block does not finish.
-
-    On entry, runs a previous attempt ended FAILED or KILLED are set RUNNING again (a retry or a
-    resume continues them). If the block is interrupted (Ctrl-C, or SIGTERM, which this turns into
-    `Terminated` while the block runs in the main thread) the runs still RUNNING end KILLED; if it
-    raises anything else, FAILED. A block that succeeds leaves them RUNNING: their owner ends them.
-    """
+def reopen_ended_runs(run_ids: list[str], tracking_uri: str | None = None) -> None:
+    """Set runs a previous attempt ended FAILED or KILLED back to RUNNING (a retry or a resume continues them)."""
     client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
     for run_id in run_ids:
         if run_status(run_id, tracking_uri) in ("FAILED", "KILLED"):
             when_unlocked(lambda: client.update_run(run_id, status="RUNNING"))
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
-    try:
-        yield
-    except BaseException as error:
-        status = "KILLED" if isinstance(error, (KeyboardInterrupt, Terminated)) else "FAILED"
-        for run_id in run_ids:
-            if run_status(run_id, tracking_uri) == "RUNNING":
-                end_run(run_id, status, tracking_uri)
-        raise
-    finally:
-        if in_main_thread:  # None: the previous handler was not set from Python
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def end_running_runs(run_ids: list[str], status: str, tracking_uri: str | None = None) -> None:
+    """End those of `run_ids` still RUNNING with `status` (FAILED or KILLED); ended ones keep theirs."""
+    for run_id in run_ids:
+        if run_status(run_id, tracking_uri) == "RUNNING":
+            end_run(run_id, status, tracking_uri)
 
 
 def log_dataset_input(

@@ -797,7 +797,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mlflow-run-id", help="log to this existing MLflow run (default: the console)")
     args = parser.parse_args(argv)
 
-    from cocomix_core.tracking import ended_on_failure
+    from cocomix_core.interrupts import ended_on_failure
 
     try:
         job, tracker, labels, teacher = _open_inputs(args, parser)

@@ -126,14 +126,18 @@ def honest_step(body: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(body)
     def run(self: FlowSpec, *inputs: Any) -> None:
-        from cocomix_core import progress, tracking
+        from cocomix_core import interrupts, progress
 
         lineage = inputs[0][0] if inputs else self  # a join reads the run ids from any of its inputs
         with progress.quiet_third_party():
             if not hasattr(lineage, "parent_run_id"):  # `start`, before it creates the runs
                 body(self, *inputs)
                 return
-            with tracking.ended_on_failure([lineage.parent_run_id, lineage.evaluation_run_id], lineage.tracking_uri):
+            # Only a retry or a resume can find the runs ended by an earlier attempt; a first attempt skips
+            # that check, and with it MLflow's import, in steps that do not log.
+            reopen = current.retry_count > 0 or current.origin_run_id is not None
+            runs = [lineage.parent_run_id, lineage.evaluation_run_id]
+            with interrupts.ended_on_failure(runs, lineage.tracking_uri, reopen=reopen):
                 body(self, *inputs)
 
     return run

@@ -489,7 +489,9 @@ def test_two_flows_started_together_on_one_fresh_store_both_finish(tmp_path):
     from test_flow import FLOW, flow_env
 
     env = flow_env(tmp_path)
-    settings = f"compute.storage_root={tmp_path / 'artifacts'}"
+    # One checkpoint per branch and one lm-eval task keep it short; the race is at the store's creation.
+    settings = (f"compute.storage_root={tmp_path / 'artifacts'}; train.steps=4; train.checkpoint_every=4; "
+                "train.eval_every=4; eval.tasks=[cocomix_choice]")
     flows = []
     for index in range(2):  # each its own Metaflow datastore (working folder), one store and storage root
         folder = tmp_path / f"flow{index}"
@@ -512,6 +514,6 @@ def test_two_flows_started_together_on_one_fresh_store_both_finish(tmp_path):
     assert len(branch_runs) == 4
     for run in branch_runs:
         steps = [point.step for point in client.get_metric_history(run.info.run_id, "eval/val_ppl")]
-        assert sorted(steps) == [4, 8, 12], run.info.run_name
+        assert steps == [4], run.info.run_name
         losses = [point.step for point in client.get_metric_history(run.info.run_id, "train/loss")]
         assert losses and len(losses) == len(set(losses)), run.info.run_name

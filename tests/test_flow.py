@@ -106,6 +106,18 @@ class Experiment:
     resumed: subprocess.CompletedProcess | None
     client: MlflowClient
     runs: list[Any]  # every MLflow run of the experiment
+    steps: tuple[int, ...] = (4, 8, 12)  # the checkpoints of each branch
+
+    def read_stored(self, uri: str) -> bytes:
+        """A file the flow stored: a local path, or an object of the test's S3 server."""
+        if not uri.startswith("s3://"):
+            return Path(uri).read_bytes()
+        import boto3
+
+        bucket, key = uri.removeprefix("s3://").split("/", 1)
+        s3 = boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+        return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
     @property
     def output(self) -> str:
@@ -121,15 +133,21 @@ class Experiment:
         return parent
 
 
-def run_smoke(root: Path, env: dict[str, str], experiment_name: str = "cocomix-flow", resume: bool = True) -> Experiment:
-    """The smoke experiment in `root`, logging where env's MLFLOW_TRACKING_URI says; resumed when `resume`."""
-    overrides = f"compute.storage_root={root / 'artifacts'}; tracking.experiment_name={experiment_name}"
-    first = run_flow(["run", "--settings", "smoke", "--set", overrides], env, cwd=root)
+def run_smoke(root: Path, env: dict[str, str], experiment_name: str = "cocomix-flow", resume: bool = True,
+              first_args: tuple[str, ...] = (), overrides: str = "", steps: tuple[int, ...] = (4, 8, 12)) -> Experiment:
+    """The smoke experiment in `root`, logging where env's MLFLOW_TRACKING_URI says; resumed when `resume`.
+
+    `first_args` go before `run` (`--datastore s3`: storage then defaults to beside the datastore, else it is
+    under `root`); `overrides` (a 4-step run, say) after the experiment's name; `steps`: the checkpoints.
+    """
+    storage = "" if "s3" in first_args else f"compute.storage_root={root / 'artifacts'}; "
+    overrides = f"{storage}tracking.experiment_name={experiment_name}; {overrides}"
+    first = run_flow([*first_args, "run", "--settings", "smoke", "--set", overrides], env, cwd=root)
     resumed = run_flow(["resume"], env, cwd=root) if resume else None
     assert (resumed or first).returncode == 0, tail(resumed or first)
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name(experiment_name)
-    return Experiment(root, env, first, resumed, client, client.search_runs([experiment.experiment_id]))
+    return Experiment(root, env, first, resumed, client, client.search_runs([experiment.experiment_id]), steps)
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +195,8 @@ def check_lineage_tags(smoke: Experiment) -> None:
         assert tags["git.commit"] and len(tags["settings.digest"]) == 64
     assert len({run.data.tags["settings.digest"] for run in smoke.runs}) == 1
     params = smoke.parent.data.params
-    assert params["preset"] == "smoke" and params["train.steps"] == "12" and params["arms.cocomix.kind"] == "cocomix"
+    assert params["preset"] == "smoke" and params["arms.cocomix.kind"] == "cocomix"
+    assert params["train.steps"] == str(smoke.steps[-1])
     cocomix = smoke.named("train/cocomix")[0].data.params
     assert cocomix["arm.kind"] == "cocomix" and cocomix["branch.name"] == "cocomix"
     assert smoke.named("teacher")[0].data.tags["metaflow.step"] == "concepts"
@@ -190,10 +209,12 @@ def test_prepared_data_is_a_dataset_input_with_the_manifests_digest(smoke: Exper
 
 
 def check_dataset_inputs(smoke: Experiment) -> None:
-    from cocomix_core.data import data_digest, load_manifest
+    from cocomix_core.data import MANIFEST_FILE, data_digest
 
-    (data_dir,) = (smoke.root / "artifacts" / "data").iterdir()
-    digest = data_digest(load_manifest(data_dir))
+    (prepared,) = [item.dataset for item in smoke.named("prepare")[0].inputs.dataset_inputs]
+    # The digest of the manifest as stored, computed here, not the one the flow logged.
+    stored_at = json.loads(prepared.source)["uri"]
+    digest = data_digest(json.loads(smoke.read_stored(f"{stored_at}/{MANIFEST_FILE}")))
     for name in ("prepare", "teacher", *(f"train/{arm}" for arm in ARMS)):
         (run,) = smoke.named(name)
         assert [item.dataset.digest for item in run.inputs.dataset_inputs] == [digest[:36]], name
@@ -210,13 +231,13 @@ def check_eval_metrics(smoke: Experiment) -> None:
         for metric in ("eval/val_ppl", "eval/cocomix_lastword/acc", "eval/cocomix_choice/acc_norm", "checkpoint/tokens_seen"):
             history = smoke.client.get_metric_history(run_id, metric)
             # Exactly once per checkpoint: the resume cloned the evaluations instead of logging them again.
-            assert sorted(point.step for point in history) == [4, 8, 12], (arm, metric)
+            assert sorted(point.step for point in history) == list(smoke.steps), (arm, metric)
         tokens = {point.step: point.value for point in smoke.client.get_metric_history(run_id, "eval/tokens_seen")}
-        assert tokens == {4: 4 * 4 * 32, 8: 8 * 4 * 32, 12: 12 * 4 * 32}  # steps × batch × block
+        assert tokens == {step: step * 4 * 32 for step in smoke.steps}  # steps × batch × block
         assert smoke.client.get_metric_history(run_id, "train/loss"), "training metrics go to the same run"
         listed = json.loads(Path(smoke.client.download_artifacts(run_id, "checkpoints.json")).read_text())
-        assert [entry["step"] for entry in listed] == [4, 8, 12]
-        assert all(Path(entry["uri"], "config.json").is_file() for entry in listed)
+        assert [entry["step"] for entry in listed] == list(smoke.steps)
+        assert all(json.loads(smoke.read_stored(f"{entry['uri']}/config.json")) for entry in listed)
     sae = smoke.named("sae")[0].data.metrics
     assert {"sae/fvu", "sae/dead_fraction", "sae/mean_l0"} <= set(sae)
 
@@ -230,9 +251,9 @@ def check_report_on_parent(smoke: Experiment) -> None:
     assert (report_dir / "report.md").read_text().strip()
     assert list((report_dir / "plots").glob("*.png"))
     assert any(name.endswith("final_val_ppl") for name in smoke.parent.data.metrics)
-    for arm in ARMS:  # the parent's chart view compares the arms: val ppl at 4, 8, 12 steps × 4 × 32 tokens
+    for arm in ARMS:  # the parent's chart view compares the arms: val ppl at each checkpoint's steps × 4 × 32 tokens
         history = smoke.client.get_metric_history(parent_id, f"{arm}/eval/val_ppl")
-        assert sorted(point.step for point in history) == [512, 1024, 1536], arm
+        assert sorted(point.step for point in history) == [step * 4 * 32 for step in smoke.steps], arm
     assert content["verdict"] and all(f"- {line}" in smoke.parent.data.tags["mlflow.note.content"]
                                       for line in content["verdict"])
 
@@ -365,11 +386,36 @@ def test_the_end_step_prints_the_verdict_and_links_to_runs_that_exist(smoke: Exp
 
 
 @pytest.mark.slow
-def test_the_smoke_flow_against_a_tracking_server_passes_the_same_lineage_checks(tmp_path, mlflow_server):
-    """A cluster logs to `http://…`: both branches log at once through the server, a training task fails once and
-    @retry continues it; nothing lands in "Default" and every point is there once."""
-    env = flow_env(tmp_path, MLFLOW_TRACKING_URI=mlflow_server.url, COCOMIX_FAIL_ONCE="train_gang")
-    served = run_smoke(tmp_path, env, experiment_name="cocomix-flow-served", resume=False)
+def test_the_flow_on_object_storage_and_a_tracking_server_passes_the_same_lineage_checks(
+    tmp_path, s3_server, mlflow_server
+):
+    """A cluster's run: Metaflow's datastore and every large folder in S3 (steps share no filesystem), MLflow
+    behind `http://…`. Both branches log at once through the server, a training task fails once and @retry
+    continues it; nothing lands in "Default", every point is there once, and the checks above all hold."""
+    import boto3
+
+    prefix = "flow-s3"
+    env = flow_env(tmp_path, **s3_server.env, METAFLOW_DATASTORE_SYSROOT_S3=f"s3://{s3_server.bucket}/{prefix}",
+                   MLFLOW_TRACKING_URI=mlflow_server.url, COCOMIX_FAIL_ONCE="train_gang")
+    # One checkpoint per arm keeps this run short; the shape of the work is the same.
+    short = "train.steps=4; train.checkpoint_every=4; train.eval_every=4"
+    served = run_smoke(tmp_path, env, experiment_name="cocomix-flow-served", resume=False,
+                       first_args=("--datastore", "s3"), overrides=short, steps=(4,))
     check_lineage(served)
     default = served.client.get_experiment_by_name("Default")
     assert default is None or served.client.search_runs([default.experiment_id]) == []
+
+    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    keys = [item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_server.bucket, Prefix=prefix)
+            for item in page.get("Contents", [])]
+    stored = [key.split("/cocomix-storage/", 1)[1] for key in keys if "/cocomix-storage/" in key]
+    for kind in ("data", "teacher", "sae", "labels"):
+        assert any(key.startswith(f"{kind}/") and key.endswith("/_COMPLETE") for key in stored), kind
+    for arm in ARMS:
+        assert any(f"/{arm}/checkpoints/step_000004/model.safetensors" in key for key in stored), arm
+    assert not (tmp_path / "artifacts").exists(), "a large folder was written to the local disk's storage root"
+    for arm in ARMS:
+        run_id = served.named(f"train/{arm}")[0].info.run_id
+        listed = json.loads(Path(served.client.download_artifacts(run_id, "checkpoints.json")).read_text())
+        assert listed[0]["uri"].startswith(f"s3://{s3_server.bucket}/{prefix}/cocomix-storage/runs/"), arm

@@ -1,7 +1,6 @@
-"""The flow off one machine: its storage through a real (local) S3 server, and a Kubernetes deployment spec.
+"""The flow off one machine: the Kubernetes deployment spec requests the settings' resources.
 
-Steps on Kubernetes or AWS Batch share no filesystem, so these tests check that large files
-move only through object storage and that the deployed spec requests the settings' resources.
+(The flow run whose large files move only through a real, local S3 server is in test_flow.py.)
 """
 
 from __future__ import annotations
@@ -9,11 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import yaml
-from mlflow.tracking import MlflowClient
 
-from test_flow import ARMS, flow_env, run_flow, tail
+from test_flow import flow_env, run_flow, tail
 
 
 def test_kubernetes_spec_runs_each_branch_as_a_gang_with_the_settings_resources(tmp_path: Path, s3_server):
@@ -65,33 +62,3 @@ def _dicts(tree: object) -> list[dict]:
     if isinstance(tree, dict):
         return [tree] + [found for value in tree.values() for found in _dicts(value)]
     return [found for value in tree for found in _dicts(value)] if isinstance(tree, list) else []
-
-
-@pytest.mark.slow
-def test_s3_datastore_moves_every_large_file_through_object_storage(tmp_path: Path, s3_server):
-    import boto3
-
-    prefix = "flow-s3"
-    env = flow_env(tmp_path, **s3_server.env, METAFLOW_DATASTORE_SYSROOT_S3=f"s3://{s3_server.bucket}/{prefix}")
-    # One checkpoint per arm and one task keep this run short; the shape of the work is the same.
-    overrides = "train.steps=4; train.checkpoint_every=4; train.eval_every=4; eval.tasks=[cocomix_choice]"
-    result = run_flow(["--datastore", "s3", "run", "--settings", "smoke", "--set", overrides], env, cwd=tmp_path)
-    assert result.returncode == 0, tail(result)
-
-    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1",
-                      aws_access_key_id="testing", aws_secret_access_key="testing")
-    keys = [item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_server.bucket, Prefix=prefix)
-            for item in page.get("Contents", [])]
-    stored = [key.split("/cocomix-storage/", 1)[1] for key in keys if "/cocomix-storage/" in key]
-    for kind in ("data", "teacher", "sae", "labels"):
-        assert any(key.startswith(f"{kind}/") and key.endswith("/_COMPLETE") for key in stored), kind
-    for arm in ARMS:
-        assert any(f"/{arm}/checkpoints/step_000004/model.safetensors" in key for key in stored), arm
-
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([client.get_experiment_by_name("cocomix-flow").experiment_id])
-    assert all(run.info.status == "FINISHED" for run in runs) and len(runs) == 7
-    (branch,) = [run for run in runs if run.info.run_name == "train/cocomix"]
-    assert [point.step for point in client.get_metric_history(branch.info.run_id, "eval/val_ppl")] == [4]
-    listed = json.loads(Path(client.download_artifacts(branch.info.run_id, "checkpoints.json")).read_text())
-    assert listed[0]["uri"].startswith(f"s3://{s3_server.bucket}/{prefix}/cocomix-storage/runs/")
