@@ -70,7 +70,7 @@ class Teacher:
 
     key: str | None  # storage key of the converted GGUF's folder, or of the trained teacher's run folder
     ref: str  # the HF name or folder, or the storage URI of `key`
-    identity: str  # what cached products are keyed by: the HF name or folder, gguf-<sha256[:16]>, or `key`
+    identity: str  # what cached products are keyed by: the HF name, folder@<content digest>, gguf-<sha256[:16]>, or `key`
     note: str
     trained: bool = False
 
@@ -253,7 +253,7 @@ def teacher_folder(teacher: Teacher, storage: Storage) -> Path:
 def pretrained_teacher(settings: ExperimentSettings, storage: Storage) -> Teacher:
     """`teacher.pretrained` ready to load: a GGUF file (or a packaged one such as smollm2-135m) converted once
     into storage at teacher/gguf-<sha256[:16]>, which every later step, task and run reuses; a HF name or folder
-    as it is."""
+    as it is (a folder identified by its content too)."""
     from cocomix_core import teachers
     from cocomix_core.fileio import sha256_file
 
@@ -263,7 +263,8 @@ def pretrained_teacher(settings: ExperimentSettings, storage: Storage) -> Teache
     elif name.endswith(".gguf"):
         gguf = Path(name).expanduser()
     else:
-        return Teacher(key=None, ref=name, identity=name, note=f"teacher: pretrained {name}")
+        identity = teachers.folder_identity(name)
+        return Teacher(key=None, ref=name, identity=identity, note=f"teacher: pretrained {identity}")
     teachers.check_gguf_file(gguf)
     identity = f"gguf-{sha256_file(gguf)[:16]}"  # the folder name convert_gguf gives it
     key = f"teacher/{identity}"

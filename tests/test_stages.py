@@ -335,7 +335,8 @@ def test_a_pretrained_teacher_with_its_own_tokenizer_runs_every_stage(tmp_path: 
 
     tokenizer = hf_tokenizer(llama)  # the teacher's own BPE: 800 ids, EOS </s>
     assert data_tokenizer(data.folder(storage)).digest == tokenizer.digest
-    assert (teacher.key, teacher.local(storage), teacher.identity) == (None, str(llama), str(llama))
+    assert (teacher.key, teacher.local(storage)) == (None, str(llama))
+    assert teacher.identity.startswith(f"{llama}@")  # the folder and a digest of its files
     padded = -(-tokenizer.vocab_size // 64) * 64  # students' rows: the tokenizer's ids padded to a multiple of 64
     text = "The state of the Union is strong."
     for branch in training_branches(settings):
@@ -365,6 +366,15 @@ def test_a_pretrained_teacher_with_its_own_tokenizer_runs_every_stage(tmp_path: 
     assert other_data.key == data.key
     assert other_sae.key != sae.key and other_labels.keys["attribution"] != labels.keys["attribution"]
     assert other_sae.metrics != sae.metrics  # fitted afresh on the other teacher's residual stream
+
+    # The first teacher's folder rewritten in place with other weights: new identity, its SAE is fitted afresh.
+    save_teacher("llama", llama, seed=1)
+    with child("teacher edited") as tracker:
+        edited_teacher = stages.obtain_teacher(settings, storage, data, tracker)
+    with child("sae edited") as tracker:
+        edited_sae = stages.fit_sae(settings, storage, data, edited_teacher, tracker)
+    assert edited_teacher.identity != teacher.identity and edited_sae.key != sae.key
+    assert edited_sae.metrics == other_sae.metrics  # the same weights as `other`, wherever the folder is
 
     # A teacher whose tokenizer is not the data's is refused before its SAE is fitted.
     neox = save_teacher("gpt_neox", tmp_path / "neox")
