@@ -251,6 +251,35 @@ def test_kd_teacher_logits_are_cached_once_per_temperature_and_top_k_and_shared_
     assert {name: (path.stat().st_ino, path.stat().st_mtime_ns) for name, path in files.items()} == written
 
 
+def test_online_kd_runs_the_teacher_on_each_batch_and_its_exact_loss_bounds_the_cached_one(experiment: Experiment):
+    """`concepts.label_source: online` with a KD arm: no cache is built, the trainer gets the teacher itself, and
+    its first loss (the exact KL over the whole vocabulary) is at least the top-k cache's (SPEC §9)."""
+    storage, data, teacher = experiment.storage, experiment.data, experiment.teacher
+    kd_losses = {}
+    for source in ("online", "cache"):
+        settings = load_settings("smoke", OVERRIDES + [KD_ARMS[0], "train.log_every=1",
+                                                       f"concepts.label_source={source}"])
+        built = stages.build_teacher_logits(settings, storage, data, teacher)
+        branch = branch_named(settings, "kd")
+        handed = stages._teacher_input_args(settings, storage, branch, teacher, experiment.sae, experiment.labels,
+                                            built)
+        if source == "online":
+            assert built.keys == {} and "computed online" in built.note
+            assert handed == ["--teacher", teacher.local(storage)]
+        else:
+            assert handed[0] == "--teacher-logits"
+        with tracking.tracked_run(experiment.experiment_id, f"train/kd-{source}", parent_run_id=None, tags={},
+                                  tracking_uri=experiment.tracking_uri) as tracker:
+            stages.train_branch(settings, storage, branch, stages.run_folder_key(source, "kd"), data, teacher,
+                                experiment.sae, experiment.labels, tracker, teacher_logits=built)
+        history = experiment.client.get_metric_history(tracker.run_id, "train/kd_loss")
+        kd_losses[source] = [point.value for point in sorted(history, key=lambda point: point.step)]
+    assert len(kd_losses["online"]) == len(kd_losses["cache"]) == STEPS
+    # Step 1 scores the same initial student on the same batch: the cache drops only the teacher's tail.
+    assert kd_losses["online"][0] >= kd_losses["cache"][0] - 1e-6, kd_losses
+    assert kd_losses["online"] != kd_losses["cache"]  # the online branch really ran the exact targets
+
+
 def test_each_label_selection_in_use_gets_its_own_cache(experiment: Experiment):
     from cocomix_core.concepts import LabelCache
 
