@@ -10,7 +10,8 @@ that one is the reference; otherwise the branch is left unpaired (listed in the 
 Claims (SPEC §10). A metric's estimate for an arm is its value with a 95% interval: with one seed the
 bootstrap interval logged with it (`<metric>_lo`, `<metric>_hi`); with several seeds the mean across
 seeds and the t-interval across seeds. Arm X is "better"/"worse" than its reference only when the two
-are separated: each value lies outside the other's interval. Otherwise the claim is "within noise",
+are separated: each value lies outside the other's interval, and the difference's interval (below)
+excludes zero, so a verdict never contradicts an interval printed beside it. Otherwise the claim is "within noise",
 and it is "degenerate" when both arms are at or below chance on an accuracy-like metric (chance is the
 logged `eval/<task>/chance`, else 0), whatever the values. Tokens-to-match savings are stated only
 for "better"/"worse" pairs. The difference's interval is the t-interval of the per-seed differences
@@ -300,7 +301,7 @@ def compare(references: list[BranchCurve], candidates: list[BranchCurve], metric
         claim: Claim = "degenerate"
     elif not (reference.has_interval and candidate.has_interval):
         claim = "no interval"
-    elif reference.contains(candidate.value) or candidate.contains(reference.value):
+    elif reference.contains(candidate.value) or candidate.contains(reference.value) or difference.contains(0.0):
         claim = "within noise"
     else:
         claim = "better" if (candidate.value < reference.value) == lower else "worse"
@@ -350,8 +351,8 @@ def _size_text(params: float | None, flops: float | None) -> str:
 
 
 _CLAIM_WORDS = {
-    "better": "significantly better (each value outside the other's 95% interval)",
-    "worse": "significantly worse (each value outside the other's 95% interval)",
+    "better": "significantly better (each value outside the other's 95% interval; the difference's excludes 0)",
+    "worse": "significantly worse (each value outside the other's 95% interval; the difference's excludes 0)",
     "within noise": "within noise: not significant",
     "degenerate": "degenerate: both arms at or below chance, no comparison",
     "no interval": "no interval logged: no claim",

@@ -150,6 +150,9 @@ def test_claim_within_noise_withholds_the_saving():
     assert match.claim == "within noise" and "22.2%" not in markdown and "within noise" in markdown
     # an overlap that contains neither value is still within noise only if one value is inside the other's interval
     assert compare([with_intervals(NTP, 2.1)], [with_intervals(COCOMIX, 2.1)], VAL_PPL).claim == "better"
+    # each value outside the other's interval (30 ± 3.9 vs 26 ± 3.9), but the difference -4 ± 5.5 straddles 0
+    separated = compare([with_intervals(NTP, 3.9)], [with_intervals(COCOMIX, 3.9)], VAL_PPL)
+    assert separated.difference.lo < 0 < separated.difference.hi and separated.claim == "within noise"
 
 
 def test_claim_degenerate_when_both_arms_score_zero_or_chance():
