@@ -268,8 +268,8 @@ def pretrained_teacher(settings: ExperimentSettings, storage: Storage) -> Teache
     teachers.check_gguf_file(gguf)
     identity = f"gguf-{sha256_file(gguf)[:16]}"  # the folder name convert_gguf gives it
     key = f"teacher/{identity}"
-    reused = storage.exists(key)
     with storage.stored_folder(key) as folder:
+        reused = storage.exists(key)  # asked under the folder's lock: another process may have just built it
         teachers.convert_gguf(gguf, folder.parent)  # returns at once when the folder holds this conversion
     uri = storage.uri(key)
     done = "already converted at" if reused else "converted to float32 at"
@@ -305,8 +305,8 @@ def prepare_data(settings: ExperimentSettings, storage: Storage, tracker: Mlflow
 
     tokenizer = data_tokenizer_for(settings, storage)
     key = cache_key("data", settings.data.model_dump(mode="json"), settings.tokenizer.name, tokenizer.digest)
-    reused = storage.exists(key)
     with storage.stored_folder(key) as folder:
+        reused = storage.exists(key)
         manifest = corpus.prepare_corpus(settings.data, folder, tokenizer)
         offline_tasks.build_offline_tasks(
             folder, folder / TASKS_DIR, settings.data.offline_task_items, settings.data.split_seed, tokenizer
@@ -367,8 +367,8 @@ def fit_sae(
     if settings.sae.pretrained:
         return SAE(key=None, ref=settings.sae.pretrained, metrics={}, note=f"SAE: pretrained {settings.sae.pretrained}")
     key = cache_key("sae", data.digest, teacher_provenance(settings, teacher), settings.sae.model_dump(mode="json"))
-    reused = storage.exists(key)
     with storage.stored_folder(key) as folder:
+        reused = storage.exists(key)
         if not (folder / SAE_FILE).is_file():
             reused = False
             trained, metrics = _train_sae(settings, storage, teacher, data.folder(storage), tracker)
@@ -421,8 +421,8 @@ def build_labels(
                       "layer_index": settings.sae.layer_index, "label_selection": selection}
         key = cache_key("labels", provenance, settings.concepts.model_dump(mode="json"), settings.train.steps,
                         settings.train.batch_size)
-        reused = storage.exists(key)
         with storage.stored_folder(key) as folder:
+            reused = storage.exists(key)
             build_label_cache(
                 concept_extractor(settings, storage, teacher, sae, selection),
                 train_windows(settings, data.folder(storage)), num_samples=samples,
@@ -461,8 +461,8 @@ def build_teacher_logits(
     for name, options in caches.items():
         key = cache_key("teacher_logits", provenance, options.kd_temperature, options.kd_top_k,
                         settings.data.block_size, settings.data.window_seed, samples)
-        reused = storage.exists(key)
         with storage.stored_folder(key) as folder:
+            reused = storage.exists(key)
             build_teacher_logit_cache(
                 model, train_windows(settings, data.folder(storage)), num_samples=samples,
                 batch_size=settings.concepts.extract_batch_size, top_k=options.kd_top_k,

@@ -500,9 +500,15 @@ def test_two_flows_started_together_on_one_fresh_store_both_finish(tmp_path):
             [sys.executable, str(FLOW), "run", "--settings", "smoke", "--set", settings],
             env=env | {"METAFLOW_DATASTORE_SYSROOT_LOCAL": str(folder)}, cwd=folder, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    said = ""
     for flow in flows:
         output, _ = flow.communicate(timeout=TWO_FLOWS_AT_ONCE_LIMIT_S)
         assert flow.returncode == 0, output[-5000:]
+        said += output
+    # One storage root: each cached product is built by one flow and reused by the other, which says so.
+    for built, reused in (("SAE fitted at", "SAE already fitted at"),
+                          ("labels (attribution) of", "labels (attribution) already cached at")):
+        assert (said.count(built), said.count(reused)) == (1, 1), (built, said[-5000:])
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiments = {experiment.name: experiment.experiment_id for experiment in client.search_experiments()}
     if "Default" in experiments:
