@@ -38,6 +38,7 @@ from cocomix_core import PROJECT_ROOT
 from cocomix_core.fileio import (
     atomic_path, cached_sha256, exclusive_lock, is_local_only, is_partial, sha256_file, write_json_atomic,
 )
+from cocomix_core.progress import say
 
 MARKER = "_COMPLETE"
 RESUMABLE_MARKER = "_RESUMABLE"
@@ -203,7 +204,7 @@ class Storage(abc.ABC):
         write one folder at once): a second one waits, then finds the first one's folder complete.
         """
         def say_waiting() -> None:
-            log.info("%s is being built by another process on this machine; waiting for it", self.uri(key))
+            say(f"{self.uri(key)} is being built by another process on this machine; waiting for it")
 
         with exclusive_lock(self._lock_file(key), on_wait=say_waiting):
             try:

