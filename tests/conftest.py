@@ -12,7 +12,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -45,23 +45,27 @@ class S3Server:
             "METAFLOW_S3_ENDPOINT_URL": self.endpoint_url,
         }
 
+    def client(self) -> Any:
+        """A boto3 S3 client on this server, with its test credentials."""
+        import boto3
+
+        env = self.env
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name=env["AWS_DEFAULT_REGION"],
+                            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """A moto S3 server for the whole session, with one bucket created. Tests apply `.env`
     themselves (e.g. with monkeypatch, or in a subprocess's environment)."""
-    import boto3
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     s3 = S3Server(endpoint_url=f"http://{host}:{port}", bucket="cocomix-test")
-    env = s3.env
-    boto3.client(
-        "s3", endpoint_url=s3.endpoint_url, region_name=env["AWS_DEFAULT_REGION"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-    ).create_bucket(Bucket=s3.bucket)
+    s3.client().create_bucket(Bucket=s3.bucket)
     yield s3
     server.stop()
 
@@ -123,9 +127,8 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     log.close()
 
 
-@pytest.fixture(scope="session")
-def smoke_label_cache(smoke_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Real concept labels (random smoke teacher and SAE) for the first 16 samples of the smoke windows."""
+def build_smoke_labels(data: Path, num_samples: int, out_dir: Path) -> Path:
+    """Real concept labels (random smoke-sized teacher and SAE, seed 0) for the first samples of the smoke windows."""
     import torch
 
     from cocomix_core.concepts import ConceptExtractor, build_label_cache
@@ -138,10 +141,15 @@ def smoke_label_cache(smoke_data: Path, tmp_path_factory: pytest.TempPathFactory
     teacher = build_model("ntp", settings.teacher.model, settings.data.block_size, seed=0)
     torch.manual_seed(0)
     sae = TopKSAE(settings.sae.num_latents, settings.teacher.model.width, settings.sae.k)
-    windows = TrainWindows(load_split(smoke_data, "train"), settings.data.block_size, settings.data.window_seed)
-    return build_label_cache(ConceptExtractor(teacher, sae, settings.sae.layer_index), windows, 4 * 4, 16,
-                             settings.concepts.labels_per_token, tmp_path_factory.mktemp("labels"),
-                             provenance={"teacher": "random smoke"})
+    windows = TrainWindows(load_split(data, "train"), settings.data.block_size, settings.data.window_seed)
+    return build_label_cache(ConceptExtractor(teacher, sae, settings.sae.layer_index), windows, num_samples, 16,
+                             settings.concepts.labels_per_token, out_dir, provenance={"teacher": "random smoke"})
+
+
+@pytest.fixture(scope="session")
+def smoke_label_cache(smoke_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real concept labels for the first 16 samples (4 smoke steps × batch 4) of the smoke windows."""
+    return build_smoke_labels(smoke_data, 4 * 4, tmp_path_factory.mktemp("labels"))
 
 
 def free_port() -> int:

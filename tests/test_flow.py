@@ -112,11 +112,10 @@ class Experiment:
         """A file the flow stored: a local path, or an object of the test's S3 server."""
         if not uri.startswith("s3://"):
             return Path(uri).read_bytes()
-        import boto3
+        from conftest import S3Server
 
         bucket, key = uri.removeprefix("s3://").split("/", 1)
-        s3 = boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
+        s3 = S3Server(self.env["AWS_ENDPOINT_URL_S3"], bucket).client()
         return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
     @property
@@ -392,8 +391,6 @@ def test_the_flow_on_object_storage_and_a_tracking_server_passes_the_same_lineag
     """A cluster's run: Metaflow's datastore and every large folder in S3 (steps share no filesystem), MLflow
     behind `http://…`. Both branches log at once through the server, a training task fails once and @retry
     continues it; nothing lands in "Default", every point is there once, and the checks above all hold."""
-    import boto3
-
     prefix = "flow-s3"
     env = flow_env(tmp_path, **s3_server.env, METAFLOW_DATASTORE_SYSROOT_S3=f"s3://{s3_server.bucket}/{prefix}",
                    MLFLOW_TRACKING_URI=mlflow_server.url, COCOMIX_FAIL_ONCE="train_gang")
@@ -405,8 +402,7 @@ def test_the_flow_on_object_storage_and_a_tracking_server_passes_the_same_lineag
     default = served.client.get_experiment_by_name("Default")
     assert default is None or served.client.search_runs([default.experiment_id]) == []
 
-    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1",
-                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3 = s3_server.client()
     keys = [item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_server.bucket, Prefix=prefix)
             for item in page.get("Contents", [])]
     stored = [key.split("/cocomix-storage/", 1)[1] for key in keys if "/cocomix-storage/" in key]

@@ -13,10 +13,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from cocomix_core.concepts import ConceptExtractor, LabelCache, build_label_cache, load_teacher
-from cocomix_core.data import load_split
-from cocomix_core.models import build_model, job_for_branch, teacher_job
-from cocomix_core.sae import TopKSAE
+from cocomix_core.concepts import LabelCache, load_teacher
+from cocomix_core.models import job_for_branch, teacher_job
 from cocomix_core.tracking import MemoryTracker
 from cocomix_core.train import (
     NonFiniteLossError,
@@ -27,7 +25,7 @@ from cocomix_core.train import (
     micro_batch_size,
     train,
 )
-from cocomix_core.windows import TrainWindows
+from conftest import build_smoke_labels
 from settings import load_settings, training_branches
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -39,15 +37,7 @@ SHORT_RUN = ["train.steps=20", "train.lr=1e-2", "train.warmup_steps=2", "train.l
 @pytest.fixture(scope="module")
 def label_cache(smoke_data: Path, tmp_path_factory: pytest.TempPathFactory) -> LabelCache:
     """Real concept labels from a random smoke-sized teacher and SAE, for the samples of a SHORT_RUN."""
-    settings = load_settings("smoke")
-    teacher = build_model("ntp", settings.teacher.model, settings.data.block_size, seed=0)
-    torch.manual_seed(0)
-    sae = TopKSAE(settings.sae.num_latents, settings.teacher.model.width, settings.sae.k)
-    extractor = ConceptExtractor(teacher, sae, settings.sae.layer_index)
-    windows = TrainWindows(load_split(smoke_data, "train"), settings.data.block_size, settings.data.window_seed)
-    folder = build_label_cache(extractor, windows, 80, 16, settings.concepts.labels_per_token,
-                               tmp_path_factory.mktemp("labels"), provenance={"teacher": "random smoke"})
-    return LabelCache(folder)
+    return LabelCache(build_smoke_labels(smoke_data, 80, tmp_path_factory.mktemp("labels")))
 
 
 def branch_job(name: str, overrides: list[str] = ()):
