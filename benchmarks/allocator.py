@@ -12,7 +12,7 @@ import argparse
 import subprocess
 import sys
 
-from cocomix_core.train import keep_freed_memory
+from cocomix_core.training.trainer import keep_freed_memory
 
 REGIMES = ("keep", "unmap")
 

@@ -21,9 +21,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from benchmarks.allocator import add_allocator_argument, enter_regime
 from benchmarks.bench_train import label_pass_flops_per_token
-from cocomix_core.concepts import ConceptExtractor, next_token_loss
-from cocomix_core.sae import TopKSAE
-from cocomix_core.train import flops_per_token
+from cocomix_core.concepts.labels import ConceptExtractor, next_token_loss
+from cocomix_core.concepts.sae import TopKSAE
+from cocomix_core.training.trainer import flops_per_token
 
 
 def timed(fn, reps: int) -> float:

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from cocomix_core.data import load_split, prepare_corpus
-from cocomix_core.evaluate import run_lm_eval, validation_perplexity
-from cocomix_core.models import build_model
-from cocomix_core.offline_tasks import TASK_NAMES, build_offline_tasks
-from cocomix_core.tokenizer import hf_gpt2_tokenizer
+from cocomix_core.data.corpus import load_split, prepare_corpus
+from cocomix_core.data.tokenizer import hf_gpt2_tokenizer
+from cocomix_core.evaluation.evaluator import run_lm_eval, validation_perplexity
+from cocomix_core.evaluation.offline_tasks import TASK_NAMES, build_offline_tasks
+from cocomix_core.model.build import build_model
 from settings.loader import load_settings
 
 

@@ -15,7 +15,11 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from benchmarks.allocator import add_allocator_argument, enter_regime
-from cocomix_core.modeling import CoCoMixConfig, CoCoMixForCausalLM, compress_sparse_concepts
+from cocomix_core.model.modeling_cocomix import (
+    CoCoMixConfig,
+    CoCoMixForCausalLM,
+    compress_sparse_concepts,
+)
 
 WIDTH, LAYERS, HEADS, BATCH, SEQ = 256, 4, 4, 8, 256
 CONCEPTS, K_MIX, K_LABELS, VOCAB, LAMBDA = 32768, 32, 4, 50257, 0.1

@@ -13,8 +13,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from cocomix_core.data import prepare_corpus, sotu_speech_files, strip_audience_notes
-from cocomix_core.tokenizer import gpt2_encoding
+from cocomix_core.data.corpus import (
+    prepare_corpus,
+    sotu_speech_files,
+    strip_audience_notes,
+)
+from cocomix_core.data.tokenizer import gpt2_encoding
 from settings.schema import DataSettings
 
 REPEATS = 5

@@ -25,15 +25,15 @@ import numpy as np
 import torch
 
 from benchmarks.bench_train import jobs_for, seconds_per_step
-from cocomix_core import teachers
-from cocomix_core.concepts import ConceptExtractor, load_teacher
-from cocomix_core.data import load_split, prepare_corpus
-from cocomix_core.models import build_model, job_for_branch
-from cocomix_core.sae import TopKSAE
-from cocomix_core.sae_training import sae_train_config, train_sae
-from cocomix_core.tokenizer import load_tokenizer, student_vocab_size
-from cocomix_core.train import set_threads
-from cocomix_core.windows import TrainWindows
+from cocomix_core.concepts import teachers
+from cocomix_core.concepts.labels import ConceptExtractor, load_teacher
+from cocomix_core.concepts.sae import TopKSAE
+from cocomix_core.concepts.sae_fit import sae_train_config, train_sae
+from cocomix_core.data.corpus import load_split, prepare_corpus
+from cocomix_core.data.tokenizer import load_tokenizer, student_vocab_size
+from cocomix_core.data.windows import TrainWindows
+from cocomix_core.model.build import build_model, job_for_branch
+from cocomix_core.training.trainer import set_threads
 from settings import load_settings, training_branches
 
 

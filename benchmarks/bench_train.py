@@ -24,13 +24,17 @@ from accelerate import Accelerator
 from transformers import PretrainedConfig
 
 from benchmarks.allocator import add_allocator_argument, enter_regime
-from cocomix_core.concepts import ConceptExtractor, LabelCache, build_label_cache
-from cocomix_core.models import TrainJob, build_model, job_for_branch
-from cocomix_core.sae import TopKSAE
-from cocomix_core.train import (
-    accumulate_gradients, build_optimizer, flops_per_token, peak_flops, set_threads,
+from cocomix_core.concepts.labels import ConceptExtractor, LabelCache, build_label_cache
+from cocomix_core.concepts.sae import TopKSAE
+from cocomix_core.data.windows import TrainWindows
+from cocomix_core.model.build import TrainJob, build_model, job_for_branch
+from cocomix_core.training.trainer import (
+    accumulate_gradients,
+    build_optimizer,
+    flops_per_token,
+    peak_flops,
+    set_threads,
 )
-from cocomix_core.windows import TrainWindows
 from settings import ExperimentSettings, load_settings, training_branches
 
 # The fixed comparison shape; the teacher is GPT-2-small-shaped (random weights) with a 32k SAE at layer 5.

@@ -17,10 +17,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from cocomix_core.concepts import ConceptExtractor
-from cocomix_core.models import build_model, sized_shape
-from cocomix_core.sae import TopKSAE
-from cocomix_core.train import autocast_dtype, flops_per_token, peak_flops
+from cocomix_core.concepts.labels import ConceptExtractor
+from cocomix_core.concepts.sae import TopKSAE
+from cocomix_core.model.build import build_model, sized_shape
+from cocomix_core.training.trainer import autocast_dtype, flops_per_token, peak_flops
 from settings import load_settings
 from settings.schema import GPT2_VOCAB_SIZE, ModelShape
 

@@ -1,6 +1,16 @@
-"""cocomix_core: the CoCoMix library (data, models, concepts, training, evaluation, tracking).
+"""cocomix_core: the CoCoMix library, one subpackage per concern, in the order the data flows through them.
 
-Nothing in here imports Metaflow; every capability is a plain function or class.
+    data/        corpus -> token shards (tokenizer, corpus, windows)            stage: prepare
+    concepts/    teacher, TopK SAE, concept labels (teachers, sae, sae_fit, labels)  stage: concepts
+    model/       the CoCoMix student (modeling_cocomix) and models from settings (build)
+    training/    the training loop (trainer), KD targets (distill), checkpoints stage: train
+    evaluation/  validation perplexity and lm-eval tasks (evaluator, offline_tasks)  stage: evaluate
+    reporting/   curves, verdicts, plots (report), card pages (card), end-of-run text  stage: report
+    plumbing/    storage, tracking (the one module that talks to MLflow), files, progress, interrupts,
+                 launch, preflight, keys
+
+Each concern's `stage.py` is what its flow step runs; `stages` lists them all. Nothing in here
+imports Metaflow; every capability is a plain function or class.
 """
 
 from pathlib import Path

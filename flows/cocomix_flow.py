@@ -24,7 +24,7 @@ Settings. `--settings` names a preset or a YAML file; `--set` holds dotted overr
 `;`-separated (`'train.lr=3e-4; train.steps=100'`) or a JSON list. Both are validated when
 this file is imported, so a bad value fails before any step runs. Step decorators take their
 resources from these settings; commands that carry no `--settings` (`resume`,
-`argo-workflows create`) read $COCOMIX_SETTINGS / $COCOMIX_SET instead (cocomix_core/launch.py).
+`argo-workflows create`) read $COCOMIX_SETTINGS / $COCOMIX_SET instead (cocomix_core/plumbing/launch.py).
 
 Lineage. `start` creates the MLflow experiment (once: tasks creating a SQLite store's schema
 or an experiment side by side corrupt it), the parent run, one child run per training
@@ -79,17 +79,33 @@ from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Any, Callable, Iterator  # noqa: E402
 
 import yaml  # noqa: E402
-from metaflow import FlowSpec, Parameter, card, current, package_sources, parallel, resources, retry, step  # noqa: E402
+from metaflow import (  # noqa: E402
+    FlowSpec,
+    Parameter,
+    card,
+    current,
+    package_sources,
+    parallel,
+    resources,
+    retry,
+    step,
+)
 from metaflow.cards import Image, Markdown  # noqa: E402
 
 from cocomix_core import stages  # noqa: E402
-from cocomix_core.fileio import scratch_folder  # noqa: E402
-from cocomix_core.launch import OVERRIDES_ENV, SETTINGS_ENV, parse_overrides, settings_source  # noqa: E402
-from cocomix_core.storage import Storage  # noqa: E402
+from cocomix_core.plumbing.files import scratch_folder  # noqa: E402
+from cocomix_core.plumbing.launch import (  # noqa: E402
+    OVERRIDES_ENV,
+    SETTINGS_ENV,
+    parse_overrides,
+    settings_source,
+    threads_for,
+)
+from cocomix_core.plumbing.storage import Storage  # noqa: E402
 from settings import ExperimentSettings, SettingsError, load_settings, validate_settings  # noqa: E402
 
 if TYPE_CHECKING:  # heavy imports (torch, mlflow) happen inside the steps that need them
-    from cocomix_core.tracking import MlflowTracker
+    from cocomix_core.plumbing.tracking import MlflowTracker
 
 FAIL_ONCE_ENV = "COCOMIX_FAIL_ONCE"
 CARD_TABLE_COLUMNS = 7  # columns per card table (the branch included): wider tables run off the page
@@ -126,7 +142,7 @@ def honest_step(body: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(body)
     def run(self: FlowSpec, *inputs: Any) -> None:
-        from cocomix_core import interrupts, progress
+        from cocomix_core.plumbing import interrupts, progress
 
         lineage = inputs[0][0] if inputs else self  # a join reads the run ids from any of its inputs
         with progress.quiet_third_party():
@@ -169,8 +185,8 @@ class CocomixFlow(FlowSpec):
     @honest_step
     def start(self) -> None:
         """Validate the settings; create the MLflow experiment, the parent run and one run per branch."""
-        from cocomix_core import interrupts, tracking
-        from cocomix_core.storage import default_storage_root
+        from cocomix_core.plumbing import interrupts, tracking
+        from cocomix_core.plumbing.storage import default_storage_root
         from settings import dump_yaml, settings_digest, training_branches
 
         settings = load_settings(self.settings_name, parse_overrides(self.overrides))
@@ -213,10 +229,10 @@ class CocomixFlow(FlowSpec):
     def concepts(self) -> None:
         """The concept teacher and its SAE (pretrained, or trained on the corpus); the label caches of the CoCoMix
         arms (one per label selection) and the teacher-logit caches of the KD arms (one per τ and top-k)."""
-        from cocomix_core.train import keep_freed_memory, set_threads
+        from cocomix_core.training.trainer import keep_freed_memory, set_threads
 
         settings, storage = self._settings(), self._storage()
-        set_threads(stages.threads_for(settings, "concepts", parallel_tasks=1))
+        set_threads(threads_for(settings, "concepts", parallel_tasks=1))
         if settings.train.keep_freed_memory:  # the teacher and SAE passes reallocate big tensors like training does
             keep_freed_memory()
         with self._child_run("teacher", params=stages.section_params(settings, "teacher")) as tracker:
@@ -252,7 +268,7 @@ class CocomixFlow(FlowSpec):
     def train_gang(self) -> None:
         """One node of the branch's gang; node 0 logs to MLflow and publishes the checkpoints. A retried or
         resumed gang continues from the branch's last checkpoint."""
-        from cocomix_core import tracking
+        from cocomix_core.plumbing import tracking
         from settings import Branch
 
         settings = self._settings()
@@ -300,7 +316,7 @@ class CocomixFlow(FlowSpec):
     @honest_step
     def evaluate(self) -> None:
         """Validation perplexity and the lm-eval tasks of one checkpoint, logged at its step in the branch's run."""
-        from cocomix_core.tracking import MlflowTracker
+        from cocomix_core.plumbing.tracking import MlflowTracker
 
         settings = self._settings()
         self.checkpoint = self.checkpoints[self.input]
@@ -331,7 +347,8 @@ class CocomixFlow(FlowSpec):
     @honest_step
     def report(self, inputs: Any) -> None:
         """Per-branch curves against training tokens, tokens-to-match, table and plots: MLflow artifacts and a card."""
-        from cocomix_core import tracking
+        from cocomix_core.plumbing import tracking
+        from cocomix_core.reporting.card import plot_caption, split_wide_tables
         from settings import Branch
 
         self.merge_artifacts(inputs, include=_SHARED_ARTIFACTS)
@@ -346,9 +363,9 @@ class CocomixFlow(FlowSpec):
             self.report_summary = written.summary
             self.report_content = json.loads(written.json_path.read_text())  # the verdict `end` prints
             # The card opens with the verdict; wide tables are split to fit a page; plots are captioned in words.
-            current.card.append(Markdown(stages.split_wide_tables(written.markdown_path.read_text(), CARD_TABLE_COLUMNS)))
+            current.card.append(Markdown(split_wide_tables(written.markdown_path.read_text(), CARD_TABLE_COLUMNS)))
             for plot in written.plots:
-                current.card.append(Image(plot.read_bytes(), label=stages.plot_caption(plot)))
+                current.card.append(Image(plot.read_bytes(), label=plot_caption(plot)))
         self.report_pathspec = f"{current.run_id}/report"  # a resume that clones `report` keeps the origin's card
         print(f"report: {len(evaluations)} checkpoint evaluations of {len(self.branches)} branches, card `report`")
         self.next(self.end)
@@ -359,7 +376,8 @@ class CocomixFlow(FlowSpec):
         """Print the verdict and where to look further; describe and close the parent MLflow run; tag a resume."""
         from metaflow import Run, namespace
 
-        from cocomix_core import summary, tracking
+        from cocomix_core.plumbing import tracking
+        from cocomix_core.reporting import end_of_run
 
         if current.origin_run_id:  # the parent was created by the origin run; record who finished it
             tracking.MlflowTracker(self.parent_run_id, self.tracking_uri).set_tags(
@@ -368,15 +386,15 @@ class CocomixFlow(FlowSpec):
             namespace(None)  # the run itself, whatever namespace this task's client would default to
             Run(f"{current.flow_name}/{current.run_id}").add_tag(f"origin_run:{current.origin_run_id}")
             print(f"resumed from run {current.origin_run_id}: tagged origin_run:{current.origin_run_id}")
-        links = summary.RunLinks(
+        links = end_of_run.RunLinks(
             self.tracking_uri, self.experiment_id, self.parent_run_id, self.branch_run_ids,
             flow_file=sys.argv[0], card_pathspec=self.report_pathspec,
         )
-        tracking.set_description(self.parent_run_id, summary.description_markdown(
-            self.report_content, summary.settings_summary(self._settings())), self.tracking_uri)
+        tracking.set_description(self.parent_run_id, end_of_run.description_markdown(
+            self.report_content, end_of_run.settings_summary(self._settings())), self.tracking_uri)
         for run_id in (self.evaluation_run_id, self.parent_run_id):
             tracking.end_run(run_id, "FINISHED", self.tracking_uri)
-        print(summary.result_text(self.report_content, links))
+        print(end_of_run.result_text(self.report_content, links))
 
     # ------------------------------------------------------------------ helpers
     # Small pieces shared by the steps above; all real work happens in cocomix_core.
@@ -391,7 +409,7 @@ class CocomixFlow(FlowSpec):
     def _preflight(self, settings: ExperimentSettings) -> None:
         """Stop the run before any work if the inputs, the MLflow store or the storage root would fail it later:
         one line per problem, naming the setting or file, and no traceback (a SystemExit, which Metaflow lets through)."""
-        from cocomix_core.preflight import preflight
+        from cocomix_core.plumbing.preflight import preflight
 
         problems = preflight(settings, storage_root=self.storage_root, tracking_uri=self.tracking_uri)
         if problems:
@@ -410,7 +428,7 @@ class CocomixFlow(FlowSpec):
 
     def _tags(self) -> dict[str, str]:
         """Lineage tags of this task, for the MLflow runs it creates or trains into."""
-        from cocomix_core.tracking import lineage_tags
+        from cocomix_core.plumbing.tracking import lineage_tags
 
         return lineage_tags(
             flow=current.flow_name, run_id=current.run_id, step=current.step_name, task_pathspec=current.pathspec,
@@ -420,7 +438,7 @@ class CocomixFlow(FlowSpec):
     @contextlib.contextmanager
     def _child_run(self, name: str, params: dict[str, str] | None = None) -> Iterator[MlflowTracker]:
         """A child run of the parent for this task's piece of work, ended FINISHED or FAILED with the block."""
-        from cocomix_core.tracking import tracked_run
+        from cocomix_core.plumbing.tracking import tracked_run
 
         with tracked_run(
             self.experiment_id, name, parent_run_id=self.parent_run_id, tags=self._tags(), params=params,
@@ -441,7 +459,7 @@ class CocomixFlow(FlowSpec):
 
     def _create_runs(self, settings: Any, created: list[str]) -> None:
         """The parent run, one run per branch and the evaluation run, each id appended to `created` as it exists."""
-        from cocomix_core import tracking
+        from cocomix_core.plumbing import tracking
         from settings import flat_params
 
         self.parent_run_id = tracking.create_run(

@@ -11,7 +11,14 @@ from settings.loader import (
     settings_digest,
     validate_settings,
 )
-from settings.schema import ArmSettings, Branch, ExperimentSettings, ModelShape, TrainSettings, training_branches
+from settings.schema import (
+    ArmSettings,
+    Branch,
+    ExperimentSettings,
+    ModelShape,
+    TrainSettings,
+    training_branches,
+)
 
 __all__ = [
     "DEFAULT_PRESET",

@@ -360,7 +360,7 @@ class ExperimentSettings(Strict):
         if self.tokenizer.name == "teacher" and self.teacher.pretrained is None:
             raise ValueError("tokenizer.name=teacher needs teacher.pretrained (a trained teacher has no tokenizer of its own)")
         if self.tokenizer.name != "gpt2":
-            return  # the tokenizer's size is known once it is loaded: cocomix_core.tokenizer.student_vocab_size checks
+            return  # the tokenizer's size is known once it is loaded: cocomix_core.data.tokenizer.student_vocab_size checks
         shapes = {"teacher.model": self.teacher.model} | {f"arms.{name}.model": arm.model for name, arm in self.arms.items()}
         for where, shape in shapes.items():
             if shape.vocab_size is not None and shape.vocab_size < GPT2_VOCAB_SIZE:

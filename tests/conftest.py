@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from cocomix_core.data import prepare_corpus
+from cocomix_core.data.corpus import prepare_corpus
 from settings import load_settings
 
 
@@ -36,7 +36,7 @@ class S3Server:
 
     @property
     def env(self) -> dict[str, str]:
-        """Variables that point boto3, Metaflow and cocomix_core.storage at this server."""
+        """Variables that point boto3, Metaflow and cocomix_core.plumbing.storage at this server."""
         return {
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
@@ -131,11 +131,11 @@ def build_smoke_labels(data: Path, num_samples: int, out_dir: Path) -> Path:
     """Real concept labels (random smoke-sized teacher and SAE, seed 0) for the first samples of the smoke windows."""
     import torch
 
-    from cocomix_core.concepts import ConceptExtractor, build_label_cache
-    from cocomix_core.data import load_split
-    from cocomix_core.models import build_model
-    from cocomix_core.sae import TopKSAE
-    from cocomix_core.windows import TrainWindows
+    from cocomix_core.concepts.labels import ConceptExtractor, build_label_cache
+    from cocomix_core.concepts.sae import TopKSAE
+    from cocomix_core.data.corpus import load_split
+    from cocomix_core.data.windows import TrainWindows
+    from cocomix_core.model.build import build_model
 
     settings = load_settings("smoke")
     teacher = build_model("ntp", settings.teacher.model, settings.data.block_size, seed=0)
@@ -160,7 +160,7 @@ def free_port() -> int:
 
 
 def smoke_trainer_args(arm: str, overrides: list[str], data: Path, out: Path, labels: Path | None) -> list[str]:
-    """Arguments of `python -m cocomix_core.train` for one smoke-preset arm, one torch thread per process."""
+    """Arguments of `python -m cocomix_core.training.trainer` for one smoke-preset arm, one torch thread per process."""
     args = ["--settings", "smoke", "--arm", arm, "--data", str(data), "--out", str(out), "--threads", "1"]
     for override in overrides:
         args += ["--set", override]

@@ -11,20 +11,20 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from cocomix_core.checkpoints import save_checkpoint
-from cocomix_core.concepts import ActivationConceptExtractor
-from cocomix_core.distill import (
+from cocomix_core.concepts.labels import ActivationConceptExtractor
+from cocomix_core.concepts.sae import TopKSAE
+from cocomix_core.data.tokenizer import VOCAB_SIZE
+from cocomix_core.data.windows import TrainWindows
+from cocomix_core.model.build import TrainJob
+from cocomix_core.training.checkpoints import save_checkpoint
+from cocomix_core.training.distill import (
     OnlineTeacher,
     TeacherLogitCache,
     build_teacher_logit_cache,
     distillation_kl,
     top_k_targets,
 )
-from cocomix_core.models import TrainJob
-from cocomix_core.sae import TopKSAE
-from cocomix_core.tokenizer import VOCAB_SIZE
-from cocomix_core.train import train
-from cocomix_core.windows import TrainWindows
+from cocomix_core.training.trainer import train
 from settings import load_settings
 from settings.schema import ModelShape, TrainSettings, training_branches
 
@@ -128,7 +128,7 @@ def kd_job(steps: int = 2) -> TrainJob:
 
 def test_kd_training_with_a_full_cache_equals_online_teacher_logits(tmp_path, smoke_data):
     """With k = the vocabulary the cache is exact: two steps give the same weights as the online teacher (fp32 rounding)."""
-    from cocomix_core.data import load_split
+    from cocomix_core.data.corpus import load_split
 
     job = kd_job()
     teacher = tiny_gpt2(7)
@@ -197,9 +197,9 @@ def test_every_arm_checkpoint_loads_and_runs_under_stock_lm_eval(arm, tmp_path, 
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from cocomix_core.evaluate import run_lm_eval
-    from cocomix_core.models import build_model
-    from cocomix_core.tokenizer import hf_gpt2_tokenizer
+    from cocomix_core.data.tokenizer import hf_gpt2_tokenizer
+    from cocomix_core.evaluation.evaluator import run_lm_eval
+    from cocomix_core.model.build import build_model
 
     kind = arm if arm in ("kd", "pause") else "cocomix"
     mix = arm if arm in ("add", "none") else "insert"
@@ -223,8 +223,8 @@ def test_every_arm_checkpoint_loads_and_runs_under_stock_lm_eval(arm, tmp_path, 
 
 @pytest.fixture(scope="module")
 def tasks_dir(tmp_path_factory):
-    from cocomix_core.data import prepare_corpus
-    from cocomix_core.offline_tasks import build_offline_tasks
+    from cocomix_core.data.corpus import prepare_corpus
+    from cocomix_core.evaluation.offline_tasks import build_offline_tasks
 
     data = tmp_path_factory.mktemp("data")
     prepare_corpus(load_settings("smoke").data, data)
@@ -247,9 +247,9 @@ def test_the_trainer_cli_trains_a_kd_arm_from_a_teacher_logit_cache(tmp_path, sm
     import sys
     from pathlib import Path
 
-    from cocomix_core.data import load_split
-    from cocomix_core.distill import build_teacher_logit_cache
-    from cocomix_core.models import build_model
+    from cocomix_core.data.corpus import load_split
+    from cocomix_core.model.build import build_model
+    from cocomix_core.training.distill import build_teacher_logit_cache
 
     settings_file = kd_settings_file(tmp_path)
     settings = load_settings(settings_file)
@@ -257,7 +257,7 @@ def test_the_trainer_cli_trains_a_kd_arm_from_a_teacher_logit_cache(tmp_path, sm
     windows = TrainWindows(load_split(smoke_data, "train"), settings.data.block_size, settings.data.window_seed)
     cache = build_teacher_logit_cache(teacher, windows, 4 * settings.train.batch_size, 4, 16, 2.0,
                                       tmp_path / "logits", provenance={"teacher": "random smoke"})
-    command = [sys.executable, "-m", "cocomix_core.train", "--settings", settings_file,
+    command = [sys.executable, "-m", "cocomix_core.training.trainer", "--settings", settings_file,
                "--arm", "kd", "--data", str(smoke_data), "--threads", "1"]
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=str(root))

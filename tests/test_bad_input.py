@@ -20,14 +20,13 @@ from typing import Callable, Iterator
 
 import pytest
 import torch
+from conftest import free_port
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from cocomix_core import preflight as pf
-from cocomix_core.checkpoints import save_checkpoint
-from cocomix_core.sae import TopKSAE, download, save_sae
+from cocomix_core.concepts.sae import TopKSAE, download, save_sae
+from cocomix_core.plumbing import preflight as pf
+from cocomix_core.training.checkpoints import save_checkpoint
 from settings import load_settings
-
-from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER_WIDTH = 32  # the smoke preset's teacher width, and the tiny pretrained teacher's
@@ -117,16 +116,16 @@ def refused_url() -> str:
 SUBPROCESS_CASES = {
     # name: (argv after `python -m`, words the one-line message must hold)
     "train_missing_data": (
-        lambda p: ["cocomix_core.train", "--settings", "smoke", "--arm", "ntp", "--data", str(p["root"] / "absent"),
+        lambda p: ["cocomix_core.training.trainer", "--settings", "smoke", "--arm", "ntp", "--data", str(p["root"] / "absent"),
                    "--out", str(p["root"] / "out_missing")],
         lambda p: [str(p["root"] / "absent"), "manifest.json"],
     ),
     "evaluate_truncated_weights": (
-        lambda p: ["cocomix_core.evaluate", str(p["checkpoint_truncated"]), "--data", str(p["data"]), "--settings", "smoke"],
+        lambda p: ["cocomix_core.evaluation.evaluator", str(p["checkpoint_truncated"]), "--data", str(p["data"]), "--settings", "smoke"],
         lambda p: [str(p["checkpoint_truncated"] / "model.safetensors"), "truncated"],
     ),
     "data_utf16_corpus": (
-        lambda p: ["cocomix_core.data", "--settings", "smoke", "--set", "data.source=files",
+        lambda p: ["cocomix_core.data.corpus", "--settings", "smoke", "--set", "data.source=files",
                    "--set", f"data.path={p['utf16'].parent}", "--out", str(p["root"] / "out_utf16")],
         lambda p: [str(p["utf16"]), "UTF-16"],
     ),
@@ -204,7 +203,7 @@ TRAIN_CASES = {
 
 @pytest.mark.parametrize("case", sorted(TRAIN_CASES))
 def test_train_cli_names_the_bad_input(case, inputs):
-    from cocomix_core.train import main
+    from cocomix_core.training.trainer import main
 
     argv, words = TRAIN_CASES[case]
     message = _exit_message(main, argv(inputs))
@@ -213,7 +212,7 @@ def test_train_cli_names_the_bad_input(case, inputs):
 
 
 def test_train_cli_unknown_mlflow_run_id(inputs, tmp_path):
-    from cocomix_core.train import main
+    from cocomix_core.training.trainer import main
 
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     message = _exit_message(main, _train_argv(inputs, "--mlflow-run-id", "0123456789abcdef", arm="ntp")
@@ -222,8 +221,8 @@ def test_train_cli_unknown_mlflow_run_id(inputs, tmp_path):
 
 
 def test_train_cli_silent_tracking_server_fails_within_seconds(inputs, silent_url, monkeypatch):
-    from cocomix_core import tracking
-    from cocomix_core.train import main
+    from cocomix_core.plumbing import tracking
+    from cocomix_core.training.trainer import main
 
     monkeypatch.setattr(tracking, "PROBE_TIMEOUT_S", FAST_S)
     started = time.monotonic()
@@ -244,7 +243,7 @@ EVALUATE_CASES = {
 
 @pytest.mark.parametrize("case", sorted(EVALUATE_CASES))
 def test_evaluate_cli_names_the_bad_input(case, inputs):
-    from cocomix_core.evaluate import main
+    from cocomix_core.evaluation.evaluator import main
 
     argv, words = EVALUATE_CASES[case]
     message = _exit_message(main, [*argv(inputs), "--data", str(inputs["data"]), "--settings", "smoke"])
@@ -266,7 +265,7 @@ DATA_CASES = {
 
 @pytest.mark.parametrize("case", sorted(DATA_CASES))
 def test_data_cli_names_the_bad_input(case, inputs, tmp_path):
-    from cocomix_core.data import main
+    from cocomix_core.data.corpus import main
 
     argv, words = DATA_CASES[case]
     message = _exit_message(main, ["--settings", "smoke", *argv(inputs), "--out", str(tmp_path / "out")])
@@ -384,7 +383,7 @@ def test_sae_download_fails_fast_naming_the_url(which, silent_url, refused_url, 
 RACER = """
 import sys, time
 from pathlib import Path
-from cocomix_core import tracking
+from cocomix_core.plumbing import tracking
 uri, barrier, racers = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 (barrier / f"ready-{sys.argv[4]}").touch()
 while len(list(barrier.iterdir())) < racers:  # every racer has imported MLflow: their first store calls coincide

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from cocomix_core.concepts import (
+from cocomix_core.concepts.labels import (
     ConceptExtractor,
     LabelCache,
     build_label_cache,
@@ -19,9 +19,9 @@ from cocomix_core.concepts import (
     next_token_loss,
     next_token_loss_and_grad,
 )
-from cocomix_core import modeling
-from cocomix_core.sae import TopKSAE
-from cocomix_core.windows import TrainWindows
+from cocomix_core.concepts.sae import TopKSAE
+from cocomix_core.data.windows import TrainWindows
+from cocomix_core.model import modeling_cocomix as modeling
 
 VOCAB, WIDTH, LAYERS, C = 96, 32, 3, 256
 
@@ -275,8 +275,8 @@ def test_load_teacher_from_local_folder(tmp_path):
 # ----- any architecture, any precision (SPEC §8) -------------------------------------------------
 from tiny_teachers import DEPTH, random_teacher  # noqa: E402
 
-from cocomix_core.concepts import capture_residual as _capture  # noqa: E402
-from cocomix_core.concepts import teacher_blocks as _blocks  # noqa: E402
+from cocomix_core.concepts.labels import capture_residual as _capture  # noqa: E402
+from cocomix_core.concepts.labels import teacher_blocks as _blocks  # noqa: E402
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox"])

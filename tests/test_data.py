@@ -13,10 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cocomix_core import data as prep
-from cocomix_core.data import DataError, data_digest, load_manifest, load_split, prepare_corpus
-from cocomix_core.fileio import is_local_only
-from cocomix_core.tokenizer import EOT_ID, gpt2_encoding
+from cocomix_core.data import corpus as prep
+from cocomix_core.data.corpus import (
+    DataError,
+    data_digest,
+    load_manifest,
+    load_split,
+    prepare_corpus,
+)
+from cocomix_core.data.tokenizer import EOT_ID, gpt2_encoding
+from cocomix_core.plumbing.files import is_local_only
 from settings.schema import DataSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +147,7 @@ def test_chunked_writes_equal_unchunked(corpus, tmp_path, monkeypatch, val_fract
 def test_rerun_with_same_inputs_is_skipped(corpus, tmp_path, caplog):
     first = prepare_corpus(files_settings(corpus), tmp_path / "out")
     mtimes = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "out").iterdir()}
-    with caplog.at_level(logging.INFO, logger="cocomix_core.data"):
+    with caplog.at_level(logging.INFO, logger="cocomix_core.data.corpus"):
         # Settings that do not change the bytes (block size, workers) reuse the prepared data too.
         second = prepare_corpus(files_settings(corpus, block_size=8, encode_workers=1), tmp_path / "out")
     assert second == first
@@ -157,7 +163,7 @@ def test_a_shard_zeroed_in_place_is_prepared_again(corpus, tmp_path, caplog):
     prepare_corpus(files_settings(corpus), tmp_path / "out")  # a reuse: caches the digests
     train = tmp_path / "out" / "train.bin"
     train.write_bytes(bytes(train.stat().st_size))  # same size, every token zero
-    with caplog.at_level(logging.INFO, logger="cocomix_core.data"):
+    with caplog.at_level(logging.INFO, logger="cocomix_core.data.corpus"):
         prepare_corpus(files_settings(corpus), tmp_path / "out")
     assert "train.bin is missing or does not match the sha256" in caplog.text and "skipped" not in caplog.text
     assert folder_bytes(tmp_path / "out") == original
@@ -339,7 +345,7 @@ def test_refuses_to_replace_a_folder_that_is_not_prepared_data(corpus, tmp_path)
 
 def test_cli_prepares_the_smoke_corpus(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "cocomix_core.data", "--settings", "smoke", "--out", str(tmp_path / "smoke")],
+        [sys.executable, "-m", "cocomix_core.data.corpus", "--settings", "smoke", "--out", str(tmp_path / "smoke")],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
@@ -351,7 +357,7 @@ def test_cli_prepares_the_smoke_corpus(tmp_path):
 
 def test_cli_reports_errors_without_a_traceback(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "cocomix_core.data", "--settings", "smoke", "--set", "data.source=files",
+        [sys.executable, "-m", "cocomix_core.data.corpus", "--settings", "smoke", "--set", "data.source=files",
          "--set", f"data.path={tmp_path / 'nowhere'}", "--out", str(tmp_path / "out")],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
@@ -360,8 +366,9 @@ def test_cli_reports_errors_without_a_traceback(tmp_path):
 
 
 # ----- other tokenizers: uint32 streams, the tokenizer kept beside the data (SPEC §8) -------------
-from cocomix_core.tokenizer import load_tokenizer  # noqa: E402
 from tiny_teachers import train_bpe, wide_word_tokenizer  # noqa: E402
+
+from cocomix_core.data.tokenizer import load_tokenizer  # noqa: E402
 
 
 def test_uint32_streams_round_trip(corpus, tmp_path):

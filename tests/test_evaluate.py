@@ -1,4 +1,4 @@
-"""Tests for cocomix_core.evaluate: perplexity, lm-eval on in-memory models, checkpoint sweeps, errors."""
+"""Tests for cocomix_core.evaluation.evaluator: perplexity, lm-eval on in-memory models, checkpoint sweeps, errors."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from cocomix_core import evaluate
-from cocomix_core.checkpoints import save_checkpoint
-from cocomix_core.data import prepare_corpus
-from cocomix_core.evaluate import (
+from cocomix_core.data.corpus import prepare_corpus
+from cocomix_core.data.tokenizer import VOCAB_SIZE, hf_gpt2_tokenizer
+from cocomix_core.evaluation import evaluator as evaluate
+from cocomix_core.evaluation.evaluator import (
     RESULTS_FILE,
     EvaluationError,
     check_tasks,
@@ -30,10 +30,10 @@ from cocomix_core.evaluate import (
     unavailable_paper_tasks,
     validation_perplexity,
 )
-from cocomix_core.modeling import CoCoMixConfig, CoCoMixForCausalLM
-from cocomix_core.offline_tasks import TASK_NAMES, build_offline_tasks
-from cocomix_core.tokenizer import VOCAB_SIZE, hf_gpt2_tokenizer
-from cocomix_core.tracking import MemoryTracker
+from cocomix_core.evaluation.offline_tasks import TASK_NAMES, build_offline_tasks
+from cocomix_core.model.modeling_cocomix import CoCoMixConfig, CoCoMixForCausalLM
+from cocomix_core.plumbing.tracking import MemoryTracker
+from cocomix_core.training.checkpoints import save_checkpoint
 from settings.loader import load_settings
 from settings.schema import EvalSettings
 
@@ -220,8 +220,8 @@ def test_skipped_hub_task_leaves_the_others_running(no_hub_cache, monkeypatch, t
 
 
 def test_paper_task_datasets_match_lm_eval_task_files():
-    import yaml
     import lm_eval
+    import yaml
 
     tasks_root = Path(lm_eval.__file__).parent / "tasks"
     files = {"lambada_openai": "lambada/lambada_openai.yaml", "wikitext": "wikitext/wikitext.yaml",

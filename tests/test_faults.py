@@ -24,17 +24,17 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cocomix_core import interrupts, tracking
-from cocomix_core.checkpoints import (
+from cocomix_core.model.build import job_for_branch
+from cocomix_core.plumbing import interrupts, tracking
+from cocomix_core.plumbing.storage import MARKER, Storage
+from cocomix_core.training.checkpoints import (
     CheckpointError,
     latest_trainer_state,
     list_checkpoints,
     load_trainer_state,
     verify_checkpoint,
 )
-from cocomix_core.models import job_for_branch
-from cocomix_core.storage import MARKER, Storage
-from cocomix_core.train import train
+from cocomix_core.training.trainer import train
 from settings import load_settings, training_branches
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -114,13 +114,13 @@ def test_a_zeroed_trainer_state_is_refused_on_resume(trained, smoke_data, tmp_pa
 
 
 # ----- Ctrl-C during a save, then resume, through the library's command line -----------------
-# Runs `cocomix_core.train`'s command line; with HANG_AT set, the save of that step's checkpoint blocks
+# Runs `cocomix_core.training.trainer`'s command line; with HANG_AT set, the save of that step's checkpoint blocks
 # (after touching <out>/hanging) so the test can interrupt it mid-save.
 CLI_DRIVER = """
 import os, sys, time
 from pathlib import Path
-import cocomix_core.checkpoints as checkpoints
-from cocomix_core.train import main
+import cocomix_core.training.checkpoints as checkpoints
+from cocomix_core.training.trainer import main
 
 def hanging_tokenizer_save(directory, original=checkpoints.save_hf_tokenizer):
     original(directory)
@@ -238,7 +238,7 @@ def test_the_data_command_prepares_a_zeroed_shard_again(smoke_data, tmp_path):
     original = (folder / "train.bin").read_bytes()
     zero_in_place(folder / "train.bin")
     result = subprocess.run(
-        [sys.executable, "-m", "cocomix_core.data", "--settings", "smoke", "--out", str(folder)],
+        [sys.executable, "-m", "cocomix_core.data.corpus", "--settings", "smoke", "--out", str(folder)],
         cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
@@ -248,7 +248,7 @@ def test_the_data_command_prepares_a_zeroed_shard_again(smoke_data, tmp_path):
 
 
 def test_digest_cache_sees_a_same_size_overwrite(tmp_path):
-    from cocomix_core.fileio import cached_sha256, sha256_file
+    from cocomix_core.plumbing.files import cached_sha256, sha256_file
 
     path = tmp_path / "shard.bin"
     path.write_bytes(b"tokens" * 1000)
@@ -259,7 +259,7 @@ def test_digest_cache_sees_a_same_size_overwrite(tmp_path):
 
 # ----- temporary folders -----------------------------------------------------------------------
 def test_scratch_folders_are_removed_when_the_task_ends(tmp_path):
-    from cocomix_core.fileio import scratch_folder
+    from cocomix_core.plumbing.files import scratch_folder
 
     with pytest.raises(RuntimeError):
         with scratch_folder("report") as folder:
@@ -274,10 +274,11 @@ def test_scratch_folders_are_removed_when_the_task_ends(tmp_path):
 
 def test_evaluation_refuses_a_checkpoint_zeroed_after_it_was_published(trained, tmp_path):
     from cocomix_core import stages
+    from cocomix_core.training import stage as training_stage
 
     storage = Storage(str(tmp_path / "storage"))
     run = shutil.copytree(trained, tmp_path / "run")
-    checkpoint = stages.publish_checkpoints(run, "runs/1/ntp", storage)[-1]
+    checkpoint = training_stage.publish_checkpoints(run, "runs/1/ntp", storage)[-1]
     weights = storage.materialize(checkpoint.key) / "model.safetensors"
     zero_in_place(weights)
     data = stages.PreparedData(key="data/unused", uri="", digest="", source="", splits={}, note="")

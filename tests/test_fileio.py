@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from cocomix_core.fileio import atomic_path, is_partial, sha256_file, sha256_json, write_json_atomic
+from cocomix_core.plumbing.files import (
+    atomic_path,
+    is_partial,
+    sha256_file,
+    sha256_json,
+    write_json_atomic,
+)
 
 
 def test_failed_write_leaves_the_previous_file_and_no_leftovers(tmp_path: Path):

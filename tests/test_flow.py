@@ -208,7 +208,7 @@ def test_prepared_data_is_a_dataset_input_with_the_manifests_digest(smoke: Exper
 
 
 def check_dataset_inputs(smoke: Experiment) -> None:
-    from cocomix_core.data import MANIFEST_FILE, data_digest
+    from cocomix_core.data.corpus import MANIFEST_FILE, data_digest
 
     (prepared,) = [item.dataset for item in smoke.named("prepare")[0].inputs.dataset_inputs]
     # The digest of the manifest as stored, computed here, not the one the flow logged.

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from test_flow import flow_env, run_flow, tail
 
 from settings import load_settings, training_branches
-from test_flow import flow_env, run_flow, tail
 
 STEPS = 4
 SEEDS = (0, 1)

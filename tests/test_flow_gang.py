@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-
-from cocomix_core.train import final_checkpoint
 from test_flow import ARMS, flow_env, metaflow_query, run_flow, tail
 from test_gang import accumulated_reference, assert_bitwise_equal
+
+from cocomix_core.training.trainer import final_checkpoint
 
 pytestmark = pytest.mark.slow  # a whole flow run with two gangs of two nodes: minutes on 2 cores
 

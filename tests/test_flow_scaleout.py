@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import yaml
-
 from test_flow import flow_env, run_flow, tail
 
 

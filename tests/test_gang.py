@@ -15,17 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port, smoke_trainer_args
 from safetensors.torch import load_file
 
-from cocomix_core.checkpoints import latest_trainer_state
-from cocomix_core.concepts import LabelCache
-from cocomix_core.launch import training_command
-from cocomix_core.models import job_for_branch
-from cocomix_core.train import final_checkpoint, train
+from cocomix_core.concepts.labels import LabelCache
+from cocomix_core.model.build import job_for_branch
+from cocomix_core.plumbing.launch import training_command
+from cocomix_core.training.checkpoints import latest_trainer_state
+from cocomix_core.training.trainer import final_checkpoint, train
 from settings import load_settings, training_branches
 from settings.schema import TrainResources
-
-from conftest import free_port, smoke_trainer_args
 
 pytestmark = pytest.mark.slow  # each gang start costs ~10 s of process and rendezvous setup
 

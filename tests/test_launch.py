@@ -1,4 +1,4 @@
-"""cocomix_core.launch: the settings a flow process starts with, thread splitting, accelerate commands."""
+"""cocomix_core.plumbing.launch: the settings a flow process starts with, thread splitting, accelerate commands."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from cocomix_core.launch import (
+from cocomix_core.model.build import job_for_branch
+from cocomix_core.plumbing.launch import (
     OVERRIDES_ENV,
     SETTINGS_ENV,
     cpu_threads,
@@ -14,7 +15,6 @@ from cocomix_core.launch import (
     settings_source,
     training_command,
 )
-from cocomix_core.models import job_for_branch
 from settings import load_settings, training_branches
 from settings.schema import TrainResources
 
@@ -71,7 +71,7 @@ def test_one_gpu_runs_one_process_without_ddp():
     assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     assert option(command, "--num_processes") == "1"
     assert "--multi_gpu" not in command and "--num_machines" not in command and "--use_fsdp" not in command
-    assert command[-len(TRAIN_ARGS) - 2 :] == ["-m", "cocomix_core.train", *TRAIN_ARGS]
+    assert command[-len(TRAIN_ARGS) - 2 :] == ["-m", "cocomix_core.training.trainer", *TRAIN_ARGS]
 
 
 @pytest.mark.parametrize("gpus", [4, 8])
@@ -113,7 +113,11 @@ def test_fsdp_shards_each_transformer_block_and_saves_full_state():
 
 def test_accelerate_parses_the_fsdp_options_into_its_fsdp_plugin_environment():
     """accelerate's own parser and environment builder accept every option (a typo would fail the launch)."""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser, prepare_multi_gpu_env
+    from accelerate.commands.launch import (
+        _validate_launch_command,
+        launch_command_parser,
+        prepare_multi_gpu_env,
+    )
 
     command = training_command(TRAIN_ARGS, resources(gpus=2, strategy="fsdp"))
     args = launch_command_parser().parse_args(command[command.index("--num_processes"):])
@@ -147,7 +151,11 @@ def test_fsdp_over_one_process_is_refused_by_the_settings():
 
 def test_the_fsdp_environment_builds_accelerates_plugin_on_cpu_only_nodes(monkeypatch):
     """sync_module_states (or cpu_ram_efficient_loading, which forces it) makes accelerate's plugin demand a GPU."""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser, prepare_multi_gpu_env
+    from accelerate.commands.launch import (
+        _validate_launch_command,
+        launch_command_parser,
+        prepare_multi_gpu_env,
+    )
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     command = training_command(TRAIN_ARGS, resources(cpu_processes=2, strategy="fsdp"))

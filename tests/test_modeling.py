@@ -1,4 +1,4 @@
-"""Tests for cocomix_core.modeling against a naive float64 re-derivation of SPEC §3."""
+"""Tests for cocomix_core.model.modeling_cocomix against a naive float64 re-derivation of SPEC §3."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from cocomix_core import modeling
-from cocomix_core.modeling import (
+from cocomix_core.model import modeling_cocomix as modeling
+from cocomix_core.model.modeling_cocomix import (
     CoCoMixConfig,
     CoCoMixForCausalLM,
     compress_sparse_concepts,
@@ -328,10 +328,10 @@ def test_save_pretrained_round_trip(tmp_path):
     model = tiny_model()
     ids, _ = random_batch()
     model.save_pretrained(tmp_path)
-    assert {"model.safetensors", "config.json", "modeling.py"} <= set(os.listdir(tmp_path))
+    assert {"model.safetensors", "config.json", "modeling_cocomix.py"} <= set(os.listdir(tmp_path))
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["auto_map"] == {"AutoConfig": "modeling.CoCoMixConfig",
-                                  "AutoModelForCausalLM": "modeling.CoCoMixForCausalLM"}
+    assert config["auto_map"] == {"AutoConfig": "modeling_cocomix.CoCoMixConfig",
+                                  "AutoModelForCausalLM": "modeling_cocomix.CoCoMixForCausalLM"}
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert isinstance(loaded, CoCoMixForCausalLM)
     assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from cocomix_core.models import build_model, job_for_branch, teacher_job
-from cocomix_core.modeling import CoCoMixForCausalLM
+from cocomix_core.model.build import build_model, job_for_branch, teacher_job
+from cocomix_core.model.modeling_cocomix import CoCoMixForCausalLM
 from settings import ModelShape, load_settings, settings_digest, training_branches
 
 SHAPE = ModelShape(width=32, depth=2, heads=2)

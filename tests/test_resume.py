@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from cocomix_core.checkpoints import latest_trainer_state
-from cocomix_core.fileio import is_partial
-from cocomix_core.models import job_for_branch
-from cocomix_core.train import final_checkpoint, list_checkpoints, train
+from cocomix_core.model.build import job_for_branch
+from cocomix_core.plumbing.files import is_partial
+from cocomix_core.training.checkpoints import latest_trainer_state
+from cocomix_core.training.trainer import final_checkpoint, list_checkpoints, train
 from settings import load_settings, training_branches
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -35,10 +35,10 @@ DRIVER = """
 import sys, time
 from pathlib import Path
 from typing import Callable
-import cocomix_core.checkpoints as checkpoints
-from cocomix_core.models import job_for_branch
-from cocomix_core.tracking import JsonlTracker
-from cocomix_core.train import train
+import cocomix_core.training.checkpoints as checkpoints
+from cocomix_core.model.build import job_for_branch
+from cocomix_core.plumbing.tracking import JsonlTracker
+from cocomix_core.training.trainer import train
 from settings import load_settings, training_branches
 
 data_dir, out_dir, metrics_path, mode, *overrides = sys.argv[1:]

@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from cocomix_core.sae import TopKSAE, load_sae, openai_sae_url, save_sae
-from cocomix_core.sae_training import train_sae
-from cocomix_core.windows import TrainWindows
+from cocomix_core.concepts.sae import TopKSAE, load_sae, openai_sae_url, save_sae
+from cocomix_core.concepts.sae_fit import train_sae
+from cocomix_core.data.windows import TrainWindows
 
 
 def random_sae(num_latents=96, width=24, k=6, seed=0, dtype=torch.float64) -> TopKSAE:

@@ -15,8 +15,14 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cocomix_core import stages, tracking
-from cocomix_core.storage import Storage
+from cocomix_core import stages
+from cocomix_core.concepts import stage as concepts_stage
+from cocomix_core.data import stage as data_stage
+from cocomix_core.data.corpus import training_windows
+from cocomix_core.plumbing import tracking
+from cocomix_core.plumbing.storage import Storage
+from cocomix_core.reporting import card
+from cocomix_core.training import stage as training_stage
 from settings import Branch, ExperimentSettings, load_settings, training_branches
 
 STEPS, BATCH, BLOCK = 4, 4, 32  # the smoke preset's batch and block, trained for 4 steps
@@ -112,7 +118,7 @@ def test_prepared_data_counts_the_tokens_in_its_shards_and_is_reused_by_a_second
     for split in ("train", "val"):
         tokens = (folder / f"{split}.bin").stat().st_size // 2  # uint16 token ids
         assert experiment.data.splits[split]["tokens"] == tokens > 0
-    assert (folder / stages.TASKS_DIR / "cocomix_choice.yaml").is_file()
+    assert (folder / data_stage.TASKS_DIR / "cocomix_choice.yaml").is_file()
     assert "prepared" in experiment.data.note and "reused" not in experiment.data.note
     assert experiment.data_again.note.startswith(f"data already prepared at {experiment.data.uri}")
     assert experiment.data_again.digest == experiment.data.digest
@@ -122,21 +128,21 @@ def test_prepared_data_counts_the_tokens_in_its_shards_and_is_reused_by_a_second
 
 
 def test_the_teacher_and_sae_are_trained_into_storage_and_their_health_is_tracked(experiment: Experiment):
-    from cocomix_core.checkpoints import checkpoint_info
+    from cocomix_core.training.checkpoints import checkpoint_info
 
     teacher_checkpoint = Path(experiment.teacher.local(experiment.storage))
     assert checkpoint_info(teacher_checkpoint)["step"] == 4
     assert experiment.teacher.ref == experiment.storage.uri(experiment.teacher.key)
     assert Path(experiment.sae.local(experiment.storage)).is_file()
     sae_run = experiment.client.get_run(experiment.run_ids["sae"])
-    for name in stages.SAE_HEALTH:
+    for name in concepts_stage.SAE_HEALTH:
         assert sae_run.data.metrics[f"sae/{name}"] == pytest.approx(experiment.sae.metrics[name])
     assert 0 <= experiment.sae.metrics["dead_fraction"] <= 1
     assert experiment.client.get_metric_history(experiment.run_ids["teacher"], "train/loss")
 
 
 def test_labels_cover_every_training_sample_the_branches_read(experiment: Experiment):
-    from cocomix_core.concepts import LABELS_FILE
+    from cocomix_core.concepts.labels import LABELS_FILE
 
     assert list(experiment.labels.keys) == ["attribution"]  # the smoke CoCoMix arm's selection, nothing else
     folder = experiment.storage.materialize(experiment.labels.keys["attribution"])
@@ -197,8 +203,8 @@ KD_ARMS = [  # two KD arms that share a cache (same τ and top-k), one that need
 def test_kd_teacher_logits_are_cached_once_per_temperature_and_top_k_and_shared_by_every_seed(experiment: Experiment):
     import torch
 
-    from cocomix_core.concepts import load_teacher
-    from cocomix_core.distill import TeacherLogitCache
+    from cocomix_core.concepts.labels import load_teacher
+    from cocomix_core.training.distill import TeacherLogitCache
 
     assert experiment.teacher_logits == stages.TeacherLogits(keys={}, note="teacher logits: none needed (no KD branch)")
     settings = load_settings("smoke", OVERRIDES + KD_ARMS)
@@ -215,7 +221,7 @@ def test_kd_teacher_logits_are_cached_once_per_temperature_and_top_k_and_shared_
 
     # Every seed of an arm, and both arms with τ=1, hand the trainer the one cache of their (τ, top-k).
     branches = {branch.name: branch for branch in training_branches(settings)}
-    handed = {name: stages._teacher_input_args(settings, storage, branch, teacher, experiment.sae, experiment.labels,
+    handed = {name: training_stage._teacher_input_args(settings, storage, branch, teacher, experiment.sae, experiment.labels,
                                                built)
               for name, branch in branches.items() if branch.kind == "kd"}
     shared = ["--teacher-logits", str(storage.materialize(built.keys["tau1-top16"]))]
@@ -224,7 +230,7 @@ def test_kd_teacher_logits_are_cached_once_per_temperature_and_top_k_and_shared_
 
     # The cached targets against a float64 softmax of the teacher's logits at τ=2 (sample 0).
     cache = TeacherLogitCache(files["tau2-top16"].parent)
-    ids = torch.from_numpy(stages.train_windows(settings, data.folder(storage)).batch(0, 1))
+    ids = torch.from_numpy(training_windows(data.folder(storage), settings.data).batch(0, 1))
     with torch.no_grad():
         logits = load_teacher(teacher.local(storage))(input_ids=ids).logits.double()
     log_p = torch.log_softmax(logits / 2.0, dim=-1)
@@ -261,7 +267,7 @@ def test_online_kd_runs_the_teacher_on_each_batch_and_its_exact_loss_bounds_the_
                                                        f"concepts.label_source={source}"])
         built = stages.build_teacher_logits(settings, storage, data, teacher)
         branch = branch_named(settings, "kd")
-        handed = stages._teacher_input_args(settings, storage, branch, teacher, experiment.sae, experiment.labels,
+        handed = training_stage._teacher_input_args(settings, storage, branch, teacher, experiment.sae, experiment.labels,
                                             built)
         if source == "online":
             assert built.keys == {} and "computed online" in built.note
@@ -281,7 +287,7 @@ def test_online_kd_runs_the_teacher_on_each_batch_and_its_exact_loss_bounds_the_
 
 
 def test_each_label_selection_in_use_gets_its_own_cache(experiment: Experiment):
-    from cocomix_core.concepts import LabelCache
+    from cocomix_core.concepts.labels import LabelCache
 
     activation = "arms.cocomix_act={kind: cocomix, model: {width: 32, depth: 2, heads: 2}, concept_num: 8, " \
                  "insert_layer_index: 1, label_selection: activation}"
@@ -297,7 +303,7 @@ def test_each_label_selection_in_use_gets_its_own_cache(experiment: Experiment):
     for selection in ("attribution", "activation"):
         (branch,) = [b for b in training_branches(settings) if settings.arms[b.arm].label_selection == selection
                      and b.kind == "cocomix"]
-        assert stages._teacher_input_args(settings, experiment.storage, branch, experiment.teacher, experiment.sae,
+        assert training_stage._teacher_input_args(settings, experiment.storage, branch, experiment.teacher, experiment.sae,
                                           labels, experiment.teacher_logits) == [
             "--labels", str(experiment.storage.materialize(labels.keys[selection]))]
 
@@ -311,7 +317,7 @@ def test_the_report_aggregates_seeds_per_arm_and_keeps_swept_lambdas_apart():
 def test_wide_tables_are_split_with_the_row_label_repeated():
     header = "| branch | " + " | ".join(f"c{index}" for index in range(7)) + " |"
     markdown = "\n".join(["# Title", "", header, "|" + "---|" * 8, "| ntp | " + " | ".join("1234567") + " |", ""])
-    split = stages.split_wide_tables(markdown, max_columns=4)
+    split = card.split_wide_tables(markdown, max_columns=4)
     tables = [block for block in split.split("\n\n") if block.startswith("|")]
     assert [block.splitlines()[0] for block in tables] == [
         "| branch | c0 | c1 | c2 |", "| branch | c3 | c4 | c5 |", "| branch | c6 |"]
@@ -324,7 +330,7 @@ def test_wide_tables_are_split_with_the_row_label_repeated():
     ("val_ppl.png", "Validation perplexity by training tokens"),
 ])
 def test_plot_captions_are_words(file_name: str, caption: str):
-    assert stages.plot_caption(Path(file_name)) == caption
+    assert card.plot_caption(Path(file_name)) == caption
 
 
 # ----- a pretrained teacher with its own tokenizer (SPEC §8) ----------------------------------------
@@ -339,11 +345,11 @@ def pretrained_settings(teacher: Path, tokenizer: str = "teacher") -> Experiment
 
 
 def test_a_pretrained_teacher_with_its_own_tokenizer_runs_every_stage(tmp_path: Path):
+    from tiny_teachers import save_teacher
     from transformers import AutoConfig, AutoTokenizer
 
-    from cocomix_core.data import data_tokenizer
-    from cocomix_core.tokenizer import TokenizerError, hf_tokenizer
-    from tiny_teachers import save_teacher
+    from cocomix_core.data.corpus import data_tokenizer
+    from cocomix_core.data.tokenizer import TokenizerError, hf_tokenizer
 
     llama = save_teacher("llama", tmp_path / "llama")
     settings, storage = pretrained_settings(llama), Storage(str(tmp_path / "artifacts"))
@@ -416,10 +422,10 @@ def test_a_pretrained_teacher_with_its_own_tokenizer_runs_every_stage(tmp_path: 
 
 def test_the_cpu_presets_gguf_teacher_is_converted_once_into_storage_and_tokenizes_the_data(tmp_path, monkeypatch,
                                                                                              capsys):
-    from cocomix_core import teachers
-    from cocomix_core.data import data_tokenizer
-    from cocomix_core.fileio import sha256_file
-    from cocomix_core.tokenizer import hf_tokenizer
+    from cocomix_core.concepts import teachers
+    from cocomix_core.data.corpus import data_tokenizer
+    from cocomix_core.data.tokenizer import hf_tokenizer
+    from cocomix_core.plumbing.files import sha256_file
 
     settings = load_settings("cpu", ["data.offline_task_items=4"])
     storage = Storage(str(tmp_path / "artifacts"))

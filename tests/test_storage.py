@@ -14,9 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from cocomix_core.fileio import is_local_only
-from cocomix_core.storage import (
-    MARKER, RESUMABLE_MARKER, IncompleteError, IntegrityError, LocalStorage, S3Storage, Storage, default_storage_root,
+from cocomix_core.plumbing.files import is_local_only
+from cocomix_core.plumbing.storage import (
+    MARKER,
+    RESUMABLE_MARKER,
+    IncompleteError,
+    IntegrityError,
+    LocalStorage,
+    S3Storage,
+    Storage,
+    default_storage_root,
 )
 
 UPLOAD_CALLS = ("PutObject", "CreateMultipartUpload", "UploadPart")
@@ -142,7 +149,7 @@ def test_failed_local_publish_leaves_no_valid_looking_folder(tmp_path: Path, mon
 
 BUILD_ONCE = """
 import json, logging, os, sys, time
-from cocomix_core.storage import Storage
+from cocomix_core.plumbing.storage import Storage
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 with Storage(sys.argv[1]).stored_folder("teacher/t") as folder:

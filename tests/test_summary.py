@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cocomix_core import summary, tracking
-from cocomix_core.report import BranchCurve, EvalPoint, write_report
+from cocomix_core.plumbing import tracking
+from cocomix_core.reporting import end_of_run as summary
+from cocomix_core.reporting.report import BranchCurve, EvalPoint, write_report
 
 # Two branches, three checkpoints each; ntp ends at val ppl 30 after 3,000 tokens.
 CURVES = [

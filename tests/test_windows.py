@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cocomix_core.windows import TrainWindows, validation_windows
+from cocomix_core.data.windows import TrainWindows, validation_windows
 
 T = 8
 

@@ -21,7 +21,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from cocomix_core.data import sotu_speech_files
+from cocomix_core.data.corpus import sotu_speech_files
 
 # family -> (special tokens, the EOS among them, BPE vocabulary size)
 FAMILIES = {

@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cocomix_core.fileio import atomic_path, sha256_file
-from cocomix_core.modeling import row_chunks
-from cocomix_core.progress import Progress, quiet_third_party, say
-from cocomix_core.sae import TopKSAE
+from cocomix_core.concepts.sae import TopKSAE
+from cocomix_core.model.modeling_cocomix import row_chunks
+from cocomix_core.plumbing.files import atomic_path, sha256_file
+from cocomix_core.plumbing.progress import Progress, quiet_third_party, say
 
 LABEL_DTYPE = np.uint16
 MAX_CONCEPT_DIM = int(np.iinfo(LABEL_DTYPE).max) + 1  # 65536

@@ -1,6 +1,6 @@
 """Corpus preparation: documents -> tokens -> train.bin / val.bin (SPEC §1, §8).
 
-    python -m cocomix_core.data --settings cpu --set data.max_documents=100 --out DIR
+    python -m cocomix_core.data.corpus --settings cpu --set data.max_documents=100 --out DIR
 
 Every document is encoded with encode_ordinary and ended with one end-of-text
 token; the documents of each split are concatenated into one stream: uint16 while every id
@@ -38,9 +38,21 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from cocomix_core.fileio import atomic_path, cached_sha256, sha256_file, sha256_json
-from cocomix_core.progress import track
-from cocomix_core.tokenizer import TextTokenizer, TokenizerError, gpt2_tokenizer, hf_tokenizer
+from cocomix_core.data.tokenizer import (
+    TextTokenizer,
+    TokenizerError,
+    gpt2_tokenizer,
+    hf_tokenizer,
+    student_vocab_size,
+)
+from cocomix_core.data.windows import TrainWindows
+from cocomix_core.plumbing.files import (
+    atomic_path,
+    cached_sha256,
+    sha256_file,
+    sha256_json,
+)
+from cocomix_core.plumbing.progress import track
 from settings.cli import add_settings_arguments, settings_from_args
 from settings.loader import SettingsError
 from settings.schema import DataSettings
@@ -422,7 +434,7 @@ def load_manifest(data_dir: str | Path) -> dict[str, Any]:
     """The manifest.json of a prepared data folder."""
     path = Path(data_dir) / MANIFEST_FILE
     if not path.is_file():
-        raise DataError(f"{path} does not exist: {data_dir} is not a prepared data folder (python -m cocomix_core.data)")
+        raise DataError(f"{path} does not exist: {data_dir} is not a prepared data folder (python -m cocomix_core.data.corpus)")
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as error:
@@ -553,6 +565,16 @@ def load_split(data_dir: str | Path, split: str, verify: bool = True, block_size
     if block_size is not None:
         check_block_size(manifest, block_size)
     return np.memmap(path, dtype=manifest_dtype(manifest), mode="r")
+
+
+def training_windows(data_dir: str | Path, data: DataSettings) -> TrainWindows:
+    """The training windows every branch reads (same seed), so cached labels line up with their samples."""
+    return TrainWindows(load_split(data_dir, "train"), data.block_size, data.window_seed)
+
+
+def students_vocab_size(data_dir: str | Path) -> int:
+    """Embedding rows of every student: the prepared data's tokenizer's size (GPT-2: 50257; others padded)."""
+    return student_vocab_size(data_tokenizer(data_dir))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -42,8 +42,8 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from cocomix_core import PROJECT_ROOT  # noqa: E402
-from cocomix_core.fileio import exclusive_lock  # noqa: E402
-from cocomix_core.interrupts import ended_on_failure  # noqa: E402
+from cocomix_core.plumbing.files import exclusive_lock  # noqa: E402
+from cocomix_core.plumbing.interrupts import ended_on_failure  # noqa: E402
 
 DEFAULT_STORE = PROJECT_ROOT / "mlruns.db"
 DEFAULT_ARTIFACTS = PROJECT_ROOT / "mlartifacts"

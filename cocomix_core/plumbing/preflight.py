@@ -142,7 +142,12 @@ def _hub_cached_file(repo: str, filename: str) -> Path | None:
 # ----- the checks --------------------------------------------------------------------------------
 def check_data(settings: ExperimentSettings, timeout_s: float = PROBE_TIMEOUT_S) -> list[Problem]:
     """The corpus exists and is readable UTF-8 text (its first bytes), or the hub is reachable."""
-    from cocomix_core.data import FOREIGN_BOMS, DataError, corpus_files, sotu_speech_files
+    from cocomix_core.data.corpus import (
+        FOREIGN_BOMS,
+        DataError,
+        corpus_files,
+        sotu_speech_files,
+    )
 
     data = settings.data
     try:
@@ -208,7 +213,7 @@ def teacher_config(settings: ExperimentSettings, timeout_s: float = PROBE_TIMEOU
 
 def is_gguf_teacher(name: str) -> bool:
     """Whether `teacher.pretrained` names a GGUF file (a path ending in .gguf, or a packaged one like smollm2-135m)."""
-    from cocomix_core.teachers import PACKAGED_TEACHERS
+    from cocomix_core.concepts.teachers import PACKAGED_TEACHERS
 
     return name in PACKAGED_TEACHERS or name.endswith(".gguf")
 
@@ -218,7 +223,12 @@ def gguf_teacher_config(name: str) -> tuple[dict[str, Any] | None, list[Problem]
     found: the file or its package missing (with the pip command), not a GGUF file, the `gguf` package missing."""
     import importlib.util
 
-    from cocomix_core.teachers import PACKAGED_TEACHERS, TeacherError, check_gguf_file, packaged_gguf
+    from cocomix_core.concepts.teachers import (
+        PACKAGED_TEACHERS,
+        TeacherError,
+        check_gguf_file,
+        packaged_gguf,
+    )
 
     try:
         path = packaged_gguf(name) if name in PACKAGED_TEACHERS else Path(name).expanduser()
@@ -256,7 +266,7 @@ def check_teacher(settings: ExperimentSettings, config: dict[str, Any] | None) -
 
 def check_sae(settings: ExperimentSettings, teacher_width: int | None, timeout_s: float = PROBE_TIMEOUT_S) -> list[Problem]:
     """A pretrained SAE file resolves, and its size and width agree with sae.num_latents and the teacher."""
-    from cocomix_core.sae import SAEError, sae_cache_path, sae_file_shape
+    from cocomix_core.concepts.sae import SAEError, sae_cache_path, sae_file_shape
 
     source = settings.sae.pretrained
     if source is None:
@@ -296,7 +306,7 @@ def _url_problems(setting: str, url: str, what: str = "downloadable SAE file", t
 
 def check_tracking(tracking_uri: str | None, timeout_s: float = PROBE_TIMEOUT_S) -> list[Problem]:
     """The MLflow store answers within a few seconds and can be written."""
-    from cocomix_core.tracking import TrackingError, check_tracking_store
+    from cocomix_core.plumbing.tracking import TrackingError, check_tracking_store
 
     try:
         check_tracking_store(tracking_uri, timeout_s=timeout_s)
@@ -325,7 +335,7 @@ def check_storage_root(root: str, timeout_s: float = PROBE_TIMEOUT_S) -> list[Pr
 def _check_s3_root(root: str, name: str, timeout_s: float) -> list[Problem]:
     import botocore.exceptions
 
-    from cocomix_core.storage import s3_client
+    from cocomix_core.plumbing.storage import s3_client
 
     parsed = urllib.parse.urlparse(root)
     key = "/".join(part for part in (parsed.path.strip("/"), name) if part)
@@ -341,11 +351,11 @@ def _check_s3_root(root: str, name: str, timeout_s: float) -> list[Problem]:
 
 def check_eval_tasks(settings: ExperimentSettings) -> list[Problem]:
     """Every eval task is known, and the hub tasks can be fetched or are cached."""
-    from cocomix_core.offline_tasks import TASK_NAMES
+    from cocomix_core.evaluation.offline_tasks import TASK_NAMES
 
     if all(task in TASK_NAMES for task in settings.eval.tasks):
         return []  # ours are built from the corpus; no need to import lm-eval's machinery to know them
-    from cocomix_core.evaluate import KNOWN_TASKS, unavailable_paper_tasks
+    from cocomix_core.evaluation.evaluator import KNOWN_TASKS, unavailable_paper_tasks
 
     unknown = [task for task in settings.eval.tasks if task not in KNOWN_TASKS]
     if unknown:
@@ -361,7 +371,7 @@ def preflight(settings: ExperimentSettings, storage_root: str | None = None, tra
     `tracking_uri`: the resolved MLflow URI (default: tracking.mlflow_uri, $MLFLOW_TRACKING_URI, local SQLite);
     `timeout_s`: the longest wait of each network probe.
     """
-    from cocomix_core.storage import default_storage_root
+    from cocomix_core.plumbing.storage import default_storage_root
 
     config, problems = teacher_config(settings, timeout_s)
     problems += check_teacher(settings, config)

@@ -1,9 +1,9 @@
 """Training loop for the concept teacher, the NTP baseline and the CoCoMix student; resumable bit for bit.
 
-    python -m cocomix_core.train --settings cpu --arm cocomix --data DATA --out OUT --labels LABELS
-    python -m cocomix_core.train --settings cpu_study --arm kd-s0 --data DATA --out OUT --teacher-logits CACHE
-    torchrun --standalone --nproc_per_node 2 -m cocomix_core.train ...    (DDP; gloo on CPUs)
-    accelerate launch -m cocomix_core.train ...
+    python -m cocomix_core.training.trainer --settings cpu --arm cocomix --data DATA --out OUT --labels LABELS
+    python -m cocomix_core.training.trainer --settings cpu_study --arm kd-s0 --data DATA --out OUT --teacher-logits CACHE
+    torchrun --standalone --nproc_per_node 2 -m cocomix_core.training.trainer ...    (DDP; gloo on CPUs)
+    accelerate launch -m cocomix_core.training.trainer ...
 
 Batches. Optimizer step s (0-based) consumes global samples [s·B, (s+1)·B) of
 TrainWindows(train tokens, block_size, window_seed), B = train.batch_size. With W processes
@@ -60,7 +60,17 @@ import torch
 from accelerate import Accelerator, PartialState
 from transformers import PreTrainedModel
 
-from cocomix_core.checkpoints import (
+from cocomix_core.concepts.labels import ConceptExtractor, LabelCache
+from cocomix_core.data.corpus import data_tokenizer, load_split
+from cocomix_core.data.windows import TrainWindows, validation_windows
+from cocomix_core.model.build import (
+    TrainJob,
+    flops_per_token,
+    job_for_branch,
+    teacher_job,
+)
+from cocomix_core.plumbing.progress import Progress, quiet_third_party
+from cocomix_core.training.checkpoints import (
     capture_rng_state,
     checkpoint_dir,
     final_checkpoint,
@@ -73,16 +83,15 @@ from cocomix_core.checkpoints import (
     save_trainer_state,
     trainer_state_dir,
 )
-from cocomix_core.concepts import ConceptExtractor, LabelCache
-from cocomix_core.data import data_tokenizer, load_split
-from cocomix_core.distill import OnlineTeacher, TeacherLogitCache, distillation_kl
-from cocomix_core.models import TrainJob, flops_per_token, job_for_branch, teacher_job
-from cocomix_core.progress import Progress, quiet_third_party
-from cocomix_core.windows import TrainWindows, validation_windows
+from cocomix_core.training.distill import (
+    OnlineTeacher,
+    TeacherLogitCache,
+    distillation_kl,
+)
 from settings.schema import TrainSettings
 
 if TYPE_CHECKING:  # importing MLflow costs seconds in every training process
-    from cocomix_core.tracking import Tracker
+    from cocomix_core.plumbing.tracking import Tracker
 
 __all__ = [
     "NonFiniteLossError", "TrainResult", "train", "lr_at", "micro_batch_size", "flops_per_token",
@@ -329,7 +338,11 @@ def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
 @contextlib.contextmanager
 def _full_state_dicts(sharded: torch.nn.Module, rank0_only: bool):
     """Inside: state_dict / optim_state_dict of `sharded` are full (unsharded) ones, on the CPU."""
-    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import (
+        FullOptimStateDictConfig,
+        FullStateDictConfig,
+        StateDictType,
+    )
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     offload = sharded.compute_device.type != "cpu"  # on CPUs, offloading crashes the gather (torch 2.13)
@@ -668,9 +681,9 @@ class InputError(ValueError):
 def _load_teacher_arg(name: str, device: torch.device, precision: str) -> torch.nn.Module:
     """The --teacher model in the dtype of `teacher.precision`: a local folder is checked (config.json, weight
     files) before transformers sees it."""
-    from cocomix_core.concepts import load_teacher
-    from cocomix_core.preflight import ModelFolderError, check_model_folder
-    from cocomix_core.teachers import teacher_dtype
+    from cocomix_core.concepts.labels import load_teacher
+    from cocomix_core.concepts.teachers import teacher_dtype
+    from cocomix_core.plumbing.preflight import ModelFolderError, check_model_folder
 
     folder = Path(name).expanduser()
     if folder.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
@@ -686,8 +699,8 @@ def _load_teacher_arg(name: str, device: torch.device, precision: str) -> torch.
 
 def _label_source(args: argparse.Namespace, settings: Any, job: TrainJob, device: torch.device) -> LabelSource:
     """A LabelCache from --labels, or an online ConceptExtractor from --teacher and --sae, checked against the job."""
-    from cocomix_core.concepts import ActivationConceptExtractor
-    from cocomix_core.sae import SAEError, load_sae
+    from cocomix_core.concepts.labels import ActivationConceptExtractor
+    from cocomix_core.concepts.sae import SAEError, load_sae
 
     if args.labels:
         try:
@@ -746,9 +759,9 @@ def _check_output_folder(out: str) -> None:
 def _open_inputs(args: argparse.Namespace, parser: argparse.ArgumentParser
                  ) -> tuple[TrainJob, Any, LabelSource | None, TeacherSource | None]:
     """Settings, job, tracker, labels and KD teacher of the command line, every input checked before training starts."""
-    from cocomix_core.data import load_manifest
-    from cocomix_core.tokenizer import student_vocab_size
-    from cocomix_core.tracking import ConsoleTracker, MlflowTracker, check_run
+    from cocomix_core.data.corpus import load_manifest
+    from cocomix_core.data.tokenizer import student_vocab_size
+    from cocomix_core.plumbing.tracking import ConsoleTracker, MlflowTracker, check_run
     from settings.cli import settings_from_args
     from settings.schema import training_branches
 
@@ -779,8 +792,8 @@ def main(argv: list[str] | None = None) -> None:
 
     Bad input (settings, data folder, teacher, SAE, labels, run id) exits with one line naming it.
     """
-    from cocomix_core.data import DataError
-    from cocomix_core.tracking import TrackingError
+    from cocomix_core.data.corpus import DataError
+    from cocomix_core.plumbing.tracking import TrackingError
     from settings.cli import add_settings_arguments, settings_from_args
     from settings.loader import SettingsError
 
@@ -797,7 +810,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mlflow-run-id", help="log to this existing MLflow run (default: the console)")
     args = parser.parse_args(argv)
 
-    from cocomix_core.interrupts import ended_on_failure
+    from cocomix_core.plumbing.interrupts import ended_on_failure
 
     try:
         job, tracker, labels, teacher = _open_inputs(args, parser)

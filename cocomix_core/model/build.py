@@ -30,10 +30,21 @@ from typing import Literal
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PretrainedConfig, PreTrainedModel
 
-from cocomix_core.fileio import sha256_json
-from cocomix_core.modeling import INTERLEAVED_MIX_MODES, CoCoMixConfig, CoCoMixForCausalLM
+from cocomix_core.model.modeling_cocomix import (
+    INTERLEAVED_MIX_MODES,
+    CoCoMixConfig,
+    CoCoMixForCausalLM,
+)
+from cocomix_core.plumbing.files import sha256_json
 from settings.loader import settings_digest
-from settings.schema import GPT2_VOCAB_SIZE, ArmKind, Branch, ExperimentSettings, ModelShape, TrainSettings
+from settings.schema import (
+    GPT2_VOCAB_SIZE,
+    ArmKind,
+    Branch,
+    ExperimentSettings,
+    ModelShape,
+    TrainSettings,
+)
 
 TEACHER_JOB_NAME = "teacher"
 
@@ -165,7 +176,7 @@ class TrainJob:
 
 def sized_shape(shape: ModelShape, settings: ExperimentSettings, vocab_size: int | None) -> ModelShape:
     """`shape` with its embedding rows: its own vocab_size, else `vocab_size` (the tokenizer's, from
-    cocomix_core.tokenizer.student_vocab_size), else GPT-2's 50257 when the tokenizer is GPT-2."""
+    cocomix_core.data.tokenizer.student_vocab_size), else GPT-2's 50257 when the tokenizer is GPT-2."""
     if shape.vocab_size is not None:
         return shape
     if vocab_size is None and settings.tokenizer.name != "gpt2":

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cocomix_core.fileio import atomic_path, sha256_file
+from cocomix_core.plumbing.files import atomic_path, sha256_file
 
 CACHE_FORMAT = "cocomix-teacher-logits-v1"
 MANIFEST_FILE = "manifest.json"

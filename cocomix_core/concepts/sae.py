@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from cocomix_core.fileio import atomic_path
-from cocomix_core.modeling import bessel_layer_norm
+from cocomix_core.model.modeling_cocomix import bessel_layer_norm
+from cocomix_core.plumbing.files import atomic_path
 
 OPENAI_SAE_BASE_URL = "https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small"
 OPENAI_SAE_LOCATIONS = ("resid_delta_attn", "resid_delta_mlp", "resid_post_attn", "resid_post_mlp")

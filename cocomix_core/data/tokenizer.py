@@ -135,7 +135,9 @@ def hf_gpt2_tokenizer(directory: str | os.PathLike | None = None) -> "GPT2Tokeni
     `split_special_tokens=True` gives it encode_ordinary semantics: a literal "<|endoftext|>" in text
     is split into ordinary BPE pieces, never id 50256 (which only appears where code adds it).
     """
-    from transformers import GPT2Tokenizer  # heavy import, only for the callers that need it
+    from transformers import (
+        GPT2Tokenizer,  # heavy import, only for the callers that need it
+    )
 
     files = verified_bpe_files(directory)
     return GPT2Tokenizer(

@@ -32,7 +32,7 @@ import sys
 from typing import Mapping, Sequence
 
 from settings.loader import DEFAULT_PRESET
-from settings.schema import TrainResources
+from settings.schema import ExperimentSettings, TrainResources
 
 SETTINGS_ENV = "COCOMIX_SETTINGS"
 OVERRIDES_ENV = "COCOMIX_SET"
@@ -107,7 +107,7 @@ def training_command(
     *,
     node_rank: int = 0,
     main_ip: str | None = None,
-    module: str = "cocomix_core.train",
+    module: str = "cocomix_core.training.trainer",
 ) -> list[str]:
     """The `accelerate launch` command one node of a training gang runs: `python -m <module> <module_args>` per process.
 
@@ -162,3 +162,9 @@ def fsdp_arguments(resources: TrainResources) -> list[str]:
         "--fsdp_offload_params", "false",
         "--fsdp_backward_prefetch", "BACKWARD_PRE",
     ]
+
+
+def threads_for(settings: ExperimentSettings, kind: str, parallel_tasks: int) -> int:
+    """Torch threads for one of `parallel_tasks` tasks of one kind of step sharing this machine."""
+    return cpu_threads(parallel_tasks, configured=settings.train.cpu_threads,
+                       reserved=getattr(settings.compute, kind).cpus)

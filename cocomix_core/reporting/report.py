@@ -31,9 +31,11 @@ from typing import Any, Iterable, Literal
 
 import numpy as np
 from matplotlib.figure import Figure
-from scipy.stats import t as student_t  # the object API draws with Agg; no pyplot, no display
+from scipy.stats import (
+    t as student_t,  # the object API draws with Agg; no pyplot, no display
+)
 
-from cocomix_core.fileio import atomic_path, write_json_atomic
+from cocomix_core.plumbing.files import atomic_path, write_json_atomic
 
 VAL_PPL = "eval/val_ppl"
 EVAL_PREFIX = "eval/"

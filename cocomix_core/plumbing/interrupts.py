@@ -31,7 +31,7 @@ def ended_on_failure(run_ids: list[str], tracking_uri: str | None = None, reopen
     raises anything else, FAILED. A block that succeeds leaves them RUNNING: their owner ends them.
     """
     if reopen:
-        from cocomix_core.tracking import reopen_ended_runs
+        from cocomix_core.plumbing.tracking import reopen_ended_runs
 
         reopen_ended_runs(run_ids, tracking_uri)
     in_main_thread = threading.current_thread() is threading.main_thread()
@@ -39,7 +39,7 @@ def ended_on_failure(run_ids: list[str], tracking_uri: str | None = None, reopen
     try:
         yield
     except BaseException as error:
-        from cocomix_core.tracking import end_running_runs
+        from cocomix_core.plumbing.tracking import end_running_runs
 
         end_running_runs(run_ids, "KILLED" if isinstance(error, (KeyboardInterrupt, Terminated)) else "FAILED",
                          tracking_uri)

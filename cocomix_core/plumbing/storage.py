@@ -35,10 +35,16 @@ import botocore.config
 from botocore.exceptions import ClientError
 
 from cocomix_core import PROJECT_ROOT
-from cocomix_core.fileio import (
-    atomic_path, cached_sha256, exclusive_lock, is_local_only, is_partial, sha256_file, write_json_atomic,
+from cocomix_core.plumbing.files import (
+    atomic_path,
+    cached_sha256,
+    exclusive_lock,
+    is_local_only,
+    is_partial,
+    sha256_file,
+    write_json_atomic,
 )
-from cocomix_core.progress import say
+from cocomix_core.plumbing.progress import say
 
 MARKER = "_COMPLETE"
 RESUMABLE_MARKER = "_RESUMABLE"

@@ -29,7 +29,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub.dataclasses import strict  # ships with transformers; GPT2Config uses it too
+from huggingface_hub.dataclasses import (
+    strict,  # ships with transformers; GPT2Config uses it too
+)
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
 from transformers import initialization as init
@@ -37,7 +39,6 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block, GPT2PreTrainedModel
 from transformers.utils import ModelOutput
-
 
 MIX_MODES = ("insert", "add", "none", "pause")
 INTERLEAVED_MIX_MODES = ("insert", "pause")  # two positions per token from the insert layer on

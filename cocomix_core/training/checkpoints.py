@@ -28,8 +28,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
-from cocomix_core.fileio import atomic_path, cached_sha256, is_partial, sha256_file
-from cocomix_core.tokenizer import TextTokenizer, save_hf_tokenizer
+from cocomix_core.data.tokenizer import TextTokenizer, save_hf_tokenizer
+from cocomix_core.plumbing.files import (
+    atomic_path,
+    cached_sha256,
+    is_partial,
+    sha256_file,
+)
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAINER_STATE_DIR = "trainer_state"

@@ -1,0 +1,83 @@
+"""The `prepare` stage: corpus -> token shards + manifest and the offline lm-eval tasks, in storage.
+
+    data = prepare_data(settings, storage, tracker)
+
+The tokenizer is `tokenizer.name`, or the pretrained teacher's own ("teacher", SPEC §8): then the
+teacher is obtained (a GGUF converted once into storage) before the corpus is tokenized.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cocomix_core.concepts.stage import pretrained_teacher, teacher_folder
+from cocomix_core.plumbing.keys import cache_key
+from cocomix_core.plumbing.storage import Storage
+from settings import ExperimentSettings
+
+if TYPE_CHECKING:  # mlflow loads inside the steps that log
+    from cocomix_core.plumbing.tracking import MlflowTracker
+
+TASKS_DIR = "lm_tasks"  # the offline lm-eval tasks, inside the prepared data folder
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedData:
+    """Token shards and offline tasks in storage."""
+
+    key: str
+    uri: str
+    digest: str
+    source: str  # the corpus it was prepared from
+    splits: dict[str, dict[str, int]]  # per split: documents and tokens (the manifest's)
+    note: str
+
+    def folder(self, storage: Storage) -> Path:
+        """A local folder holding the prepared data."""
+        return storage.materialize(self.key)
+
+    def log_to(self, tracker: MlflowTracker) -> None:
+        """Record the prepared corpus as a dataset input of the tracker's run, identified by its digest."""
+        from cocomix_core.plumbing.tracking import log_dataset_input
+
+        log_dataset_input(
+            tracker.run_id, name=f"corpus:{self.source}", digest=self.digest, source=self.uri,
+            profile={"splits": self.splits}, tracking_uri=tracker.client.tracking_uri,
+        )
+
+
+def prepare_data(settings: ExperimentSettings, storage: Storage, tracker: MlflowTracker) -> PreparedData:
+    """Corpus -> token shards + manifest and the offline lm-eval tasks, in storage (reused when already there)."""
+    from cocomix_core.data import corpus
+    from cocomix_core.evaluation import offline_tasks
+
+    tokenizer = data_tokenizer_for(settings, storage)
+    key = cache_key("data", settings.data.model_dump(mode="json"), settings.tokenizer.name, tokenizer.digest)
+    with storage.stored_folder(key) as folder:
+        reused = storage.exists(key)
+        manifest = corpus.prepare_corpus(settings.data, folder, tokenizer)
+        offline_tasks.build_offline_tasks(
+            folder, folder / TASKS_DIR, settings.data.offline_task_items, settings.data.split_seed, tokenizer
+        )
+    digest = corpus.data_digest(manifest)
+    split_tokens = {split: counts["tokens"] for split, counts in manifest["splits"].items()}
+    uri = storage.uri(key)
+    tokens = ", ".join(f"{tokens:,} {split}" for split, tokens in split_tokens.items())
+    note = (f"data already prepared at {uri} (digest {digest[:12]}…), reused" if reused
+            else f"prepared {tokens} tokens at {uri} (digest {digest[:12]}…)")
+    result = PreparedData(key=key, uri=uri, digest=digest, source=manifest["source"], splits=manifest["splits"],
+                          note=note)
+    tracker.log_metrics({f"data/{split}_tokens": tokens for split, tokens in split_tokens.items()}, step=0)
+    result.log_to(tracker)
+    return result
+
+
+def data_tokenizer_for(settings: ExperimentSettings, storage: Storage) -> Any:
+    """The tokenizer the data is prepared with (`tokenizer.name`; "teacher": the pretrained teacher's own)."""
+    from cocomix_core.data.tokenizer import TEACHER_NAME, load_tokenizer
+
+    if settings.tokenizer.name != TEACHER_NAME:
+        return load_tokenizer(settings.tokenizer.name)
+    return load_tokenizer(TEACHER_NAME, teacher_folder(pretrained_teacher(settings, storage), storage))

@@ -1,0 +1,1 @@
+"""Plumbing shared by every stage: storage, MLflow tracking, files, progress logs, interrupts, launching, preflight."""

@@ -1,0 +1,1 @@
+"""Training: the loop (NTP, CoCoMix, KD, pause), distillation targets, checkpoints and trainer state; the `train` stage."""
