@@ -2,7 +2,7 @@
 
     data/        corpus -> token shards (tokenizer, corpus, windows)            stage: prepare
     concepts/    teacher, TopK SAE, concept labels (teachers, sae, sae_fit, labels)  stage: concepts
-    model/       the CoCoMix student (modeling_cocomix) and models from settings (build)
+    model/       the CoCoMix student (modeling_cocomix), models from settings (build), model folders (folders)
     training/    the training loop (trainer), KD targets (distill), checkpoints stage: train
     evaluation/  validation perplexity and lm-eval tasks (evaluator, offline_tasks)  stage: evaluate
     reporting/   curves, verdicts, plots (report), card pages (card), end-of-run text  stage: report

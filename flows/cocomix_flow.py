@@ -149,14 +149,24 @@ def honest_step(body: Callable[..., None]) -> Callable[..., None]:
             if not hasattr(lineage, "parent_run_id"):  # `start`, before it creates the runs
                 body(self, *inputs)
                 return
+            runs = [lineage.parent_run_id, lineage.evaluation_run_id]
             # Only a retry or a resume can find the runs ended by an earlier attempt; a first attempt skips
             # that check, and with it MLflow's import, in steps that do not log.
-            reopen = current.retry_count > 0 or current.origin_run_id is not None
-            runs = [lineage.parent_run_id, lineage.evaluation_run_id]
-            with interrupts.ended_on_failure(runs, lineage.tracking_uri, reopen=reopen):
+            if current.retry_count > 0 or current.origin_run_id is not None:
+                from cocomix_core.plumbing.tracking import reopen_ended_runs
+
+                reopen_ended_runs(runs, lineage.tracking_uri)
+            with interrupts.settled_on_failure(functools.partial(_end_running_runs, runs, lineage.tracking_uri)):
                 body(self, *inputs)
 
     return run
+
+
+def _end_running_runs(run_ids: list[str], tracking_uri: str, status: str) -> None:
+    """End those of `run_ids` still RUNNING with `status`; MLflow is imported only here, when a step failed."""
+    from cocomix_core.plumbing.tracking import end_running_runs
+
+    end_running_runs(run_ids, status, tracking_uri)
 
 
 def _resources(kind: str) -> dict[str, int]:
@@ -185,7 +195,7 @@ class CocomixFlow(FlowSpec):
     @honest_step
     def start(self) -> None:
         """Validate the settings; create the MLflow experiment, the parent run and one run per branch."""
-        from cocomix_core.plumbing import interrupts, tracking
+        from cocomix_core.plumbing import tracking
         from cocomix_core.plumbing.storage import default_storage_root
         from settings import dump_yaml, settings_digest, training_branches
 
@@ -203,7 +213,7 @@ class CocomixFlow(FlowSpec):
         self._preflight(settings)
         self.experiment_id = tracking.ensure_experiment(settings.tracking.experiment_name, self.tracking_uri)
         created: list[str] = []  # no later step ends these runs if start does not finish: it ends them FAILED
-        with interrupts.ended_on_failure(created, self.tracking_uri, reopen=False):
+        with tracking.ended_on_failure(created, self.tracking_uri, reopen=False):
             self._create_runs(settings, created)
             self._fail_once()
         print(f"MLflow experiment {settings.tracking.experiment_name!r} at {self.tracking_uri}: parent run "

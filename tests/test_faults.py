@@ -180,13 +180,13 @@ def test_a_block_that_fails_ends_its_runs_failed_and_a_retry_reopens_them(tmp_pa
     handler_before = signal.getsignal(signal.SIGTERM)
 
     with pytest.raises(OSError):
-        with interrupts.ended_on_failure([parent, finished], store):
+        with tracking.ended_on_failure([parent, finished], store):
             raise OSError(28, "No space left on device")
     assert tracking.run_status(parent, store) == "FAILED"
     assert tracking.run_status(finished, store) == "FINISHED"  # a finished run is never reopened or failed
 
     with pytest.raises(interrupts.Terminated):
-        with interrupts.ended_on_failure([parent], store):
+        with tracking.ended_on_failure([parent], store):
             assert tracking.run_status(parent, store) == "RUNNING"
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler raises here
@@ -194,7 +194,7 @@ def test_a_block_that_fails_ends_its_runs_failed_and_a_retry_reopens_them(tmp_pa
     assert signal.getsignal(signal.SIGTERM) == handler_before
 
     # A first attempt (no retry, no resume) does not reopen: only its own failure changes the runs.
-    with interrupts.ended_on_failure([parent], store, reopen=False):
+    with tracking.ended_on_failure([parent], store, reopen=False):
         assert tracking.run_status(parent, store) == "KILLED"
     assert tracking.run_status(parent, store) == "KILLED"
 

@@ -209,13 +209,43 @@ def train_sae(
         torch.set_flush_denormal(False)
 
 
-def _train(teacher: nn.Module, windows: Any, layer_index: int, config: SAETrainConfig, device: torch.device,
-           log_fn: Callable[[dict[str, Any]], None] | None, log_every: int) -> tuple[TopKSAE, dict[str, Any]]:
-    freeze(teacher)
-    teacher.to(device)
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+class LatentStats:
+    """Per-latent firing statistics over training: steps since each last fired, fire counts, mean squares."""
 
+    def __init__(self, num_latents: int, device: torch.device) -> None:
+        self.steps_since_fired = torch.zeros(num_latents, dtype=torch.long, device=device)
+        self.fire_count = torch.zeros(num_latents, dtype=torch.float64, device=device)
+        self.square_sum = torch.zeros(num_latents, dtype=torch.float64, device=device)
+        self.tokens_seen = 0
+
+    @torch.no_grad()
+    def update(self, values: torch.Tensor, indices: torch.Tensor) -> None:
+        """Count one step's TopK activations (tokens × k values at latent `indices`)."""
+        fired = torch.zeros_like(self.steps_since_fired, dtype=torch.bool)
+        fired[indices[values > 0]] = True
+        self.steps_since_fired = torch.where(fired, torch.zeros_like(self.steps_since_fired), self.steps_since_fired + 1)
+        active_values, active_indices = values.detach().double().reshape(-1), indices.reshape(-1)
+        self.fire_count.index_add_(0, active_indices, (active_values > 0).double())
+        self.square_sum.index_add_(0, active_indices, active_values.pow(2))
+        self.tokens_seen += values.shape[0]
+
+    def dead(self, threshold: int) -> torch.Tensor:
+        """Latents that have not fired for more than `threshold` steps."""
+        return self.steps_since_fired > threshold
+
+    @torch.no_grad()
+    def store_in(self, sae: TopKSAE) -> None:
+        """Write the statistics into the SAE's buffers (saved with it)."""
+        tokens = max(self.tokens_seen, 1)
+        sae.stats_last_nonzero.copy_(self.steps_since_fired)
+        sae.latents_activation_frequency.copy_((self.fire_count / tokens).float())
+        sae.latents_mean_square.copy_((self.square_sum / tokens).float())
+
+
+def _eval_activations_and_stream(teacher: nn.Module, windows: Any, layer_index: int, config: SAETrainConfig,
+                                 generator: torch.Generator, device: torch.device
+                                 ) -> tuple[torch.Tensor, ActivationStream]:
+    """(held-out activations, tokens × width; the training activation stream over the windows after them)."""
     if hasattr(windows, "batch"):
         eval_ids = torch.from_numpy(windows.batch(0, config.eval_windows))
         source = _window_batches(windows, config.eval_windows, config.teacher_batch_size)
@@ -223,83 +253,70 @@ def _train(teacher: nn.Module, windows: Any, layer_index: int, config: SAETrainC
         source = _window_batches(windows, 0, config.teacher_batch_size)
         eval_ids = next(source)
     eval_acts = capture_residual(teacher, eval_ids.to(device), layer_index)
-    eval_acts = eval_acts.reshape(-1, eval_acts.shape[-1]).float()
-
     stream = ActivationStream(teacher, source, layer_index, config.batch_tokens,
                               config.buffer_batches * config.batch_tokens, generator, device, config.activation_tokens)
-    first = stream.next()
-    width = first.shape[-1]
-    probe = TopKSAE(1, width, 1)
-    first_hat, _ = probe.preprocess(first)
-    sae = init_sae(config.num_latents, width, config.k, first_hat, generator, config.geometric_median_iters).to(device)
+    return eval_acts.reshape(-1, eval_acts.shape[-1]).float(), stream
+
+
+def _sae_loss(sae: TopKSAE, acts: torch.Tensor, stats: LatentStats, config: SAETrainConfig
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(loss, main nmse, auxk nmse, dead latents) of one batch; counts its activations into `stats` (module doc)."""
+    x_hat, _ = sae.preprocess(acts)
+    pre = sae.pre_activations(x_hat)
+    values, indices = sae.topk_sparse(pre)
+    recon = sae.decode_sparse_normalized(values, indices)
+    main = _nmse(recon, x_hat)
+    stats.update(values, indices)
+    dead = stats.dead(config.dead_steps_threshold)
+    num_dead = int(dead.sum())
+    if num_dead == 0 or config.aux_coef == 0:
+        return main, main, torch.zeros((), device=acts.device), num_dead
+    dead_pre = pre.masked_fill(~dead, float("-inf"))
+    aux_values, aux_indices = torch.topk(dead_pre, k=min(config.aux_k, config.num_latents, num_dead), dim=-1)
+    aux_recon = sae.decode_sparse_normalized(F.relu(aux_values), aux_indices) - sae.pre_bias
+    auxk = _nmse(aux_recon, x_hat - recon.detach())
+    return main + config.aux_coef * auxk, main, auxk, num_dead
+
+
+def _train(teacher: nn.Module, windows: Any, layer_index: int, config: SAETrainConfig, device: torch.device,
+           log_fn: Callable[[dict[str, Any]], None] | None, log_every: int) -> tuple[TopKSAE, dict[str, Any]]:
+    freeze(teacher)
+    teacher.to(device)
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    eval_acts, stream = _eval_activations_and_stream(teacher, windows, layer_index, config, generator, device)
+    acts = stream.next()
+    first_hat, _ = TopKSAE(1, acts.shape[-1], 1).preprocess(acts)
+    sae = init_sae(config.num_latents, acts.shape[-1], config.k, first_hat, generator,
+                   config.geometric_median_iters).to(device)
     sae.train()
     optimizer = torch.optim.Adam(sae.parameters(), lr=config.lr)
-    aux_k = min(config.aux_k, config.num_latents)
-    steps_since_fired = torch.zeros(config.num_latents, dtype=torch.long, device=device)
-    fire_count = torch.zeros(config.num_latents, dtype=torch.float64, device=device)
-    square_sum = torch.zeros(config.num_latents, dtype=torch.float64, device=device)
-    tokens_seen = 0
-    history: list[dict[str, float]] = []
+    stats = LatentStats(config.num_latents, device)
     start_time = time.perf_counter()
 
-    acts = first
-    progress = Progress("sae", config.steps)
-    for step in range(config.steps):
-        if step > 0:
-            acts = stream.next()
-        x_hat, _ = sae.preprocess(acts)
-        pre = sae.pre_activations(x_hat)
-        values, indices = sae.topk_sparse(pre)
-        recon = sae.decode_sparse_normalized(values, indices)
-        main = _nmse(recon, x_hat)
-
-        with torch.no_grad():
-            fired = torch.zeros(config.num_latents, dtype=torch.bool, device=device)
-            fired[indices[values > 0]] = True
-            steps_since_fired = torch.where(fired, torch.zeros_like(steps_since_fired), steps_since_fired + 1)
-            active_values = values.detach().double().reshape(-1)
-            active_indices = indices.reshape(-1)
-            fire_count.index_add_(0, active_indices, (active_values > 0).double())
-            square_sum.index_add_(0, active_indices, active_values.pow(2))
-            tokens_seen += acts.shape[0]
-        dead = steps_since_fired > config.dead_steps_threshold
-        num_dead = int(dead.sum())
-        if num_dead > 0 and config.aux_coef > 0:
-            dead_pre = pre.masked_fill(~dead, float("-inf"))
-            aux_values, aux_indices = torch.topk(dead_pre, k=min(aux_k, num_dead), dim=-1)
-            aux_values = F.relu(aux_values)
-            aux_recon = sae.decode_sparse_normalized(aux_values, aux_indices) - sae.pre_bias
-            auxk = _nmse(aux_recon, x_hat - recon.detach())
-            loss = main + config.aux_coef * auxk
-        else:
-            auxk = torch.zeros((), device=device)
-            loss = main
-
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        _project_decoder_grad(sae.decoder.weight)
-        optimizer.step()
-        _normalize_decoder(sae.decoder.weight)
-
-        if log_fn is not None and (step % log_every == 0 or step == config.steps - 1):
-            record = {"sae_step": step, "sae_loss": float(loss.detach()), "sae_nmse": float(main.detach()),
-                      "sae_auxk": float(auxk.detach()), "sae_dead_fraction": num_dead / config.num_latents}
-            history.append(record)
-            log_fn(record)
-        progress.set_values(nmse=float(main.detach()), dead=f"{num_dead / config.num_latents:.1%}")
-        progress.update()
-    progress.close()
+    with Progress("sae", config.steps) as progress:
+        for step in range(config.steps):
+            if step > 0:
+                acts = stream.next()
+            loss, main, auxk, num_dead = _sae_loss(sae, acts, stats, config)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            _project_decoder_grad(sae.decoder.weight)
+            optimizer.step()
+            _normalize_decoder(sae.decoder.weight)
+            if log_fn is not None and (step % log_every == 0 or step == config.steps - 1):
+                log_fn({"sae_step": step, "sae_loss": float(loss.detach()), "sae_nmse": float(main.detach()),
+                        "sae_auxk": float(auxk.detach()), "sae_dead_fraction": num_dead / config.num_latents})
+            progress.set_values(nmse=float(main.detach()), dead=f"{num_dead / config.num_latents:.1%}")
+            progress.update()
 
     sae.eval()
-    with torch.no_grad():
-        sae.stats_last_nonzero.copy_(steps_since_fired)
-        sae.latents_activation_frequency.copy_((fire_count / max(tokens_seen, 1)).float())
-        sae.latents_mean_square.copy_((square_sum / max(tokens_seen, 1)).float())
+    stats.store_in(sae)
     metrics: dict[str, Any] = evaluate_sae(sae, eval_acts)
     metrics.update(
-        dead_fraction=float((steps_since_fired > config.dead_steps_threshold).float().mean()),
+        dead_fraction=float(stats.dead(config.dead_steps_threshold).float().mean()),
         steps=config.steps,
-        tokens_seen=tokens_seen,
+        tokens_seen=stats.tokens_seen,
         train_seconds=time.perf_counter() - start_time,
         config=asdict(config),
     )

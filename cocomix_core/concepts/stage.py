@@ -94,29 +94,12 @@ class TeacherLogits:
 
 
 def pretrained_teacher(settings: ExperimentSettings, storage: Storage) -> Teacher:
-    """`teacher.pretrained` ready to load: a GGUF file (or a packaged one such as smollm2-135m) converted once
-    into storage at teacher/gguf-<sha256[:16]>, which every later step, task and run reuses; a HF name or folder
-    as it is (a folder identified by its content too)."""
-    from cocomix_core.concepts import teachers
-    from cocomix_core.plumbing.files import sha256_file
+    """`teacher.pretrained` ready to load (a GGUF converted once into storage; see `teachers.pretrained_in_storage`)."""
+    from cocomix_core.concepts.teachers import pretrained_in_storage
 
     name = settings.teacher.pretrained
-    if name in teachers.PACKAGED_TEACHERS:
-        gguf = teachers.packaged_gguf(name)
-    elif name.endswith(".gguf"):
-        gguf = Path(name).expanduser()
-    else:
-        identity = teachers.folder_identity(name)
-        return Teacher(key=None, ref=name, identity=identity, note=f"teacher: pretrained {identity}")
-    teachers.check_gguf_file(gguf)
-    identity = f"gguf-{sha256_file(gguf)[:16]}"  # the folder name convert_gguf gives it
-    key = f"teacher/{identity}"
-    with storage.stored_folder(key) as folder:
-        reused = storage.exists(key)  # asked under the folder's lock: another process may have just built it
-        teachers.convert_gguf(gguf, folder.parent)  # returns at once when the folder holds this conversion
-    uri = storage.uri(key)
-    done = "already converted at" if reused else "converted to float32 at"
-    return Teacher(key=key, ref=uri, identity=identity, note=f"teacher: pretrained {name} ({gguf.name}), {done} {uri}")
+    key, identity, note = pretrained_in_storage(name, storage)
+    return Teacher(key=key, ref=name if key is None else storage.uri(key), identity=identity, note=note)
 
 
 def teacher_folder(teacher: Teacher, storage: Storage) -> Path:

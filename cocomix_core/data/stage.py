@@ -12,7 +12,6 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cocomix_core.concepts.stage import pretrained_teacher, teacher_folder
 from cocomix_core.plumbing.keys import cache_key
 from cocomix_core.plumbing.storage import Storage
 from settings import ExperimentSettings
@@ -80,4 +79,7 @@ def data_tokenizer_for(settings: ExperimentSettings, storage: Storage) -> Any:
 
     if settings.tokenizer.name != TEACHER_NAME:
         return load_tokenizer(settings.tokenizer.name)
-    return load_tokenizer(TEACHER_NAME, teacher_folder(pretrained_teacher(settings, storage), storage))
+    # Imported here: torch loads only when the data is tokenized with the teacher's own tokenizer.
+    from cocomix_core.concepts.teachers import pretrained_folder
+
+    return load_tokenizer(TEACHER_NAME, pretrained_folder(settings.teacher.pretrained, storage))

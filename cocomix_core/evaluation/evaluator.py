@@ -62,8 +62,8 @@ from cocomix_core.evaluation.offline_tasks import (
     tasks_digest,
 )
 from cocomix_core.model.build import flops_per_token
+from cocomix_core.model.folders import ModelFolderError, check_model_folder
 from cocomix_core.plumbing.files import sha256_file, write_json_atomic
-from cocomix_core.plumbing.preflight import ModelFolderError, check_model_folder
 from cocomix_core.plumbing.progress import quiet_third_party
 from cocomix_core.plumbing.tracking import Tracker
 from cocomix_core.training.checkpoints import (

@@ -1,8 +1,9 @@
-"""Blocks of work that leave their MLflow runs honest when they fail or are stopped.
+"""Blocks of work that settle their bookkeeping when they fail or are stopped.
 
-Kept apart from `tracking` so that a step whose work never touches MLflow does not pay for
-importing it (about two seconds per Metaflow task): MLflow is imported only when runs must be
-reopened or ended.
+Kept apart from `tracking`, and free of MLflow, so that a step whose work never touches MLflow does
+not pay for importing it (about two seconds per Metaflow task): the caller hands in what settles
+its runs, and that is called (and imports MLflow) only when the block does not finish.
+`tracking.ended_on_failure` is the MLflow form.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 class Terminated(BaseException):
@@ -22,27 +23,18 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 
 @contextlib.contextmanager
-def ended_on_failure(run_ids: list[str], tracking_uri: str | None = None, reopen: bool = True) -> Iterator[None]:
-    """Keep runs honest about a block of work: reopen them, and end them KILLED or FAILED if the block does not finish.
+def settled_on_failure(settle: Callable[[str], None]) -> Iterator[None]:
+    """Run a block with SIGTERM raised as `Terminated`; if the block does not finish, call `settle` with the status
+    its runs end with, then re-raise: "KILLED" when interrupted (Ctrl-C, SIGTERM), "FAILED" for anything else.
 
-    On entry (with `reopen`), runs a previous attempt ended FAILED or KILLED are set RUNNING again (a
-    retry or a resume continues them). If the block is interrupted (Ctrl-C, or SIGTERM, which this turns
-    into `Terminated` while the block runs in the main thread) the runs still RUNNING end KILLED; if it
-    raises anything else, FAILED. A block that succeeds leaves them RUNNING: their owner ends them.
+    SIGTERM is turned into `Terminated` only while the block runs in the main thread.
     """
-    if reopen:
-        from cocomix_core.plumbing.tracking import reopen_ended_runs
-
-        reopen_ended_runs(run_ids, tracking_uri)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         yield
     except BaseException as error:
-        from cocomix_core.plumbing.tracking import end_running_runs
-
-        end_running_runs(run_ids, "KILLED" if isinstance(error, (KeyboardInterrupt, Terminated)) else "FAILED",
-                         tracking_uri)
+        settle("KILLED" if isinstance(error, (KeyboardInterrupt, Terminated)) else "FAILED")
         raise
     finally:
         if in_main_thread:  # None: the previous handler was not set from Python

@@ -43,7 +43,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from cocomix_core import PROJECT_ROOT  # noqa: E402
 from cocomix_core.plumbing.files import exclusive_lock  # noqa: E402
-from cocomix_core.plumbing.interrupts import ended_on_failure  # noqa: E402
+from cocomix_core.plumbing.interrupts import settled_on_failure  # noqa: E402
 
 DEFAULT_STORE = PROJECT_ROOT / "mlruns.db"
 DEFAULT_ARTIFACTS = PROJECT_ROOT / "mlartifacts"
@@ -397,6 +397,21 @@ def end_running_runs(run_ids: list[str], status: str, tracking_uri: str | None =
     for run_id in run_ids:
         if run_status(run_id, tracking_uri) == "RUNNING":
             end_run(run_id, status, tracking_uri)
+
+
+@contextlib.contextmanager
+def ended_on_failure(run_ids: list[str], tracking_uri: str | None = None, reopen: bool = True) -> Iterator[None]:
+    """Keep runs honest about a block of work: reopen them, and end them KILLED or FAILED if the block does not finish.
+
+    On entry (with `reopen`), runs a previous attempt ended FAILED or KILLED are set RUNNING again (a
+    retry or a resume continues them). If the block is interrupted (Ctrl-C, or SIGTERM: see
+    `interrupts.settled_on_failure`) the runs still RUNNING end KILLED; if it raises anything else,
+    FAILED. A block that succeeds leaves them RUNNING: their owner ends them.
+    """
+    if reopen:
+        reopen_ended_runs(run_ids, tracking_uri)
+    with settled_on_failure(lambda status: end_running_runs(run_ids, status, tracking_uri)):
+        yield
 
 
 def log_dataset_input(

@@ -509,167 +509,245 @@ def _check_same_start(start_step: int, out_dir: Path, accelerator: Accelerator) 
         )
 
 
-@quiet_third_party()  # transformers' "Writing model shards" bar at every checkpoint
-def train(
-    job: TrainJob,
-    data_dir: str | Path,
-    out_dir: str | Path,
-    *,
-    tracker: Tracker | None = None,
-    labels: LabelSource | None = None,
-    teacher: TeacherSource | None = None,
-    num_threads: int | None = None,
-) -> TrainResult:
-    """Train `job` on data_dir's train.bin, checkpointing into out_dir; continue from out_dir's trainer state if any.
+@dataclass
+class Student:
+    """The model being trained, in the forms the loop uses, and its optimizer.
 
-    `labels` (a LabelCache or a ConceptExtractor) is required for CoCoMix jobs, `teacher` (a
-    TeacherLogitCache or an OnlineTeacher) for KD jobs. Only the main
-    process logs to `tracker`, saves and shows progress. Calling train again after a crash or a
-    kill continues exactly where the last trainer state left off.
+    `model` is the unwrapped model (saved, counted); `distributed` wraps it in DDP or FSDP (evaluated,
+    clipped); `forward` is `distributed`, compiled under train.compile (trained).
     """
-    settings = job.train
-    if job.kind == "cocomix" and labels is None:
-        raise ValueError(f"job {job.name!r} is a CoCoMix job: pass labels (a LabelCache or a ConceptExtractor)")
-    if job.kind == "cocomix":
-        _check_label_source(labels, job)
-    if job.kind == "kd" and teacher is None:
-        raise ValueError(f"job {job.name!r} is a KD job: pass teacher (a TeacherLogitCache or an OnlineTeacher)")
-    if job.kind == "kd":
-        _check_teacher_cache(teacher, job)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    device, world_size = accelerator.device, accelerator.num_processes
-    is_main = accelerator.is_main_process
-    micro = micro_batch_size(settings, world_size)
-    set_threads(_thread_count(num_threads, settings))
-    if device.type == "cpu" and settings.keep_freed_memory:
-        keep_freed_memory()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # for whatever stays fp32 outside autocast
-    out_dir = Path(out_dir)
-    tracker = tracker if is_main else None
 
-    train_windows = TrainWindows(load_split(data_dir, "train", block_size=job.block_size), job.block_size, job.window_seed)
-    tokenizer = data_tokenizer(data_dir)  # checkpoints carry the data's tokenizer files
-    val_windows = validation_windows(load_split(data_dir, "val", block_size=job.block_size), job.block_size, settings.eval_windows)
+    model: PreTrainedModel
+    distributed: torch.nn.Module
+    forward: torch.nn.Module
+    optimizer: torch.optim.AdamW
+    sharded: bool  # FSDP: parameters, gradients and optimizer state split over the processes
+    tied: dict[str, str]  # tied parameter names of the unwrapped model (FSDP unshards them into one tensor)
 
-    model, optimizer_state, start_step, last_val_loss = _fresh_or_resumed(job, out_dir, device)
-    _end_documents_with(model, tokenizer.eos_id)
-    _check_same_start(start_step, out_dir, accelerator)
-    resumed = start_step > 0
-    if is_main:
-        remove_partial_leftovers(out_dir)
-    n_params = model.num_parameters()  # FSDP replaces the model's parameters by shards of them
-    sharded = fsdp_requested()
-    if sharded:
+    def clip_gradients(self, max_norm: float) -> float:
+        """Clip the global gradient norm to `max_norm`; return the norm before clipping."""
+        if self.sharded:  # the norm over every process's shards
+            return self.distributed.clip_grad_norm_(max_norm).item()
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+
+    def full_states(self, is_main: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """(model state, optimizer state), unsharded, on the main process (None elsewhere); collective under FSDP."""
+        if self.sharded:
+            states = full_training_state(self.distributed, self.optimizer, self.tied)
+            return states if is_main else None
+        return (self.model.state_dict(), self.optimizer.state_dict()) if is_main else None
+
+
+def prepare_student(model: PreTrainedModel, optimizer_state: dict[str, Any] | None, train: TrainSettings,
+                    accelerator: Accelerator) -> Student:
+    """Wrap `model` for the processes (FSDP when the launcher asked for it, else DDP) and build its optimizer."""
+    device = accelerator.device
+    if fsdp_requested():
         dims = {name: p.dim() for name, p in model.named_parameters()}
         tied = tied_parameters(model)
-        distributed_model = shard_model(model, device)
-        optimizer = build_optimizer(distributed_model, settings, device, dims)
+        distributed = shard_model(model, device)
+        optimizer = build_optimizer(distributed, train, device, dims)
         if optimizer_state is not None:
-            load_sharded_optimizer_state(distributed_model, optimizer, optimizer_state)
+            load_sharded_optimizer_state(distributed, optimizer, optimizer_state)
     else:
-        distributed_model = accelerator.prepare(model)
-        optimizer = build_optimizer(distributed_model, settings, device)
+        tied, distributed = {}, accelerator.prepare(model)
+        optimizer = build_optimizer(distributed, train, device)
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
-    train_model = torch.compile(distributed_model) if settings.compile else distributed_model
+    forward = torch.compile(distributed) if train.compile else distributed
+    return Student(model, distributed, forward, optimizer, sharded=fsdp_requested(), tied=tied)
 
-    dtype = autocast_dtype(settings.precision, device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-    tokens_per_step = settings.batch_size * job.block_size
-    step_flops = flops_per_token(model.config, job.block_size)
-    peak, peak_source = peak_flops(device)
-    already_logged = tracker.logged_points() if tracker is not None else set()
 
-    def log(metrics: dict[str, float], step: int) -> None:
-        """Log the points of `step` the tracker does not hold yet (main process only)."""
-        fresh = {name: value for name, value in metrics.items() if (name, step) not in already_logged}
-        if tracker is not None and fresh:
-            tracker.log_metrics(fresh, step=step)
+class TrainLog:
+    """The main process's metrics: each (name, step) point logged once, and the throughput since the last log.
 
+    Built with the tracker's points, so a resumed or retried run skips those a killed attempt logged.
+    """
+
+    def __init__(self, job: TrainJob, tracker: Tracker | None, step_flops: float, peak: float, world_size: int) -> None:
+        self.job, self.tracker = job, tracker
+        self.flops_per_s_available = peak * world_size
+        self.step_flops = step_flops
+        self.logged = tracker.logged_points() if tracker is not None else set()
+        self.window_start, self.window_tokens = time.perf_counter(), 0
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Log the points of `step` the tracker does not hold yet."""
+        fresh = {name: value for name, value in metrics.items() if (name, step) not in self.logged}
+        if self.tracker is not None and fresh:
+            self.tracker.log_metrics(fresh, step=step)
+
+    def log_training(self, step: int, losses: tuple[float, float, float], lr: float, grad_norm: float) -> float:
+        """Log the train/ metrics of `step` from its (loss, L_ntp, L_aux); returns the tokens per second."""
+        loss, ntp_loss, auxiliary_loss = losses
+        tokens_per_s = self.window_tokens / (time.perf_counter() - self.window_start)
+        tokens_per_step = self.job.train.batch_size * self.job.block_size
+        metrics = {
+            "train/loss": loss, "train/ntp_loss": ntp_loss, "train/lr": lr, "train/grad_norm": grad_norm,
+            "train/tokens_seen": float(step * tokens_per_step), "train/tokens_per_s": tokens_per_s,
+            "train/mfu": tokens_per_s * self.step_flops / self.flops_per_s_available,
+        }
+        if self.job.kind in AUXILIARY_METRIC:
+            metrics[AUXILIARY_METRIC[self.job.kind]] = auxiliary_loss
+        self.log(metrics, step)
+        self.window_start, self.window_tokens = time.perf_counter(), 0
+        return tokens_per_s
+
+
+def _check_sources(job: TrainJob, labels: LabelSource | None, teacher: TeacherSource | None) -> None:
+    """A CoCoMix job needs labels and a KD job a teacher, each covering the whole run."""
+    if job.kind == "cocomix":
+        if labels is None:
+            raise ValueError(f"job {job.name!r} is a CoCoMix job: pass labels (a LabelCache or a ConceptExtractor)")
+        _check_label_source(labels, job)
+    if job.kind == "kd":
+        if teacher is None:
+            raise ValueError(f"job {job.name!r} is a KD job: pass teacher (a TeacherLogitCache or an OnlineTeacher)")
+        _check_teacher_cache(teacher, job)
+
+
+def _start_processes(train: TrainSettings, num_threads: int | None) -> Accelerator:
+    """This process's accelerator (one per process of the launch), with its threads and allocator set up."""
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    set_threads(_thread_count(num_threads, train))
+    if accelerator.device.type == "cpu" and train.keep_freed_memory:
+        keep_freed_memory()
+    if accelerator.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # for whatever stays fp32 outside autocast
+    return accelerator
+
+
+def _read_data(job: TrainJob, data_dir: str | Path) -> tuple[TrainWindows, np.ndarray, Any]:
+    """(training window stream, validation windows, the data's tokenizer, which checkpoints carry)."""
+    block_size = job.block_size
+    train_windows = TrainWindows(load_split(data_dir, "train", block_size=block_size), block_size, job.window_seed)
+    val_windows = validation_windows(load_split(data_dir, "val", block_size=block_size), block_size,
+                                     job.train.eval_windows)
+    return train_windows, val_windows, data_tokenizer(data_dir)
+
+
+def _student(job: TrainJob, out_dir: Path, accelerator: Accelerator, eos_id: int) -> tuple[Student, int, float]:
+    """(student, steps done, last val loss): fresh, or from out_dir's latest trainer state, the same on every process."""
+    model, optimizer_state, start_step, val_loss = _fresh_or_resumed(job, out_dir, accelerator.device)
+    _end_documents_with(model, eos_id)
+    _check_same_start(start_step, out_dir, accelerator)
+    if accelerator.is_main_process:
+        remove_partial_leftovers(out_dir)
+    return prepare_student(model, optimizer_state, job.train, accelerator), start_step, val_loss
+
+
+def _log_setup(job: TrainJob, tracker: Tracker | None, student: Student, start_step: int,
+               peak: tuple[float, str], accelerator: Accelerator) -> None:
+    """The run's params and tags (main process), and a note when the model is sharded."""
+    world_size = accelerator.num_processes
     if tracker is not None:
-        tracker.log_params({"job": job.name, "kind": job.kind, "n_params": str(n_params),
-                            "flops_per_token": f"{step_flops:.6g}"})
-        tracker.set_tags({"mfu_peak_flops": f"{peak:.4g}", "mfu_peak_source": peak_source,
+        tracker.log_params({"job": job.name, "kind": job.kind, "n_params": str(student.model.num_parameters()),
+                            "flops_per_token": f"{flops_per_token(student.model.config, job.block_size):.6g}"})
+        tracker.set_tags({"mfu_peak_flops": f"{peak[0]:.4g}", "mfu_peak_source": peak[1],
                           "world_size": str(world_size), "resumed_from_step": str(start_step),
-                          "strategy": "fsdp" if sharded else "ddp"})
-    if sharded and is_main:
+                          "strategy": "fsdp" if student.sharded else "ddp"})
+    if student.sharded and accelerator.is_main_process:
         print(f"[{job.name}] FSDP: parameters, gradients and optimizer state sharded over {world_size} processes",
               flush=True)
 
-    def save(step: int) -> None:
-        """Evaluation checkpoint, then the trainer state that resumes after `step`; every process calls it, the main one writes."""
-        if sharded:  # gathering the shards is collective
-            model_state, full_optimizer_state = full_training_state(distributed_model, optimizer, tied)
-        elif is_main:
-            model_state, full_optimizer_state = model.state_dict(), optimizer.state_dict()
-        if not is_main:
-            return
-        if tracker is not None:
-            tracker.flush()  # metrics up to this step are durable before the state that skips them is
-        meta = {"step": step, "tokens_seen": step * tokens_per_step, "job": job.name, "kind": job.kind,
-                "settings_digest": job.settings_digest, "job_digest": job.digest(), "val_loss": last_val_loss}
-        save_checkpoint(model, out_dir, meta, state_dict=model_state if sharded else None, tokenizer=tokenizer)
-        state = {"model": model_state, "optimizer": full_optimizer_state, "rng": capture_rng_state()}
-        save_trainer_state(out_dir, state, meta)
+
+def _save(student: Student, job: TrainJob, out_dir: Path, step: int, val_loss: float, tokenizer: Any,
+          accelerator: Accelerator, tracker: Tracker | None) -> None:
+    """Evaluation checkpoint, then the trainer state that resumes after `step`; every process calls it, the main one writes."""
+    states = student.full_states(accelerator.is_main_process)  # gathering FSDP's shards is collective
+    if states is None:
+        return
+    model_state, optimizer_state = states
+    if tracker is not None:
+        tracker.flush()  # metrics up to this step are durable before the state that skips them is
+    meta = {"step": step, "tokens_seen": step * job.train.batch_size * job.block_size, "job": job.name,
+            "kind": job.kind, "settings_digest": job.settings_digest, "job_digest": job.digest(), "val_loss": val_loss}
+    save_checkpoint(student.model, out_dir, meta, state_dict=model_state if student.sharded else None,
+                    tokenizer=tokenizer)
+    save_trainer_state(out_dir, {"model": model_state, "optimizer": optimizer_state, "rng": capture_rng_state()},
+                       meta)
+
+
+def _check_finite(step: int, **values: float) -> None:
+    """Stop on a non-finite loss or gradient norm (the values are the same on every process, so all of them stop)."""
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise NonFiniteLossError(step, name.replace("_", " "), value)
+
+
+@quiet_third_party()  # transformers' "Writing model shards" bar at every checkpoint
+def train(job: TrainJob, data_dir: str | Path, out_dir: str | Path, *, tracker: Tracker | None = None,
+          labels: LabelSource | None = None, teacher: TeacherSource | None = None, num_threads: int | None = None
+          ) -> TrainResult:
+    """Train `job` on data_dir's train.bin, checkpointing into out_dir; continue from out_dir's trainer state if any.
+
+    `labels` (a LabelCache or a ConceptExtractor) is required for CoCoMix jobs, `teacher` (a TeacherLogitCache
+    or an OnlineTeacher) for KD jobs. Only the main process logs to `tracker`, saves and shows progress.
+    Calling train again after a crash or a kill continues exactly where the last trainer state left off.
+    """
+    _check_sources(job, labels, teacher)
+    settings, out_dir = job.train, Path(out_dir)
+    accelerator = _start_processes(settings, num_threads)
+    is_main, world_size = accelerator.is_main_process, accelerator.num_processes
+    tracker = tracker if is_main else None
+    train_windows, val_windows, tokenizer = _read_data(job, data_dir)
+    student, start_step, val_loss = _student(job, out_dir, accelerator, tokenizer.eos_id)
+    dtype = autocast_dtype(settings.precision, accelerator.device)
+    autocast = torch.autocast(accelerator.device.type, dtype=dtype, enabled=dtype is not None)
+    peak = peak_flops(accelerator.device)
+    _log_setup(job, tracker, student, start_step, peak, accelerator)
+    log = TrainLog(job, tracker, flops_per_token(student.model.config, job.block_size), peak[0], world_size)
 
     save_steps = set(checkpoint_steps(settings))
-    window_start, window_tokens = time.perf_counter(), 0
     with Progress(job.name, settings.steps, initial=start_step, enabled=is_main) as progress:
         for step in range(start_step, settings.steps):
+            done = step + 1
+            # one optimizer step over the global batch of `step`
             lr = lr_at(step, settings)
-            for group in optimizer.param_groups:
+            for group in student.optimizer.param_groups:
                 group["lr"] = lr
-            step_losses = accumulate_gradients(train_model, job, step, train_windows, labels, accelerator, autocast, teacher)
-            if sharded:  # the norm over every process's shards
-                grad_norm = distributed_model.clip_grad_norm_(settings.grad_clip).item()
-            else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip).item()
+            step_losses = accumulate_gradients(student.forward, job, step, train_windows, labels, accelerator,
+                                               autocast, teacher)
+            grad_norm = student.clip_gradients(settings.grad_clip)
             ntp_loss, auxiliary_loss = accelerator.reduce(step_losses, "mean").tolist()
             loss = ntp_loss + job.auxiliary_weight * auxiliary_loss
-            done = step + 1
-            for name, value in (("loss", loss), ("grad norm", grad_norm)):
-                if not math.isfinite(value):  # same values on every process, so all of them stop
-                    raise NonFiniteLossError(done, name, value)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            window_tokens += tokens_per_step
+            _check_finite(done, loss=loss, grad_norm=grad_norm)
+            student.optimizer.step()
+            student.optimizer.zero_grad(set_to_none=True)
+            log.window_tokens += settings.batch_size * job.block_size
 
+            # logging, evaluation and checkpoints, each on its schedule and at the last step
             if done % settings.log_every == 0 or done == settings.steps:
-                tokens_per_s = window_tokens / (time.perf_counter() - window_start)
-                metrics = {
-                    "train/loss": loss, "train/ntp_loss": ntp_loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                    "train/tokens_seen": float(done * tokens_per_step), "train/tokens_per_s": tokens_per_s,
-                    "train/mfu": tokens_per_s * step_flops / (peak * world_size),
-                }
-                if job.kind in AUXILIARY_METRIC:
-                    metrics[AUXILIARY_METRIC[job.kind]] = auxiliary_loss
-                log(metrics, done)
+                tokens_per_s = log.log_training(done, (loss, ntp_loss, auxiliary_loss), lr, grad_norm)
                 progress.set_values(loss=loss, **{"tokens/s": round(tokens_per_s)})
-                window_start, window_tokens = time.perf_counter(), 0
             if done % settings.eval_every == 0 or done == settings.steps:
-                last_val_loss = evaluate(distributed_model, val_windows, micro, accelerator, autocast)
-                log({"val/loss": last_val_loss, "val/ppl": math.exp(last_val_loss)}, done)
-                progress.set_values(val_ppl=math.exp(last_val_loss))
+                val_loss = evaluate(student.distributed, val_windows, micro_batch_size(settings, world_size),
+                                    accelerator, autocast)
+                log.log({"val/loss": val_loss, "val/ppl": math.exp(val_loss)}, done)
+                progress.set_values(val_ppl=math.exp(val_loss))
             if done in save_steps:
-                save(done)
+                _save(student, job, out_dir, done, val_loss, tokenizer, accelerator, tracker)
             progress.update(1)  # after logging, so the line of this step shows its own values
     accelerator.wait_for_everyone()
     if tracker is not None:
         tracker.flush()
+    return _result(job, out_dir, start_step, val_loss)
 
-    # Paths follow from the schedule, so processes on nodes that do not see out_dir get them too.
+
+def _result(job: TrainJob, out_dir: Path, start_step: int, val_loss: float) -> TrainResult:
+    """The finished run's result. Paths follow from the schedule, so processes on nodes that do not see out_dir get them too."""
+    settings = job.train
     checkpoints = [checkpoint_dir(out_dir, step) for step in checkpoint_steps(settings)]
     return TrainResult(
         job_name=job.name,
         final_step=settings.steps,
-        tokens_seen=settings.steps * tokens_per_step,
+        tokens_seen=settings.steps * settings.batch_size * job.block_size,
         checkpoints=checkpoints,
         final_checkpoint=checkpoints[-1],
         trainer_state=trainer_state_dir(out_dir, settings.steps),
-        final_val_loss=last_val_loss,
-        final_val_ppl=math.exp(last_val_loss),
-        resumed_from_step=start_step if resumed else None,
+        final_val_loss=val_loss,
+        final_val_ppl=math.exp(val_loss),
+        resumed_from_step=start_step if start_step > 0 else None,
     )
 
 
@@ -683,7 +761,7 @@ def _load_teacher_arg(name: str, device: torch.device, precision: str) -> torch.
     files) before transformers sees it."""
     from cocomix_core.concepts.labels import load_teacher
     from cocomix_core.concepts.teachers import teacher_dtype
-    from cocomix_core.plumbing.preflight import ModelFolderError, check_model_folder
+    from cocomix_core.model.folders import ModelFolderError, check_model_folder
 
     folder = Path(name).expanduser()
     if folder.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
@@ -810,7 +888,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mlflow-run-id", help="log to this existing MLflow run (default: the console)")
     args = parser.parse_args(argv)
 
-    from cocomix_core.plumbing.interrupts import ended_on_failure
+    from cocomix_core.plumbing.tracking import ended_on_failure
 
     try:
         job, tracker, labels, teacher = _open_inputs(args, parser)
