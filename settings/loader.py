@@ -11,6 +11,7 @@ from typing import Any, Hashable, Iterable
 import yaml
 from pydantic import ValidationError
 
+from cocomix_core.plumbing.errors import CocomixError
 from settings.schema import ExperimentSettings
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
@@ -20,7 +21,7 @@ MLFLOW_PARAM_LIMIT = 6000  # characters MLflow accepts in one param value
 DIGEST_EXCLUDES = {"tracking", "preset"}
 
 
-class SettingsError(ValueError):
+class SettingsError(CocomixError, ValueError):
     """A settings problem, worded for the user: names the field path and the bad value."""
 
 

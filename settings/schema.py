@@ -14,9 +14,11 @@ GPT2_VOCAB_SIZE = 50257  # tiktoken gpt2: 50256 BPE ids + end-of-text
 
 
 class Strict(BaseModel):
-    """Base for every settings section: unknown keys are errors, assignments are validated."""
+    """Base for every settings section: unknown keys are errors, assignments are validated, floats are finite."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # allow_inf_nan=False: `train.lr=.inf` or a NaN λ is refused here, naming the field, not as a
+    # non-finite loss minutes into training.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 class DataSettings(Strict):
@@ -222,8 +224,8 @@ class ArmSettings(Strict):
 class SweepSettings(Strict):
     """Extra branches: every arm runs once per seed; CoCoMix arms (every mix) once per λ when given."""
 
-    seeds: list[int] = [0]
-    lam_concept: list[float] | None = None
+    seeds: list[int] = Field([0], min_length=1, description="one branch per arm and seed: at least one seed")
+    lam_concept: list[float] | None = Field(None, min_length=1, description="None: each arm's own lam_concept")
 
     @model_validator(mode="after")
     def _distinct_branch_names(self) -> "SweepSettings":

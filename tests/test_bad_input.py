@@ -9,9 +9,11 @@ addresses that never answer.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -25,8 +27,13 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from cocomix_core.concepts.sae import TopKSAE, download, save_sae
 from cocomix_core.plumbing import preflight as pf
-from cocomix_core.training.checkpoints import save_checkpoint
-from settings import load_settings
+from cocomix_core.plumbing.files import sha256_file
+from cocomix_core.training.checkpoints import (
+    capture_rng_state,
+    save_checkpoint,
+    save_trainer_state,
+)
+from settings import SettingsError, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER_WIDTH = 32  # the smoke preset's teacher width, and the tiny pretrained teacher's
@@ -65,6 +72,13 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, smoke_data: Path) -> dict[s
     _truncate(paths["checkpoint_truncated"] / "model.safetensors")
     paths["checkpoint_bad_config"] = _copy_tree(paths["checkpoint"], root / "ckpt_bad_config")
     (paths["checkpoint_bad_config"] / "config.json").write_text("{not json")
+    paths["checkpoint_zeroed"] = _copy_tree(paths["checkpoint"], root / "ckpt_zeroed")
+    _zero_tensors_in_place(paths["checkpoint_zeroed"] / "model.safetensors")
+    paths["checkpoint_wrong_config"] = _copy_tree(paths["checkpoint"], root / "ckpt_wrong_config")
+    _vouch_for_a_wider_config(paths["checkpoint_wrong_config"])
+    paths["out_of_another_job"] = root / "out_of_another_job"
+    save_trainer_state(paths["out_of_another_job"], {"model": {}, "optimizer": {}, "rng": capture_rng_state()},
+                       {"step": 1, "job_digest": "0" * 64, "val_loss": 1.0})
 
     paths["data_corrupt"] = _copy_tree(smoke_data, root / "data_corrupt")
     _truncate(paths["data_corrupt"] / "train.bin")
@@ -96,6 +110,25 @@ def _truncate(path: Path) -> None:
         handle.truncate(path.stat().st_size // 2)
 
 
+def _zero_tensors_in_place(path: Path) -> None:
+    """Overwrite every tensor byte of a safetensors file with zeros: same size, valid header, other weights."""
+    size = path.stat().st_size
+    with open(path, "r+b") as handle:
+        header_len = struct.unpack("<Q", handle.read(8))[0]
+        handle.seek(8 + header_len)
+        handle.write(bytes(size - 8 - header_len))
+    assert path.stat().st_size == size
+
+
+def _vouch_for_a_wider_config(folder: Path) -> None:
+    """A hand-made checkpoint: config.json widened (it no longer describes the weights), its digest recorded anew."""
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"n_embd": 2 * config["n_embd"]}))
+    meta = json.loads((folder / "checkpoint.json").read_text())
+    meta["files_sha256"]["config.json"] = sha256_file(folder / "config.json")
+    (folder / "checkpoint.json").write_text(json.dumps(meta))
+
+
 @pytest.fixture(scope="module")
 def silent_url() -> Iterator[str]:
     """An address that accepts TCP connections (the kernel's backlog) and never answers."""
@@ -123,6 +156,15 @@ SUBPROCESS_CASES = {
     "evaluate_truncated_weights": (
         lambda p: ["cocomix_core.evaluation.evaluator", str(p["checkpoint_truncated"]), "--data", str(p["data"]), "--settings", "smoke"],
         lambda p: [str(p["checkpoint_truncated"] / "model.safetensors"), "truncated"],
+    ),
+    "train_diverging_loss": (  # a finite but absurd learning rate: the loss stops being finite at the second step
+        lambda p: ["cocomix_core.training.trainer", "--settings", "smoke", "--arm", "ntp", "--data", str(p["data"]),
+                   "--out", str(p["root"] / "out_diverging"), "--set", "train.lr=1e30", "--threads", "1"],
+        lambda p: ["non-finite", "optimizer step", "last good checkpoint"],
+    ),
+    "evaluate_weights_zeroed_in_place": (
+        lambda p: ["cocomix_core.evaluation.evaluator", str(p["checkpoint_zeroed"]), "--data", str(p["data"]), "--settings", "smoke"],
+        lambda p: [str(p["checkpoint_zeroed"] / "model.safetensors"), "sha256"],
     ),
     "data_utf16_corpus": (
         lambda p: ["cocomix_core.data.corpus", "--settings", "smoke", "--set", "data.source=files",
@@ -195,6 +237,12 @@ TRAIN_CASES = {
     "unwritable_out": (lambda p: ["--settings", "smoke", "--arm", "ntp", "--data", str(p["data"]),
                                   "--out", str(p["a_file"] / "run")],
                        lambda p: ["--out", str(p["a_file"] / "run"), "not a writable folder"]),
+    "infinite_lr": (lambda p: ["--settings", "smoke", "--arm", "ntp", "--data", str(p["data"]), "--out",
+                               str(p["root"] / "out_inf"), "--set", "train.lr=.inf"],
+                    lambda p: ["train.lr", "finite"]),
+    "out_written_by_another_job": (lambda p: ["--settings", "smoke", "--arm", "ntp", "--data", str(p["data"]),
+                                              "--out", str(p["out_of_another_job"]), "--threads", "1"],
+                                   lambda p: [str(p["out_of_another_job"]), "different job"]),
     "duplicate_yaml_key": (lambda p: ["--settings", str(p["dup_yaml"]), "--arm", "ntp", "--data", str(p["data"]),
                                       "--out", str(p["root"] / "out_dup")],
                            lambda p: [str(p["dup_yaml"]), "duplicate key 'ntp' on line 5"]),
@@ -238,6 +286,8 @@ EVALUATE_CASES = {
     "unknown_task": (lambda p: [str(p["checkpoint"]), "--set", "eval.tasks=[cocomix_choice, no_such_task]"],
                      lambda p: ["no_such_task", "unknown task"]),
     "missing_checkpoint": (lambda p: [str(p["root"] / "no_checkpoint")], lambda p: [str(p["root"] / "no_checkpoint")]),
+    "config_not_matching_weights": (lambda p: [str(p["checkpoint_wrong_config"])],
+                                    lambda p: [str(p["checkpoint_wrong_config"]), "cannot load the model"]),
 }
 
 
@@ -272,6 +322,23 @@ def test_data_cli_names_the_bad_input(case, inputs, tmp_path):
     for word in words(inputs):
         assert word in message
     assert not (tmp_path / "out" / "manifest.json").exists()  # nothing half-written that looks valid
+
+
+# ----- settings refused before any work, naming the field --------------------------------------
+@pytest.mark.parametrize(("override", "field", "words"), [
+    ("sweep.seeds=[]", "sweep.seeds", "at least 1 item"),
+    ("sweep.lam_concept=[]", "sweep.lam_concept", "at least 1 item"),
+    ("train.lr=.inf", "train.lr", "finite number"),
+    ("train.lr=.nan", "train.lr", "finite number"),
+    ("train.lr=0", "train.lr", "greater than 0"),
+    ("sae.lr=-1e-3", "sae.lr", "greater than 0"),
+    ("arms.cocomix.lam_concept=.inf", "arms.cocomix.lam_concept", "finite number"),
+    ("train.betas=[.nan, 0.95]", "train.betas.0", "finite number"),
+])
+def test_settings_refuse_empty_sweeps_and_non_finite_or_non_positive_rates(override, field, words):
+    with pytest.raises(SettingsError) as info:
+        load_settings("smoke", [override])
+    assert f"{field}: " in str(info.value) and words in str(info.value)
 
 
 # ----- preflight: the flow-level cases -----------------------------------------------------------
@@ -328,6 +395,10 @@ PREFLIGHT_CASES = {
                                    lambda p, u: ("tracking.mlflow_uri", [str(p["a_file"]), "not a writable folder"])),
     "tracking_sqlite_not_a_database": (lambda p, u: [], lambda p, u: {"tracking_uri": f"sqlite:///{p['not_sqlite']}"}, {},
                                        lambda p, u: ("tracking.mlflow_uri", [str(p["not_sqlite"]), "not a SQLite database"])),
+    "tracking_uri_unknown_scheme": (lambda p, u: [], lambda p, u: {"tracking_uri": None},
+                                    {"MLFLOW_TRACKING_URI": "garbage://x"},
+                                    lambda p, u: ("tracking.mlflow_uri", ["garbage://x", "MLFLOW_TRACKING_URI",
+                                                                          "sqlite://", "http://"])),
     "storage_root_unwritable": (lambda p, u: [], lambda p, u: {"storage_root": str(p["a_file"] / "storage")}, {},
                                 lambda p, u: ("compute.storage_root", [str(p["a_file"] / "storage"), "does not accept a write"])),
     "s3_endpoint_refused": (lambda p, u: [], lambda p, u: {"storage_root": "s3://bucket/prefix"},

@@ -75,7 +75,10 @@ def tail(result: subprocess.CompletedProcess) -> str:
 
 @pytest.mark.parametrize(
     ("args", "named"),
-    [(["--settings", "smoke", "--set", "train.lr=-1"], "train.lr"), (["--settings", "nonexistent"], "nonexistent"),
+    # an empty sweep and an infinite learning rate, both named (the sweep once died in Metaflow's foreach)
+    [(["--settings", "smoke", "--set", "train.lr=.inf; sweep.seeds=[]"], "train.lr: Input should be a finite number"),
+     (["--settings", "smoke", "--set", "sweep.seeds=[]"], "sweep.seeds: List should have at least 1 item"),
+     (["--settings", "nonexistent"], "nonexistent"),
      (["--settings", "smoke", "--set", "train.stepz=3"], "train.stepz"),
      # a gang of 3 nodes cannot split the smoke preset's global batch of 4 sequences evenly
      (["--settings", "smoke", "--set", "compute.train.nodes=3"], "train.batch_size=4 does not split over compute.train.nodes=3")],

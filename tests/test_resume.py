@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from cocomix_core.model.build import job_for_branch
 from cocomix_core.plumbing.files import is_partial
-from cocomix_core.training.checkpoints import latest_trainer_state
+from cocomix_core.training.checkpoints import CheckpointError, latest_trainer_state
 from cocomix_core.training.trainer import final_checkpoint, list_checkpoints, train
 from settings import load_settings, training_branches
 
@@ -156,7 +156,7 @@ def test_sigkill_while_saving_keeps_the_previous_checkpoint(driver, smoke_data, 
 def test_resume_refuses_trainer_state_of_another_job(smoke_data, uninterrupted):
     settings = load_settings("smoke", OVERRIDES + ["train.lr=1e-3"])
     job = job_for_branch(settings, next(b for b in training_branches(settings) if b.name == "ntp"))
-    with pytest.raises(ValueError, match="different job"):
+    with pytest.raises(CheckpointError, match="different job"):
         train(job, smoke_data, uninterrupted, num_threads=1)
 
 

@@ -119,6 +119,10 @@ def load_teacher(name_or_path: str | os.PathLike, device: str | torch.device = "
     """
     from transformers import AutoModelForCausalLM
 
+    from cocomix_core.training.checkpoints import CHECKPOINT_META, verify_checkpoint
+
+    if (Path(name_or_path) / CHECKPOINT_META).is_file():  # a teacher trained here: refused if altered since
+        verify_checkpoint(name_or_path)
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = dtype

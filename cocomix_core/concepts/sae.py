@@ -30,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from cocomix_core.model.modeling_cocomix import bessel_layer_norm
+from cocomix_core.plumbing.errors import CocomixError
 from cocomix_core.plumbing.files import atomic_path
 
 OPENAI_SAE_BASE_URL = "https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small"
@@ -53,7 +54,7 @@ SAFETENSORS_FORMAT = "cocomix-topk-sae-v1"
 DOWNLOAD_TIMEOUT_S = 20.0
 
 
-class SAEError(ValueError):
+class SAEError(CocomixError, ValueError):
     """An SAE file that cannot be used (corrupt, truncated, not an SAE), naming the file."""
 
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from cocomix_core.plumbing.errors import CocomixError
 from cocomix_core.plumbing.files import (
     atomic_path,
     cached_sha256,
@@ -51,7 +52,7 @@ GGUF_MAGIC = b"GGUF"
 CONVERTED_MARKER = "converted.json"  # written last inside a converted folder
 
 
-class TeacherError(ValueError):
+class TeacherError(CocomixError, ValueError):
     """A teacher cannot be found, read or used: the message names it and says what to do."""
 
 

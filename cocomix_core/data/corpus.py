@@ -40,12 +40,12 @@ import numpy as np
 
 from cocomix_core.data.tokenizer import (
     TextTokenizer,
-    TokenizerError,
     gpt2_tokenizer,
     hf_tokenizer,
     student_vocab_size,
 )
 from cocomix_core.data.windows import TrainWindows
+from cocomix_core.plumbing.errors import CocomixError
 from cocomix_core.plumbing.files import (
     atomic_path,
     cached_sha256,
@@ -54,7 +54,6 @@ from cocomix_core.plumbing.files import (
 )
 from cocomix_core.plumbing.progress import track
 from settings.cli import add_settings_arguments, settings_from_args
-from settings.loader import SettingsError
 from settings.schema import DataSettings
 
 FORMAT_VERSION = 1
@@ -77,7 +76,7 @@ AUDIENCE_NOTE = re.compile(r"\[[^\[\]\n]{1,200}\]")
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(CocomixError, ValueError):
     """A problem with the corpus or the prepared data, naming the setting, file or line at fault."""
 
 
@@ -586,7 +585,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         manifest = prepare_corpus(settings_from_args(args).data, args.out)
-    except (DataError, SettingsError, TokenizerError) as error:
+    except CocomixError as error:  # settings, corpus or tokenizer: one line naming it, no traceback
         sys.exit(f"error: {error}")
     print(json.dumps({"out": args.out, "splits": manifest["splits"], "data_digest": data_digest(manifest)}, indent=2))
 

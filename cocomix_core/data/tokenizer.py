@@ -31,6 +31,8 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
 
+from cocomix_core.plumbing.errors import CocomixError
+
 if TYPE_CHECKING:
     from transformers import GPT2Tokenizer, PreTrainedTokenizerBase
 
@@ -50,7 +52,7 @@ UINT16_LIMIT = 1 << 16  # ids below this fit a uint16 stream (SPEC §8)
 VOCAB_PAD_MULTIPLE = 64  # students' embedding rows of a non-GPT-2 tokenizer are padded up to this
 
 
-class TokenizerError(RuntimeError):
+class TokenizerError(CocomixError, RuntimeError):
     """A tokenizer is missing, unusable, or not the one expected."""
 
 

@@ -70,6 +70,7 @@ from cocomix_core.training.checkpoints import (
     CHECKPOINT_META,
     checkpoint_info,
     list_checkpoints,
+    verify_checkpoint,
 )
 from settings.schema import EvalSettings
 
@@ -301,7 +302,9 @@ def _weight_files(checkpoint_dir: Path) -> list[Path]:
 
 
 def check_checkpoint_folder(checkpoint_dir: str | Path) -> None:
-    """Raise EvaluationError naming what is missing when `checkpoint_dir` is not a complete checkpoint."""
+    """Raise EvaluationError naming what is missing when `checkpoint_dir` is not a complete checkpoint, and
+    CheckpointError naming the file when one differs from the digest recorded when it was written (every path
+    that loads a checkpoint for evaluation, the flow's and the command line's, comes through here)."""
     folder = Path(checkpoint_dir)
     if not folder.is_dir():
         raise EvaluationError(f"{folder} is not a folder")
@@ -313,6 +316,11 @@ def check_checkpoint_folder(checkpoint_dir: str | Path) -> None:
             f"{folder} is not a checkpoint folder: missing {', '.join(missing)} "
             "(expected a folder written by cocomix_core.training.checkpoints.save_checkpoint)"
         )
+    try:  # header-only: an invalid config.json or a truncated weight file is named here, not deep in transformers
+        check_model_folder(folder)
+    except ModelFolderError as error:
+        raise EvaluationError(str(error)) from None
+    verify_checkpoint(folder)  # what headers cannot show: weights altered in place, same size
 
 
 def load_checkpoint(checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> PreTrainedModel:
@@ -322,10 +330,6 @@ def load_checkpoint(checkpoint_dir: str | Path, device: str | torch.device = "cp
     import cocomix_core.model.modeling_cocomix  # noqa: F401  registers CoCoMix with the Auto classes
 
     check_checkpoint_folder(checkpoint_dir)
-    try:  # header-only: an invalid config.json or a truncated weight file is named here, not deep in transformers
-        check_model_folder(checkpoint_dir)
-    except ModelFolderError as error:
-        raise EvaluationError(str(error)) from None
     config = AutoConfig.from_pretrained(checkpoint_dir)
     tokenizer_ids = len(checkpoint_tokenizer(checkpoint_dir))
     if config.vocab_size < tokenizer_ids:
@@ -333,7 +337,11 @@ def load_checkpoint(checkpoint_dir: str | Path, device: str | torch.device = "cp
             f"{checkpoint_dir}: config.vocab_size={config.vocab_size} is smaller than its tokenizer's "
             f"{tokenizer_ids} ids; this checkpoint cannot score that tokenizer's tokens"
         )
-    return AutoModelForCausalLM.from_pretrained(checkpoint_dir).to(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint_dir)
+    except (OSError, RuntimeError, ValueError) as error:  # e.g. a config.json that does not describe the weights
+        raise EvaluationError(f"{checkpoint_dir}: cannot load the model ({str(error).strip().splitlines()[0]})") from None
+    return model.to(device)
 
 
 def checkpoint_tokenizer(checkpoint_dir: str | Path) -> PreTrainedTokenizerBase:
@@ -452,9 +460,8 @@ def sweep_checkpoints(
 # ----- command line ----------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     """`python -m cocomix_core.evaluation.evaluator CHECKPOINT_DIR --data DIR`: evaluate one checkpoint, print JSON."""
-    from cocomix_core.data.corpus import DataError
+    from cocomix_core.plumbing.errors import CocomixError
     from settings.cli import add_settings_arguments, settings_from_args
-    from settings.loader import SettingsError
 
     parser = argparse.ArgumentParser(description="Evaluate a checkpoint: validation perplexity and lm-eval tasks.")
     parser.add_argument("checkpoint", help="checkpoint folder (…/checkpoints/step_000050)")
@@ -471,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
                     args.data, Path(scratch) / "tasks", settings.data.offline_task_items, settings.data.split_seed
                 )
             results = evaluate_checkpoint(args.checkpoint, args.data, tasks_dir, settings.eval, settings.data.block_size)
-    except (EvaluationError, DataError, SettingsError) as error:
+    except CocomixError as error:  # settings, data, checkpoint or tasks: one line naming it, no traceback
         sys.exit(f"error: {error}")
     print(json.dumps(results, indent=2, sort_keys=True))
 

@@ -33,6 +33,7 @@ import numpy as np
 import yaml
 
 from cocomix_core.data.tokenizer import TextTokenizer, gpt2_tokenizer
+from cocomix_core.plumbing.errors import CocomixError
 from cocomix_core.plumbing.files import atomic_path, sha256_file, sha256_json
 
 TASK_NAMES = ("cocomix_lastword", "cocomix_choice", "cocomix_rolling")
@@ -55,7 +56,7 @@ _SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[]?[A-
 _FINAL_WORD = re.compile(r"^(?P<context>.*\S)\s+(?P<word>[A-Za-z]{2,})[.!?;:,\"')\]]*$")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(CocomixError, ValueError):
     """An evaluation input is unusable: the message says which and why."""
 
 

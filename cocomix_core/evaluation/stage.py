@@ -26,12 +26,10 @@ def evaluate_checkpoint_job(
     `parallel_tasks` evaluations share this machine's cores.
     """
     from cocomix_core.evaluation import evaluator as evaluate
-    from cocomix_core.training.checkpoints import verify_checkpoint
     from cocomix_core.training.trainer import set_threads
 
     set_threads(threads_for(settings, "evaluate", parallel_tasks))
     folder = storage.materialize(checkpoint.key)
-    verify_checkpoint(folder)  # a checkpoint altered since it was written is refused, naming the file
     data_dir = data.folder(storage)
     results = evaluate.evaluate_checkpoint(folder, data_dir, data_dir / TASKS_DIR, settings.eval, settings.data.block_size)
     return evaluate.tracker_metrics(results)

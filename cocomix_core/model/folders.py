@@ -14,10 +14,12 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from cocomix_core.plumbing.errors import CocomixError
+
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(CocomixError, ValueError):
     """A model folder whose config.json or weight files are unusable, naming the file."""
 
 

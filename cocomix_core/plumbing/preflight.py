@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cocomix_core.model.folders import ModelFolderError, check_model_folder
+from cocomix_core.plumbing.errors import CocomixError
 from settings.schema import ExperimentSettings
 
 PROBE_TIMEOUT_S = 5.0  # one network probe (hub, SAE URL, S3, tracking server) waits at most this long
@@ -41,7 +42,7 @@ class Problem:
         return f"{self.setting}: {self.message}"
 
 
-class PreflightError(ValueError):
+class PreflightError(CocomixError, ValueError):
     """Raised by `require` with every problem found, one per line."""
 
     def __init__(self, problems: list[Problem]) -> None:

@@ -35,6 +35,7 @@ import botocore.config
 from botocore.exceptions import ClientError
 
 from cocomix_core import PROJECT_ROOT
+from cocomix_core.plumbing.errors import CocomixError
 from cocomix_core.plumbing.files import (
     atomic_path,
     cached_sha256,
@@ -58,11 +59,11 @@ FileTable = dict[str, dict[str, Any]]
 log = logging.getLogger(__name__)
 
 
-class IncompleteError(FileNotFoundError):
+class IncompleteError(CocomixError, FileNotFoundError):
     """A key holds no complete folder: never published, or its publish was interrupted."""
 
 
-class IntegrityError(RuntimeError):
+class IntegrityError(CocomixError, RuntimeError):
     """Stored bytes disagree with the sha256 their `_COMPLETE` marker vouches for."""
 
 

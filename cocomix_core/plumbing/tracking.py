@@ -42,6 +42,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from cocomix_core import PROJECT_ROOT  # noqa: E402
+from cocomix_core.plumbing.errors import CocomixError  # noqa: E402
 from cocomix_core.plumbing.files import exclusive_lock  # noqa: E402
 from cocomix_core.plumbing.interrupts import settled_on_failure  # noqa: E402
 
@@ -56,9 +57,11 @@ LOCKED_RETRIES = 10  # SQLite allows one writer; parallel flow tasks wait their 
 LOCKED_FIRST_WAIT_S = 0.05
 PROBE_TIMEOUT_S = 5.0  # a tracking store that does not answer a probe in this time is reported unreachable
 T = TypeVar("T")
+# Stores MLflow opens: SQLite files, tracking servers, file stores, and the databases SQLAlchemy reaches.
+TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql")
 
 
-class TrackingError(RuntimeError):
+class TrackingError(CocomixError, RuntimeError):
     """The tracking store cannot be used (unreachable, unwritable, unknown run), naming the URI or run."""
 
 
@@ -303,12 +306,23 @@ def check_tracking_store(tracking_uri: str | None = None, timeout_s: float | Non
     file a SQLite database); a server must accept a connection and answer its /health page.
     """
     uri = resolve_tracking_uri(tracking_uri)
+    _check_scheme(uri)
     store = sqlite_path(uri)
     if store is not None:
         _check_sqlite_store(uri, store)
     elif uri.startswith(("http://", "https://")):
         _check_server(uri, PROBE_TIMEOUT_S if timeout_s is None else timeout_s)
     return uri
+
+
+def _check_scheme(uri: str) -> None:
+    """Refuse a URI whose scheme MLflow has no store for (it would fail deep in its registry code)."""
+    scheme = urllib.parse.urlparse(uri).scheme
+    if scheme in TRACKING_SCHEMES or not scheme:  # no scheme: a local folder, MLflow's file store
+        return
+    source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") == uri else "tracking.mlflow_uri"
+    raise TrackingError(f"tracking store {uri} (from {source}): unknown scheme {scheme!r}; expected one of "
+                        f"{', '.join(f'{name}://' for name in TRACKING_SCHEMES)} or a local folder")
 
 
 def _check_sqlite_store(uri: str, store: Path) -> None:

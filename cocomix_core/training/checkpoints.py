@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from cocomix_core.data.tokenizer import TextTokenizer, save_hf_tokenizer
+from cocomix_core.plumbing.errors import CocomixError
 from cocomix_core.plumbing.files import (
     atomic_path,
     cached_sha256,
@@ -46,7 +47,7 @@ TRAINER_STATE_FORMAT = 2
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(CocomixError, RuntimeError):
     """A checkpoint or trainer state that must not be used: corrupted, or not in a format we load."""
 
 

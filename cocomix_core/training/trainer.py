@@ -69,8 +69,10 @@ from cocomix_core.model.build import (
     job_for_branch,
     teacher_job,
 )
+from cocomix_core.plumbing.errors import CocomixError
 from cocomix_core.plumbing.progress import Progress, quiet_third_party
 from cocomix_core.training.checkpoints import (
+    CheckpointError,
     capture_rng_state,
     checkpoint_dir,
     final_checkpoint,
@@ -104,7 +106,7 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers (mall
 GPU_PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12}
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(CocomixError, FloatingPointError):
     """The loss or gradient norm stopped being finite; the last good checkpoint is left as it was."""
 
     def __init__(self, step: int, name: str, value: float) -> None:
@@ -481,7 +483,7 @@ def _fresh_or_resumed(job: TrainJob, out_dir: Path, device: torch.device
         return model, None, 0, float("nan")
     state, summary = load_trainer_state(state_folder)
     if summary["job_digest"] != job.digest():
-        raise ValueError(
+        raise CheckpointError(
             f"{state_folder} was written by a different job (digest {summary['job_digest'][:12]}, this job "
             f"{job.digest()[:12]}); use a fresh out_dir or the same settings"
         )
@@ -752,7 +754,7 @@ def _result(job: TrainJob, out_dir: Path, start_step: int, val_loss: float) -> T
 
 
 # ----- command line ---------------------------------------------------------------------------
-class InputError(ValueError):
+class InputError(CocomixError, ValueError):
     """A bad command-line input (folder, file, run id), worded for the user."""
 
 
@@ -870,10 +872,8 @@ def main(argv: list[str] | None = None) -> None:
 
     Bad input (settings, data folder, teacher, SAE, labels, run id) exits with one line naming it.
     """
-    from cocomix_core.data.corpus import DataError
-    from cocomix_core.plumbing.tracking import TrackingError
+    from cocomix_core.plumbing.tracking import ended_on_failure
     from settings.cli import add_settings_arguments, settings_from_args
-    from settings.loader import SettingsError
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_settings_arguments(parser)
@@ -888,24 +888,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mlflow-run-id", help="log to this existing MLflow run (default: the console)")
     args = parser.parse_args(argv)
 
-    from cocomix_core.plumbing.tracking import ended_on_failure
-
     try:
         job, tracker, labels, teacher = _open_inputs(args, parser)
-    except (SettingsError, DataError, InputError, TrackingError) as error:
+    except CocomixError as error:
         sys.exit(f"error: {error}")
     # The run belongs to the caller, who ends it; an interrupted or failed attempt ends it KILLED or FAILED.
     owns_status = args.mlflow_run_id and PartialState().is_main_process
     uri = settings_from_args(args).tracking.mlflow_uri
-    with ended_on_failure([args.mlflow_run_id], uri) if owns_status else contextlib.nullcontext():
-        try:
-            # DataError inside train: split files missing, resized or not matching the manifest's sha256
-            result = train(job, args.data, args.out, tracker=tracker, labels=labels, teacher=teacher,
-                           num_threads=args.threads)
-        except (DataError, InputError) as error:
-            sys.exit(f"error: {error}")
-        finally:
-            tracker.close()
+    try:
+        with ended_on_failure([args.mlflow_run_id], uri) if owns_status else contextlib.nullcontext():
+            try:
+                result = train(job, args.data, args.out, tracker=tracker, labels=labels, teacher=teacher,
+                               num_threads=args.threads)
+            finally:
+                tracker.close()
+    except CocomixError as error:  # e.g. data files not matching their manifest, a non-finite loss, a foreign --out
+        sys.exit(f"error: {error}")
     if PartialState().is_main_process:
         print(f"done: step {result.final_step}, val ppl {result.final_val_ppl:.3f}, final checkpoint {result.final_checkpoint}")
 
