@@ -28,6 +28,18 @@ def smoke_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> tuple[Any, Any]:
+    """(model in float32, tokenizer): the packaged SmolLM2 GGUF read once through transformers for the session.
+
+    De-quantizing it costs ~20 s; tests that convert it hand this read to `teachers._load_gguf` instead
+    of paying it again (test_teachers checks the conversion's logits against this very model).
+    """
+    from cocomix_core.concepts import teachers
+
+    return teachers._load_gguf(teachers.packaged_gguf("smollm2-135m"))
+
+
 # ----- a real S3 endpoint: moto's server on a free local port ----------------------------------
 @dataclass(frozen=True)
 class S3Server:

@@ -305,6 +305,9 @@ def test_command_line_reports_a_bad_folder_without_a_traceback(tmp_path, data_di
         evaluate.main([str(tmp_path), "--data", str(data_dir), "--settings", "smoke"])
 
 
+# Slow: a fresh lm_eval process (~half a minute). The quick loop still loads checkpoints of every arm under stock
+# lm-eval in process (test_arms) and through the Auto classes in a fresh process (test_modeling).
+@pytest.mark.slow
 def test_stock_lm_eval_cli_matches_the_in_process_numbers(tmp_path, cocomix_checkpoint, tasks_dir, tokenizer):
     """lm_eval loads the checkpoint with its own modeling file, from another working directory."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": ""}

@@ -134,6 +134,9 @@ main(sys.argv[1:])
 """
 
 
+# Slow: two trainer processes, each paying MLflow's and torch's imports. The quick loop still covers each part:
+# a kill during a save and the resume (test_resume), runs ended KILLED and reopened (the test below).
+@pytest.mark.slow
 def test_ctrl_c_during_a_save_then_resume_logs_each_point_once(smoke_data, tmp_path):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     experiment = tracking.ensure_experiment("faults", tracking_uri=store)

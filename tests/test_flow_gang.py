@@ -23,7 +23,8 @@ SHORT = ["train.steps=4", "train.eval_every=4", "train.checkpoint_every=4"]
 
 def test_two_node_gangs_train_like_one_process_with_two_accumulation_steps(tmp_path: Path):
     storage = tmp_path / "artifacts"
-    overrides = [*SHORT, "compute.train.nodes=2", "eval.tasks=[cocomix_choice]", f"compute.storage_root={storage}"]
+    # eval.tasks=[]: validation perplexity is all this checks, and no evaluate task pays lm-eval's import.
+    overrides = [*SHORT, "compute.train.nodes=2", "eval.tasks=[]", f"compute.storage_root={storage}"]
     env = flow_env(tmp_path)
     result = run_flow(["run", "--settings", "smoke", "--set", "; ".join(overrides)], env, cwd=tmp_path)
     assert result.returncode == 0, tail(result)

@@ -421,7 +421,7 @@ def test_a_pretrained_teacher_with_its_own_tokenizer_runs_every_stage(tmp_path: 
 
 
 def test_the_cpu_presets_gguf_teacher_is_converted_once_into_storage_and_tokenizes_the_data(tmp_path, monkeypatch,
-                                                                                             capsys):
+                                                                                             capsys, smollm2_gguf):
     from cocomix_core.concepts import teachers
     from cocomix_core.data.corpus import data_tokenizer
     from cocomix_core.data.tokenizer import hf_tokenizer
@@ -431,6 +431,7 @@ def test_the_cpu_presets_gguf_teacher_is_converted_once_into_storage_and_tokeniz
     storage = Storage(str(tmp_path / "artifacts"))
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     experiment_id = tracking.ensure_experiment("gguf", uri)
+    monkeypatch.setattr(teachers, "_load_gguf", lambda path: smollm2_gguf)  # the session's one read of the file
     with tracking.tracked_run(experiment_id, "prepare", parent_run_id=None, tags={}, tracking_uri=uri) as tracker:
         data = stages.prepare_data(settings, storage, tracker)  # converts the GGUF: the data needs its tokenizer
     assert "converting the GGUF teacher SmolLM2-135M-Instruct.Q4_1.gguf" in capsys.readouterr().err  # not silent

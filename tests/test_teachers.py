@@ -143,20 +143,13 @@ def test_unknown_path_is_refused(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def smollm2(tmp_path_factory):
-    """(converted folder, logits of the GGUF-loaded model on PROBE): one GGUF load for the whole session."""
-    loaded = []
-    original = teachers._load_gguf
-
-    def keep(path):  # the real loader; keeps what it returned
-        loaded.append(original(path))
-        return loaded[-1]
-
+def smollm2(tmp_path_factory, smollm2_gguf):
+    """(converted folder, logits of the GGUF-loaded model on PROBE): the session's one GGUF read, converted."""
     cache = tmp_path_factory.mktemp("teacher_cache")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(teachers, "_load_gguf", keep)
+        patch.setattr(teachers, "_load_gguf", lambda path: smollm2_gguf)
         folder = teachers.resolve_teacher("smollm2-135m", cache)
-    (gguf_model, _), = loaded
+    gguf_model, _ = smollm2_gguf
     with torch.no_grad():
         gguf_logits = gguf_model(input_ids=PROBE).logits
     return folder, gguf_logits
