@@ -525,6 +525,7 @@ class Student:
     optimizer: torch.optim.AdamW
     sharded: bool  # FSDP: parameters, gradients and optimizer state split over the processes
     tied: dict[str, str]  # tied parameter names of the unwrapped model (FSDP unshards them into one tensor)
+    n_params: int  # counted before wrapping: FSDP replaces the model's parameters by shards of them
 
     def clip_gradients(self, max_norm: float) -> float:
         """Clip the global gradient norm to `max_norm`; return the norm before clipping."""
@@ -543,7 +544,7 @@ class Student:
 def prepare_student(model: PreTrainedModel, optimizer_state: dict[str, Any] | None, train: TrainSettings,
                     accelerator: Accelerator) -> Student:
     """Wrap `model` for the processes (FSDP when the launcher asked for it, else DDP) and build its optimizer."""
-    device = accelerator.device
+    device, n_params = accelerator.device, model.num_parameters()
     if fsdp_requested():
         dims = {name: p.dim() for name, p in model.named_parameters()}
         tied = tied_parameters(model)
@@ -557,7 +558,7 @@ def prepare_student(model: PreTrainedModel, optimizer_state: dict[str, Any] | No
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
     forward = torch.compile(distributed) if train.compile else distributed
-    return Student(model, distributed, forward, optimizer, sharded=fsdp_requested(), tied=tied)
+    return Student(model, distributed, forward, optimizer, sharded=fsdp_requested(), tied=tied, n_params=n_params)
 
 
 class TrainLog:
@@ -572,6 +573,10 @@ class TrainLog:
         self.step_flops = step_flops
         self.logged = tracker.logged_points() if tracker is not None else set()
         self.window_start, self.window_tokens = time.perf_counter(), 0
+
+    def count(self, tokens: int) -> None:
+        """Add a finished step's tokens to the throughput window."""
+        self.window_tokens += tokens
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Log the points of `step` the tracker does not hold yet."""
@@ -643,7 +648,7 @@ def _log_setup(job: TrainJob, tracker: Tracker | None, student: Student, start_s
     """The run's params and tags (main process), and a note when the model is sharded."""
     world_size = accelerator.num_processes
     if tracker is not None:
-        tracker.log_params({"job": job.name, "kind": job.kind, "n_params": str(student.model.num_parameters()),
+        tracker.log_params({"job": job.name, "kind": job.kind, "n_params": str(student.n_params),
                             "flops_per_token": f"{flops_per_token(student.model.config, job.block_size):.6g}"})
         tracker.set_tags({"mfu_peak_flops": f"{peak[0]:.4g}", "mfu_peak_source": peak[1],
                           "world_size": str(world_size), "resumed_from_step": str(start_step),
@@ -716,7 +721,7 @@ def train(job: TrainJob, data_dir: str | Path, out_dir: str | Path, *, tracker: 
             _check_finite(done, loss=loss, grad_norm=grad_norm)
             student.optimizer.step()
             student.optimizer.zero_grad(set_to_none=True)
-            log.window_tokens += settings.batch_size * job.block_size
+            log.count(settings.batch_size * job.block_size)
 
             # logging, evaluation and checkpoints, each on its schedule and at the last step
             if done % settings.log_every == 0 or done == settings.steps:
