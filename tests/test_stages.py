@@ -427,7 +427,8 @@ def test_the_cpu_presets_gguf_teacher_is_converted_once_into_storage_and_tokeniz
     from cocomix_core.data.tokenizer import hf_tokenizer
     from cocomix_core.plumbing.files import sha256_file
 
-    settings = load_settings("cpu", ["data.offline_task_items=4"])
+    # The cpu preset's teacher and tokenizer on a slice of its corpus: the conversion is what is tested.
+    settings = load_settings("cpu", ["data.offline_task_items=4", "data.max_documents=40", "data.min_val_tokens=4000"])
     storage = Storage(str(tmp_path / "artifacts"))
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     experiment_id = tracking.ensure_experiment("gguf", uri)
