@@ -83,7 +83,7 @@ def build_model(
     # A shape without vocab_size is GPT-2's; jobs of other tokenizers are sized by `sized_shape`.
     vocab_size = shape.vocab_size or GPT2_VOCAB_SIZE
     # GPT-2's end-of-text id (its config's default) exists only in GPT-2-sized vocabularies; on others the
-    # trainer sets the data's EOS id (train._end_documents_with).
+    # trainer sets the data's EOS id (trainer._end_documents_with).
     special_ids = {} if vocab_size >= GPT2_VOCAB_SIZE else {"bos_token_id": None, "eos_token_id": None}
     gpt2_fields = dict(
         n_embd=shape.width,
