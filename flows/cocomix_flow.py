@@ -7,13 +7,16 @@
     mlflow ui --backend-store-uri sqlite:///<project>/mlruns.db    # every run, metric and artifact
 
 Graph: start -> prepare -> concepts -> train (a foreach over branches: arm × seed × λ, in parallel)
-       -> train_gang (@parallel: compute.train.nodes nodes train the branch together) -> join_gang
+       -> train_one_node (compute.train.nodes == 1: a plain step, one pod or job)
+          | launch_gang -> train_gang (@parallel: the nodes train the branch together) -> join_gang
        -> trained -> evaluate (a nested foreach over that branch's checkpoints) -> join_checkpoints
        -> report -> end
+`train` picks the path with Metaflow's split-switch, so a one-node branch never needs a gang
+scheduler: on Kubernetes a gang is a JobSet (a controller many clusters lack), on AWS Batch a
+multi-node parallel job (which Fargate refuses); locally it is N processes of this machine.
 Node 0 of a gang logs to the branch's MLflow run and publishes its checkpoints; the others only
-train. A branch's checkpoints are evaluated as soon as its gang finishes, while other branches
-still train. One node is a gang of one (one code path for every node count); on Kubernetes a
-gang is a JobSet, on AWS Batch a multi-node parallel job, locally N processes of this machine.
+train. A branch's checkpoints are evaluated as soon as it is trained, while other branches
+still train.
 Each step is orchestration only: it reads the settings, calls one stage of cocomix_core/stages.py
 (which runs the same without Metaflow), prints the stage's note (what it did, or why it did
 nothing) and keeps the stage's small result as an artifact. The foreach values are short names
@@ -48,7 +51,7 @@ run ids and metric summaries.
 
 Test hook. COCOMIX_FAIL_ONCE=<step>[,<step>...] makes the first task of each named step raise
 once per experiment (a marker file in the temp folder, keyed by the origin run id, remembers
-it), so tests can exercise `@retry` (train_gang) and `resume` (any other step).
+it), so tests can exercise `@retry` (train_one_node, train_gang) and `resume` (any other step).
 """
 
 from __future__ import annotations
@@ -253,12 +256,30 @@ class CocomixFlow(FlowSpec):
     @step
     @honest_step
     def train(self) -> None:
-        """One branch (arm × seed × λ): hand it to a gang of compute.train.nodes nodes (one node: a gang of one)."""
+        """One branch (arm × seed × λ): one node trains it in a plain step, several in a gang. A one-node branch
+        thus never needs a gang scheduler (Kubernetes' JobSet controller, AWS Batch's multi-node jobs)."""
         self.branch = self.branches[self.input]
         self.branch_index = self.index  # offsets the gang's rendezvous port: local gangs share one machine
-        nodes = self._settings().compute.train.nodes
-        print(f"{self.input}: training on {nodes} node{'s' if nodes > 1 else ''}")
-        self.next(self.train_gang, num_parallel=nodes)
+        self.nodes = self._settings().compute.train.nodes
+        self.placement = "gang" if self.nodes > 1 else "one_node"
+        print(f"{self.input}: training on {self.nodes} node{'s' if self.nodes > 1 else ''}")
+        self.next({"one_node": self.train_one_node, "gang": self.launch_gang}, condition="placement")
+
+    @resources(**_resources("train"))
+    @retry(times=LAUNCH.compute.train.retries, minutes_between_retries=0)
+    @step
+    @honest_step
+    def train_one_node(self) -> None:
+        """The branch on one node (a plain pod or job): it logs to MLflow and publishes the checkpoints. A retried
+        or resumed task continues from the branch's last checkpoint."""
+        self._train_node(stages.GangNode())
+        self.next(self.trained)
+
+    @step
+    @honest_step
+    def launch_gang(self) -> None:
+        """Start the branch's gang of compute.train.nodes nodes (Metaflow: the step before @parallel sizes it)."""
+        self.next(self.train_gang, num_parallel=self.nodes)
 
     @resources(**_resources("train"))
     @retry(times=LAUNCH.compute.train.retries, minutes_between_retries=0)
@@ -268,29 +289,8 @@ class CocomixFlow(FlowSpec):
     def train_gang(self) -> None:
         """One node of the branch's gang; node 0 logs to MLflow and publishes the checkpoints. A retried or
         resumed gang continues from the branch's last checkpoint."""
-        from cocomix_core.plumbing import tracking
-        from settings import Branch
-
-        settings = self._settings()
-        self._fail_once()
-        branch = Branch(**self.branch)
-        node = stages.GangNode(index=current.parallel.node_index, nodes=current.parallel.num_nodes,
-                               main_ip=current.parallel.main_ip, port_offset=self.branch_index)
-        self.node_index = node.index
-        folder_key = stages.run_folder_key(self._origin_run_id(), branch.name)
-        if node.index == 0:
-            with tracking.active_run(self.branch_run_ids[branch.name], self.tracking_uri) as tracker:
-                tracker.set_tags(self._tags())  # the branch's run now points at the task that trains it
-                with self._timed("train_branch"):
-                    trained = stages.train_branch(settings, self._storage(), branch, folder_key, self.data,
-                                                  self.teacher, self.sae, self.labels, tracker,
-                                                  teacher_logits=self.teacher_logits, node=node)
-            print(trained.note)
-            self.checkpoints = {checkpoint.name: checkpoint for checkpoint in trained.checkpoints}
-        else:
-            with self._timed("train_branch"):
-                print(stages.train_gang_worker(settings, self._storage(), branch, folder_key, self.data,
-                                               self.teacher, self.sae, self.labels, self.teacher_logits, node))
+        self._train_node(stages.GangNode(index=current.parallel.node_index, nodes=current.parallel.num_nodes,
+                                         main_ip=current.parallel.main_ip, port_offset=self.branch_index))
         self.next(self.join_gang)
 
     @step
@@ -306,7 +306,7 @@ class CocomixFlow(FlowSpec):
     @step
     @honest_step
     def trained(self) -> None:
-        """Fan out over the branch's checkpoints (Metaflow: a join cannot also split)."""
+        """Both training paths meet here; fan out over the branch's checkpoints (Metaflow: a join cannot also split)."""
         # The evaluate foreach runs over checkpoint names (step_000040); the checkpoints stay in `checkpoints`.
         self.checkpoint_names = list(self.checkpoints)
         self.next(self.evaluate, foreach="checkpoint_names")
@@ -421,6 +421,31 @@ class CocomixFlow(FlowSpec):
     def _datastore_root(self) -> str:
         # Metaflow has no public accessor for the datastore a run writes to; storage sits beside it.
         return self._datastore.parent_datastore.datastore_root
+
+    def _train_node(self, node: stages.GangNode) -> None:
+        """Train this task's part of the branch: node 0 logs to the branch's run and publishes the checkpoints
+        (artifact `checkpoints`), any other node of a gang only trains."""
+        from cocomix_core.plumbing import tracking
+        from settings import Branch
+
+        settings = self._settings()
+        self._fail_once()
+        branch = Branch(**self.branch)
+        self.node_index = node.index
+        folder_key = stages.run_folder_key(self._origin_run_id(), branch.name)
+        inputs = (self.data, self.teacher, self.sae, self.labels)
+        if node.index > 0:
+            with self._timed("train_branch"):
+                print(stages.train_gang_worker(settings, self._storage(), branch, folder_key, *inputs,
+                                               self.teacher_logits, node))
+            return
+        with tracking.active_run(self.branch_run_ids[branch.name], self.tracking_uri) as tracker:
+            tracker.set_tags(self._tags())  # the branch's run now points at the task that trains it
+            with self._timed("train_branch"):
+                trained = stages.train_branch(settings, self._storage(), branch, folder_key, *inputs, tracker,
+                                              teacher_logits=self.teacher_logits, node=node)
+        print(trained.note)
+        self.checkpoints = {checkpoint.name: checkpoint for checkpoint in trained.checkpoints}
 
     def _origin_run_id(self) -> str:
         """The run this experiment started as: the same for a run and all its resumes."""

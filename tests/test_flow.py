@@ -152,7 +152,7 @@ def run_smoke(root: Path, env: dict[str, str], experiment_name: str = "cocomix-f
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> Experiment:
     root = tmp_path_factory.mktemp("smoke")
-    return run_smoke(root, flow_env(root, COCOMIX_FAIL_ONCE="train_gang,report"))
+    return run_smoke(root, flow_env(root, COCOMIX_FAIL_ONCE="train_one_node,report"))
 
 
 def check_lineage(experiment: Experiment) -> None:
@@ -199,7 +199,8 @@ def check_lineage_tags(smoke: Experiment) -> None:
     cocomix = smoke.named("train/cocomix")[0].data.params
     assert cocomix["arm.kind"] == "cocomix" and cocomix["branch.name"] == "cocomix"
     assert smoke.named("teacher")[0].data.tags["metaflow.step"] == "concepts"
-    assert smoke.named("train/ntp")[0].data.tags["metaflow.step"] == "train_gang"
+    # One node per branch: trained in a plain step, never a gang (a JobSet on Kubernetes).
+    assert smoke.named("train/ntp")[0].data.tags["metaflow.step"] == "train_one_node"
 
 
 @pytest.mark.slow
@@ -332,7 +333,7 @@ def test_resume_reruns_only_the_failed_steps_and_links_both_runs(smoke: Experime
 def test_a_failed_training_task_is_retried_and_finishes(smoke: Experiment):
     attempts = metaflow_query(
         "run = [run for run in Flow('CocomixFlow') if not run.successful][0]\n"
-        "print(json.dumps(sorted(task.current_attempt for task in run['train_gang'])))",
+        "print(json.dumps(sorted(task.current_attempt for task in run['train_one_node'])))",
         smoke.env,
     )
     assert attempts == [0, 1]
@@ -358,7 +359,7 @@ def test_the_output_is_lines_a_person_reads_and_every_step_says_something(smoke:
     for match in map(_TASK_LINE.search, output.splitlines()):
         if match and not match.group(4).startswith(_SYSTEM_MESSAGES):
             said.setdefault(match.group(1, 2, 3), []).append(match.group(4))
-    steps = ("start", "prepare", "concepts", "train", "train_gang", "evaluate", "join_checkpoints", "report", "end")
+    steps = ("start", "prepare", "concepts", "train", "train_one_node", "evaluate", "join_checkpoints", "report", "end")
     assert [step for step in steps if not any(task[1] == step for task in said)] == [], sorted(said)
     for task, lines in said.items():  # a warning comes once per task, never once per input or batch
         repeated = {line: count for line, count in Counter(lines).items() if count > 1 and "warn" in line.lower()}
@@ -393,7 +394,7 @@ def test_the_flow_on_object_storage_and_a_tracking_server_passes_the_same_lineag
     continues it; nothing lands in "Default", every point is there once, and the checks above all hold."""
     prefix = "flow-s3"
     env = flow_env(tmp_path, **s3_server.env, METAFLOW_DATASTORE_SYSROOT_S3=f"s3://{s3_server.bucket}/{prefix}",
-                   MLFLOW_TRACKING_URI=mlflow_server.url, COCOMIX_FAIL_ONCE="train_gang")
+                   MLFLOW_TRACKING_URI=mlflow_server.url, COCOMIX_FAIL_ONCE="train_one_node")
     # One checkpoint per arm keeps this run short; the shape of the work is the same.
     short = "train.steps=4; train.checkpoint_every=4; train.eval_every=4"
     served = run_smoke(tmp_path, env, experiment_name="cocomix-flow-served", resume=False,

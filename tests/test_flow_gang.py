@@ -53,4 +53,5 @@ def test_two_node_gangs_train_like_one_process_with_two_accumulation_steps(tmp_p
         assert run.info.status == "FINISHED"
         assert [point.step for point in client.get_metric_history(run.info.run_id, "train/loss")] == [4]
         assert run.data.tags["world_size"] == "2"  # the trainer saw one process group over both nodes
+        assert run.data.tags["metaflow.step"] == "train_gang"  # the split-switch sent the branch to the gang
         assert [point.step for point in client.get_metric_history(run.info.run_id, "eval/val_ppl")] == [4]
