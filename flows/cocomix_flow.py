@@ -4,7 +4,7 @@
     python flows/cocomix_flow.py run --settings smoke --set 'train.steps=8; eval.limit=4'
     python flows/cocomix_flow.py resume                            # after a failed step
     python flows/cocomix_flow.py card view <run id>/report --id report   # the report card, as an HTML file
-    mlflow ui --backend-store-uri sqlite:///<project>/mlruns.db    # every run, metric and artifact
+    mlflow ui --backend-store-uri sqlite:///$PWD/mlruns.db         # every run (beside .metaflow)
 
 Graph: start -> prepare -> concepts -> train (a foreach over branches: arm × seed × λ, in parallel)
        -> train_one_node (compute.train.nodes == 1: a plain step, one pod or job)
@@ -43,7 +43,7 @@ links the two runs' tasks itself (origin-run-id); `end`, which a resume always r
 is cloned), gives the resumed run the Metaflow tag `origin_run:<origin run id>`.
 
 Storage. Shards, checkpoints and caches live under a storage root (`compute.storage_root`;
-default: <project>/artifacts, or next to an S3 datastore) at keys derived from what they
+default: `artifacts/` beside the local `.metaflow`, or next to an S3 datastore) at keys derived from what they
 contain, so a rerun skips work already done: data/<data settings>, teacher/…, sae/…,
 labels/…, teacher_logits/…; training folders live at runs/<origin run id>/<branch>, so a retried or resumed
 branch continues from its own last checkpoint. Metaflow artifacts hold only URIs, digests,
@@ -201,8 +201,11 @@ class CocomixFlow(FlowSpec):
         # The foreach runs over short names (readable labels in the UI); the full branches stay in `branches`.
         self.branches = {branch.name: branch.model_dump() for branch in training_branches(settings)}
         self.branch_names = list(self.branches)
-        self.storage_root = settings.compute.storage_root or default_storage_root(self._datastore_root())
-        self.tracking_uri = tracking.resolve_tracking_uri(settings.tracking.mlflow_uri)
+        datastore_root = self._datastore_root()
+        self.storage_root = settings.compute.storage_root or default_storage_root(datastore_root)
+        # Beside the local datastore, not the installed package; with an S3 datastore, where the flow was started.
+        home = Path(datastore_root).parent if not datastore_root.startswith("s3://") else None
+        self.tracking_uri = tracking.resolve_tracking_uri(settings.tracking.mlflow_uri, home=home)
         self._preflight(settings)
         self.experiment_id = tracking.ensure_experiment(settings.tracking.experiment_name, self.tracking_uri)
         created: list[str] = []  # no later step ends these runs if start does not finish: it ends them FAILED

@@ -80,10 +80,11 @@ def test_memory_and_jsonl_trackers_keep_what_was_logged(tmp_path: Path):
     assert path.read_text().strip() == '{"metrics": {"train/loss": 1.5}, "step": 1}'
 
 
-def test_default_store_is_an_absolute_sqlite_path(monkeypatch):
+def test_default_store_is_an_absolute_sqlite_path_beside_the_datastore(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = tracking.resolve_tracking_uri()
     assert uri.startswith("sqlite:////") and uri.endswith("/mlruns.db")
+    assert tracking.resolve_tracking_uri(home=tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlruns.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/other.db")
     assert tracking.resolve_tracking_uri() == "sqlite:////tmp/other.db"
 

@@ -44,9 +44,9 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from cocomix_core import PROJECT_ROOT  # noqa: E402
 from cocomix_core.plumbing.files import exclusive_lock  # noqa: E402
 from cocomix_core.plumbing.interrupts import ended_on_failure  # noqa: E402
+from cocomix_core.plumbing.storage import local_datastore_home  # noqa: E402
 
-DEFAULT_STORE = PROJECT_ROOT / "mlruns.db"
-DEFAULT_ARTIFACTS = PROJECT_ROOT / "mlartifacts"
+DEFAULT_STORE_NAME = "mlruns.db"  # the default store's file, beside Metaflow's local datastore
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
 MAX_PARAMS_PER_BATCH = 100
 MAX_TAGS_PER_BATCH = 100
@@ -247,9 +247,13 @@ class MlflowTracker:
 # ---------------------------------------------------------------- run hierarchy
 
 
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """The store to use: `uri`, else $MLFLOW_TRACKING_URI, else a SQLite file at an absolute project path."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE}"
+def resolve_tracking_uri(uri: str | None = None, home: str | os.PathLike | None = None) -> str:
+    """The store to use: `uri`, else $MLFLOW_TRACKING_URI, else a SQLite file in `home`: the folder holding the
+    run's local Metaflow datastore (default: found as Metaflow finds it), as the storage root's default is."""
+    if uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return uri or os.environ["MLFLOW_TRACKING_URI"]
+    folder = Path(home).resolve() if home is not None else local_datastore_home()
+    return f"sqlite:///{folder / DEFAULT_STORE_NAME}"
 
 
 def default_artifact_location(tracking_uri: str) -> str | None:
