@@ -221,6 +221,19 @@ def check_dataset_inputs(smoke: Experiment) -> None:
 
 
 @pytest.mark.slow
+def test_the_data_command_line_prepares_what_the_flow_prepared(smoke: Experiment, tmp_path: Path):
+    """`python -m cocomix_core.data` with the smoke run's settings writes the manifest the flow's `prepare` wrote."""
+    from cocomix_core.data.corpus import MANIFEST_FILE, data_digest
+
+    (prepared,) = [item.dataset for item in smoke.named("prepare")[0].inputs.dataset_inputs]
+    flow_digest = data_digest(json.loads(smoke.read_stored(f"{json.loads(prepared.source)['uri']}/{MANIFEST_FILE}")))
+    result = subprocess.run([sys.executable, "-m", "cocomix_core.data", "--settings", "smoke", "--out", str(tmp_path / "out")],
+                            env=smoke.env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, tail(result)
+    assert json.loads(result.stdout[result.stdout.index("{"):])["data_digest"] == flow_digest
+
+
+@pytest.mark.slow
 def test_both_arms_have_eval_metrics_at_every_checkpoint_step_in_their_own_runs(smoke: Experiment):
     check_eval_metrics(smoke)
 

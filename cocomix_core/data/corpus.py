@@ -1,6 +1,6 @@
 """Corpus preparation: documents -> tokens -> train.bin / val.bin (SPEC §1, §8).
 
-    python -m cocomix_core.data.corpus --settings cpu --set data.max_documents=100 --out DIR
+    python -m cocomix_core.data --settings cpu --set data.max_documents=100 --out DIR   # or ...data.corpus
 
 Every document is encoded with encode_ordinary and ended with one end-of-text
 token; the documents of each split are concatenated into one stream: uint16 while every id
@@ -578,15 +578,26 @@ def students_vocab_size(data_dir: str | Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: prepare the corpus named by the settings into --out."""
+    """Command line: prepare the corpus named by the settings into --out, as the flow's `prepare` step does.
+
+    The tokenizer is `tokenizer.name` (for "teacher", the pretrained teacher's own, converted once under
+    compute.storage_root or its default), and the offline lm-eval tasks are built too: the same manifest as
+    the flow's for the same settings.
+    """
+    from cocomix_core.concepts.teachers import TeacherError
+    from cocomix_core.data.stage import data_tokenizer_for, prepare_folder
+    from cocomix_core.plumbing.storage import Storage, default_storage_root
+
     parser = argparse.ArgumentParser(description="Tokenize the corpus into train.bin / val.bin with a manifest.")
     add_settings_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        manifest = prepare_corpus(settings_from_args(args).data, args.out)
-    except (DataError, SettingsError, TokenizerError) as error:
+        settings = settings_from_args(args)
+        storage = Storage(settings.compute.storage_root or default_storage_root(None))
+        manifest = prepare_folder(settings, args.out, data_tokenizer_for(settings, storage))
+    except (DataError, SettingsError, TokenizerError, TeacherError) as error:
         sys.exit(f"error: {error}")
     print(json.dumps({"out": args.out, "splits": manifest["splits"], "data_digest": data_digest(manifest)}, indent=2))
 
