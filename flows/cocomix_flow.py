@@ -318,8 +318,10 @@ class CocomixFlow(FlowSpec):
     @step
     @honest_step
     def evaluate(self) -> None:
-        """Validation perplexity and the lm-eval tasks of one checkpoint, logged at its step in the branch's run."""
+        """Validation perplexity and the lm-eval tasks of one checkpoint, logged at its step in the branch's run and
+        against the checkpoint's MLflow LoggedModel."""
         from cocomix_core.plumbing.tracking import MlflowTracker
+        from settings import Branch
 
         settings = self._settings()
         self.checkpoint = self.checkpoints[self.input]
@@ -328,9 +330,13 @@ class CocomixFlow(FlowSpec):
         with self._timed("evaluate_checkpoint"):
             self.metrics = stages.evaluate_checkpoint_job(settings, self._storage(), self.data, self.checkpoint, parallel)
         name = self.branch["name"]
+        self.model_id = stages.checkpoint_model_id(  # the checkpoint in MLflow's Models tab, its metrics linked
+            settings, Branch(**self.branch), self.checkpoint, self.experiment_id, self.branch_run_ids[name],
+            self.parent_run_id, self.tracking_uri,
+        )
         stages.log_evaluation(
             self.metrics, self.checkpoint, name, MlflowTracker(self.branch_run_ids[name], self.tracking_uri),
-            MlflowTracker(self.evaluation_run_id, self.tracking_uri),
+            MlflowTracker(self.evaluation_run_id, self.tracking_uri), model_id=self.model_id,
         )
         print(f"{name} {self.checkpoint.name} ({self.checkpoint.tokens_seen:,} tokens): "
               f"val ppl {self.metrics['eval/val_ppl']:.4g}")
@@ -376,7 +382,8 @@ class CocomixFlow(FlowSpec):
     @step
     @honest_step
     def end(self) -> None:
-        """Print the verdict and where to look further; describe and close the parent MLflow run; tag a resume."""
+        """Print the verdict and where to look further; describe and close the parent MLflow run; tag a resume;
+        register the best final checkpoint when tracking.register_best names a registered model."""
         from metaflow import Run, namespace
 
         from cocomix_core.plumbing import tracking
@@ -393,8 +400,15 @@ class CocomixFlow(FlowSpec):
             self.tracking_uri, self.experiment_id, self.parent_run_id, self.branch_run_ids,
             flow_file=sys.argv[0], card_pathspec=self.report_pathspec,
         )
-        tracking.set_description(self.parent_run_id, end_of_run.description_markdown(
-            self.report_content, end_of_run.settings_summary(self._settings())), self.tracking_uri)
+        settings = self._settings()
+        description = end_of_run.description_markdown(self.report_content, end_of_run.settings_summary(settings))
+        tracking.set_description(self.parent_run_id, description, self.tracking_uri)
+        if settings.tracking.register_best:
+            version = tracking.register_best_checkpoint(
+                settings.tracking.register_best, self.experiment_id, self.parent_run_id, description,
+                run_link=end_of_run.run_url(links), tracking_uri=self.tracking_uri,
+            )
+            print(f"registered the best final checkpoint as {version.name} version {version.version} ({version.source})")
         for run_id in (self.evaluation_run_id, self.parent_run_id):
             tracking.end_run(run_id, "FINISHED", self.tracking_uri)
         print(end_of_run.result_text(self.report_content, links))
@@ -502,7 +516,9 @@ class CocomixFlow(FlowSpec):
                 self.experiment_id,
                 f"train/{branch['name']}",
                 parent_run_id=self.parent_run_id,
-                tags=self._tags() | {"cocomix.branch": branch["name"], "cocomix.kind": branch["kind"]},
+                # The experiment-run tag lets one UI link list (and chart) just this run's branches.
+                tags=self._tags() | {"cocomix.branch": branch["name"], "cocomix.kind": branch["kind"],
+                                     tracking.EXPERIMENT_RUN_TAG: self.parent_run_id},
                 tracking_uri=self.tracking_uri,
             )
             created.append(self.branch_run_ids[branch["name"]])

@@ -260,6 +260,11 @@ class TrackingSettings(Strict):
 
     mlflow_uri: str | None = Field(None, description="None: $MLFLOW_TRACKING_URI, else sqlite mlruns.db beside the local .metaflow folder")
     experiment_name: str = "cocomix-flow"
+    register_best: str | None = Field(
+        None, min_length=1,
+        description="a registered model name: the run registers its best final checkpoint (lowest val ppl) as a new "
+                    "version of it, with the run's link and verdict; None: nothing is registered",
+    )
 
 
 class StepResources(Strict):

@@ -46,6 +46,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL, MLFLOW_MODEL_VERS
 from cocomix_core import PROJECT_ROOT  # noqa: E402
 from cocomix_core.plumbing.files import exclusive_lock  # noqa: E402
 from cocomix_core.plumbing.interrupts import ended_on_failure  # noqa: E402
+from cocomix_core.plumbing.keys import EXPERIMENT_RUN_TAG  # noqa: E402
 from cocomix_core.plumbing.storage import local_datastore_home  # noqa: E402
 
 DEFAULT_STORE_NAME = "mlruns.db"  # the default store's file, beside Metaflow's local datastore
@@ -554,7 +555,6 @@ def set_description(run_id: str, markdown: str, tracking_uri: str | None = None)
 
 MODEL_TAG_PREFIX = "cocomix."
 CHECKPOINT_URI_TAG = "cocomix.checkpoint_uri"
-EXPERIMENT_RUN_TAG = "cocomix.experiment_run"  # the flow run's parent MLflow run
 
 
 def checkpoint_model(
