@@ -152,7 +152,8 @@ def run_smoke(root: Path, env: dict[str, str], experiment_name: str = "cocomix-f
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> Experiment:
     root = tmp_path_factory.mktemp("smoke")
-    return run_smoke(root, flow_env(root, COCOMIX_FAIL_ONCE="train_one_node,report"))
+    return run_smoke(root, flow_env(root, COCOMIX_FAIL_ONCE="train_one_node,report"),
+                     overrides="tracking.register_best=cocomix-smoke")
 
 
 def check_lineage(experiment: Experiment) -> None:
@@ -251,8 +252,30 @@ def check_eval_metrics(smoke: Experiment) -> None:
         listed = json.loads(Path(smoke.client.download_artifacts(run_id, "checkpoints.json")).read_text())
         assert [entry["step"] for entry in listed] == list(smoke.steps)
         assert all(json.loads(smoke.read_stored(f"{entry['uri']}/config.json")) for entry in listed)
+        by_tokens = smoke.client.get_metric_history(run_id, "by_tokens/eval/val_ppl")  # the chart view's token axis
+        assert sorted(point.step for point in by_tokens) == [step * 4 * 32 for step in smoke.steps]
+        check_checkpoint_models(smoke, arm, run_id, listed)
     sae = smoke.named("sae")[0].data.metrics
     assert {"sae/fvu", "sae/dead_fraction", "sae/mean_l0"} <= set(sae)
+
+
+def check_checkpoint_models(smoke: Experiment, arm: str, run_id: str, listed: list[dict[str, Any]]) -> None:
+    """Each published checkpoint of the branch is an external LoggedModel of its run, found by tag, at its storage
+    URI, with the branch's settings as params and its evaluation's metrics linked (once, despite the resume)."""
+    from cocomix_core.plumbing import tracking
+
+    experiment = smoke.parent.info.experiment_id
+    models = tracking.find_checkpoint_models(
+        experiment, {"cocomix.branch": arm, "cocomix.experiment_run": smoke.parent.info.run_id}, smoke.env["MLFLOW_TRACKING_URI"])
+    by_step = {int(model.tags["cocomix.step"]): model for model in models}
+    assert sorted(by_step) == list(smoke.steps), arm
+    for entry in listed:
+        model = by_step[entry["step"]]
+        assert model.source_run_id == run_id and model.tags[tracking.CHECKPOINT_URI_TAG] == entry["uri"]
+        assert model.tags["cocomix.tokens_seen"] == str(entry["tokens_seen"]) and model.tags["cocomix.kind"] == arm
+        assert model.params["branch.name"] == arm and model.tags["mlflow.model.isExternal"] == "true"
+        linked = [point.key for point in smoke.client.get_logged_model(model.model_id).metrics]
+        assert linked.count("eval/val_ppl") == 1, (arm, entry["step"], linked)
 
 
 def check_report_on_parent(smoke: Experiment) -> None:
@@ -391,11 +414,29 @@ def test_the_end_step_prints_the_verdict_and_links_to_runs_that_exist(smoke: Exp
     store = smoke.env["MLFLOW_TRACKING_URI"]
     assert f"mlflow ui --backend-store-uri {store}" in text
     assert re.search(r"card view \d+/report --id report", text), text
-    query = urllib.parse.parse_qs(re.search(r"#/compare-runs\?(\S+)", text).group(1))
-    runs = [smoke.client.get_run(run_id) for run_id in json.loads(query["runs"][0])]
-    assert sorted(run.info.run_name for run in runs) == sorted(f"train/{arm}" for arm in ARMS)
+    # The chart link opens the Model-training view as charts, listing exactly this run's branch runs.
+    experiment, query = re.search(r"#/experiments/(\w+)/runs\?(\S+)", text).groups()
+    query = urllib.parse.parse_qs(query)
+    assert query["workflowType"] == ["machine_learning"] and query["compareRunsMode"] == ["CHART"]
+    listed = smoke.client.search_runs([experiment], query["searchFilter"][0])
+    assert sorted(run.info.run_name for run in listed) == sorted(f"train/{arm}" for arm in ARMS)
     experiment, parent = re.search(r"#/experiments/(\w+)/runs/(\w+)", text).groups()
     assert parent == smoke.parent.info.run_id and experiment == smoke.parent.info.experiment_id
+
+
+@pytest.mark.slow
+def test_the_best_final_checkpoint_is_registered_at_its_uri_with_the_verdict(smoke: Experiment):
+    from transformers import AutoModelForCausalLM
+
+    (version,) = smoke.client.search_model_versions("name = 'cocomix-smoke'")
+    content = json.loads(Path(smoke.client.download_artifacts(smoke.parent.info.run_id, "report/report.json")).read_text())
+    best = min(content["table"], key=lambda row: row["final_val_ppl"])["branch"]
+    assert version.run_id == smoke.named(f"train/{best}")[0].info.run_id
+    assert version.source.endswith(f"/{best}/checkpoints/step_{smoke.steps[-1]:06d}")
+    assert all(line in version.description for line in content["verdict"])
+    assert version.run_link.endswith(f"/runs/{smoke.parent.info.run_id}")
+    assert f"registered the best final checkpoint as cocomix-smoke version {version.version}" in smoke.output
+    assert AutoModelForCausalLM.from_pretrained(version.source).config.model_type == "cocomix"
 
 
 @pytest.mark.slow
