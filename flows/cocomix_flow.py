@@ -30,9 +30,10 @@ resources from these settings; commands that carry no `--settings` (`resume`,
 `argo-workflows create`) read $COCOMIX_SETTINGS / $COCOMIX_SET instead (cocomix_core/plumbing/launch.py).
 
 Lineage. `start` creates the MLflow experiment (once: tasks creating a SQLite store's schema
-or an experiment side by side corrupt it), the parent run, one child run per training
-branch (so a retried or resumed branch keeps logging into one run, and evaluation adds its
-metrics there at each checkpoint's step) and the `evaluation` run; the `prepare`, `teacher`
+or an experiment side by side corrupt it), the parent run, one run per training branch (so a
+retried or resumed branch keeps logging into one run, and evaluation adds its metrics there at each
+checkpoint's step; top level, tagged `cocomix.experiment_run` = the parent's id, so MLflow's UI
+lists and charts the branches without unfolding the parent) and the `evaluation` run; the `prepare`, `teacher`
 and `sae` runs are created by the steps doing that work. Runs carry the lineage tags of the
 task that created them (a branch's run: of the task that trained it); every step keeps the
 MLflow run ids as artifacts. A `resume` clones the steps that finished (their code does not
@@ -515,8 +516,8 @@ class CocomixFlow(FlowSpec):
             self.branch_run_ids[branch["name"]] = tracking.create_run(
                 self.experiment_id,
                 f"train/{branch['name']}",
-                parent_run_id=self.parent_run_id,
-                # The experiment-run tag lets one UI link list (and chart) just this run's branches.
+                # Top-level runs tied to the parent by a tag: MLflow's UI folds child runs under their parent, so
+                # only top-level branch runs show (and chart, one line each) from the printed link unexpanded.
                 tags=self._tags() | {"cocomix.branch": branch["name"], "cocomix.kind": branch["kind"],
                                      tracking.EXPERIMENT_RUN_TAG: self.parent_run_id},
                 tracking_uri=self.tracking_uri,

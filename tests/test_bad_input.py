@@ -513,7 +513,7 @@ def test_two_flows_started_together_on_one_fresh_store_both_finish(tmp_path):
     if "Default" in experiments:
         assert client.search_runs([experiments["Default"]]) == []
     runs = client.search_runs([experiments["cocomix-flow"]])
-    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    parents = [run for run in runs if run.info.run_name.startswith("CocomixFlow/")]
     assert len(parents) == 2 and all(run.info.status == "FINISHED" for run in runs)
     branch_runs = [run for run in runs if run.info.run_name.startswith("train/")]
     assert len(branch_runs) == 4
