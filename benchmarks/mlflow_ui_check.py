@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--store", required=True, help="the flow run's tracking URI (sqlite:///...)")
     parser.add_argument("--experiment", default="cocomix-flow")
     parser.add_argument("--out", type=Path, default=Path("mlflow_ui.png"))
-    parser.add_argument("--budget-ms", type=int, default=20000, help="virtual time the page gets to render")
+    parser.add_argument("--budget-ms", type=int, default=60000, help="virtual time the page gets to render")
     args = parser.parse_args()
     port = free_port()
     ui = start_ui(args.store, port, args.out.with_suffix(".log"))
@@ -88,7 +88,7 @@ def main() -> None:
         started = time.perf_counter()
         screenshot(chart, args.out, args.budget_ms)
         print(f"{chart}\n  -> {args.out} ({time.perf_counter() - started:.1f} s)")
-        models = f"{base}/#/experiments/{links.experiment_id}/models"
+        models = f"{base}/#/experiments/{links.experiment_id}/models?workflowType=machine_learning"
         screenshot(models, args.out.with_name(f"{args.out.stem}_models.png"), args.budget_ms)
         print(f"{models}\n  -> {args.out.with_name(f'{args.out.stem}_models.png')}")
     finally:
