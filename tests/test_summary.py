@@ -68,6 +68,7 @@ def test_end_text_links_runs_that_exist_in_a_sqlite_store(report, tmp_path):
     chart = re.search(r"(http://127\.0\.0\.1:5000/#/experiments/\w+/runs\?\S+)", text).group(1)
     runs = _listed_runs(chart, store, links.experiment_id)
     assert sorted(run.info.run_name for run in runs) == ["train/cocomix", "train/ntp"]
+    assert f"  checkpoints: http://127.0.0.1:5000/#/experiments/{links.experiment_id}/models?workflowType=machine_learning" in text
     parent = re.search(r"#/experiments/(\w+)/runs/(\w+)", text)
     assert MlflowClient(store).get_run(parent.group(2)).info.run_name == "CocomixFlow/7" and parent.group(1) == links.experiment_id
 

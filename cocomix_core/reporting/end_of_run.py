@@ -103,6 +103,8 @@ def next_commands(links: RunLinks) -> list[str]:
     lines += [
         f"  then open {branch_chart_url(links)}   (every branch on one chart per metric, against training tokens)",
         f"  this run: {run_url(links)}   (report, description)",
+        f"  checkpoints: {ui_base_url(links.tracking_uri)}/#/experiments/{links.experiment_id}/models"
+        "?workflowType=machine_learning   (each an MLflow model with its eval metrics)",
         f"  {card_view_command(links)}   (the report card)",
     ]
     return lines
