@@ -28,7 +28,11 @@ from cocomix_core.concepts.stage import (
     obtain_teacher,
 )
 from cocomix_core.data.stage import PreparedData, prepare_data
-from cocomix_core.evaluation.stage import evaluate_checkpoint_job, log_evaluation
+from cocomix_core.evaluation.stage import (
+    checkpoint_model_id,
+    evaluate_checkpoint_job,
+    log_evaluation,
+)
 from cocomix_core.plumbing.keys import run_folder_key, section_params
 from cocomix_core.reporting.stage import report_arm, write_report
 from cocomix_core.training.stage import (
@@ -43,7 +47,7 @@ __all__ = [
     "PreparedData", "prepare_data",
     "Teacher", "SAE", "Labels", "TeacherLogits", "obtain_teacher", "fit_sae", "build_labels", "build_teacher_logits",
     "Checkpoint", "GangNode", "TrainedBranch", "train_branch", "train_gang_worker",
-    "evaluate_checkpoint_job", "log_evaluation",
+    "evaluate_checkpoint_job", "checkpoint_model_id", "log_evaluation",
     "report_arm", "write_report",
     "run_folder_key", "section_params",
 ]

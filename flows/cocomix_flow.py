@@ -4,16 +4,19 @@
     python flows/cocomix_flow.py run --settings smoke --set 'train.steps=8; eval.limit=4'
     python flows/cocomix_flow.py resume                            # after a failed step
     python flows/cocomix_flow.py card view <run id>/report --id report   # the report card, as an HTML file
-    mlflow ui --backend-store-uri sqlite:///<project>/mlruns.db    # every run, metric and artifact
+    mlflow ui --backend-store-uri sqlite:///$PWD/mlruns.db         # every run (beside .metaflow)
 
 Graph: start -> prepare -> concepts -> train (a foreach over branches: arm × seed × λ, in parallel)
-       -> train_gang (@parallel: compute.train.nodes nodes train the branch together) -> join_gang
+       -> train_one_node (compute.train.nodes == 1: a plain step, one pod or job)
+          | launch_gang -> train_gang (@parallel: the nodes train the branch together) -> join_gang
        -> trained -> evaluate (a nested foreach over that branch's checkpoints) -> join_checkpoints
        -> report -> end
+`train` picks the path with Metaflow's split-switch, so a one-node branch never needs a gang
+scheduler: on Kubernetes a gang is a JobSet (a controller many clusters lack), on AWS Batch a
+multi-node parallel job (which Fargate refuses); locally it is N processes of this machine.
 Node 0 of a gang logs to the branch's MLflow run and publishes its checkpoints; the others only
-train. A branch's checkpoints are evaluated as soon as its gang finishes, while other branches
-still train. One node is a gang of one (one code path for every node count); on Kubernetes a
-gang is a JobSet, on AWS Batch a multi-node parallel job, locally N processes of this machine.
+train. A branch's checkpoints are evaluated as soon as it is trained, while other branches
+still train.
 Each step is orchestration only: it reads the settings, calls one stage of cocomix_core/stages.py
 (which runs the same without Metaflow), prints the stage's note (what it did, or why it did
 nothing) and keeps the stage's small result as an artifact. The foreach values are short names
@@ -27,9 +30,10 @@ resources from these settings; commands that carry no `--settings` (`resume`,
 `argo-workflows create`) read $COCOMIX_SETTINGS / $COCOMIX_SET instead (cocomix_core/plumbing/launch.py).
 
 Lineage. `start` creates the MLflow experiment (once: tasks creating a SQLite store's schema
-or an experiment side by side corrupt it), the parent run, one child run per training
-branch (so a retried or resumed branch keeps logging into one run, and evaluation adds its
-metrics there at each checkpoint's step) and the `evaluation` run; the `prepare`, `teacher`
+or an experiment side by side corrupt it), the parent run, one run per training branch (so a
+retried or resumed branch keeps logging into one run, and evaluation adds its metrics there at each
+checkpoint's step; top level, tagged `cocomix.experiment_run` = the parent's id, so MLflow's UI
+lists and charts the branches without unfolding the parent) and the `evaluation` run; the `prepare`, `teacher`
 and `sae` runs are created by the steps doing that work. Runs carry the lineage tags of the
 task that created them (a branch's run: of the task that trained it); every step keeps the
 MLflow run ids as artifacts. A `resume` clones the steps that finished (their code does not
@@ -40,7 +44,7 @@ links the two runs' tasks itself (origin-run-id); `end`, which a resume always r
 is cloned), gives the resumed run the Metaflow tag `origin_run:<origin run id>`.
 
 Storage. Shards, checkpoints and caches live under a storage root (`compute.storage_root`;
-default: <project>/artifacts, or next to an S3 datastore) at keys derived from what they
+default: `artifacts/` beside the local `.metaflow`, or next to an S3 datastore) at keys derived from what they
 contain, so a rerun skips work already done: data/<data settings>, teacher/…, sae/…,
 labels/…, teacher_logits/…; training folders live at runs/<origin run id>/<branch>, so a retried or resumed
 branch continues from its own last checkpoint. Metaflow artifacts hold only URIs, digests,
@@ -48,7 +52,7 @@ run ids and metric summaries.
 
 Test hook. COCOMIX_FAIL_ONCE=<step>[,<step>...] makes the first task of each named step raise
 once per experiment (a marker file in the temp folder, keyed by the origin run id, remembers
-it), so tests can exercise `@retry` (train_gang) and `resume` (any other step).
+it), so tests can exercise `@retry` (train_one_node, train_gang) and `resume` (any other step).
 """
 
 from __future__ import annotations
@@ -208,8 +212,11 @@ class CocomixFlow(FlowSpec):
         # The foreach runs over short names (readable labels in the UI); the full branches stay in `branches`.
         self.branches = {branch.name: branch.model_dump() for branch in training_branches(settings)}
         self.branch_names = list(self.branches)
-        self.storage_root = settings.compute.storage_root or default_storage_root(self._datastore_root())
-        self.tracking_uri = tracking.resolve_tracking_uri(settings.tracking.mlflow_uri)
+        datastore_root = self._datastore_root()
+        self.storage_root = settings.compute.storage_root or default_storage_root(datastore_root)
+        # Beside the local datastore, not the installed package; with an S3 datastore, where the flow was started.
+        home = Path(datastore_root).parent if not datastore_root.startswith("s3://") else None
+        self.tracking_uri = tracking.resolve_tracking_uri(settings.tracking.mlflow_uri, home=home)
         self._preflight(settings)
         self.experiment_id = tracking.ensure_experiment(settings.tracking.experiment_name, self.tracking_uri)
         created: list[str] = []  # no later step ends these runs if start does not finish: it ends them FAILED
@@ -263,12 +270,30 @@ class CocomixFlow(FlowSpec):
     @step
     @honest_step
     def train(self) -> None:
-        """One branch (arm × seed × λ): hand it to a gang of compute.train.nodes nodes (one node: a gang of one)."""
+        """One branch (arm × seed × λ): one node trains it in a plain step, several in a gang. A one-node branch
+        thus never needs a gang scheduler (Kubernetes' JobSet controller, AWS Batch's multi-node jobs)."""
         self.branch = self.branches[self.input]
         self.branch_index = self.index  # offsets the gang's rendezvous port: local gangs share one machine
-        nodes = self._settings().compute.train.nodes
-        print(f"{self.input}: training on {nodes} node{'s' if nodes > 1 else ''}")
-        self.next(self.train_gang, num_parallel=nodes)
+        self.nodes = self._settings().compute.train.nodes
+        self.placement = "gang" if self.nodes > 1 else "one_node"
+        print(f"{self.input}: training on {self.nodes} node{'s' if self.nodes > 1 else ''}")
+        self.next({"one_node": self.train_one_node, "gang": self.launch_gang}, condition="placement")
+
+    @resources(**_resources("train"))
+    @retry(times=LAUNCH.compute.train.retries, minutes_between_retries=0)
+    @step
+    @honest_step
+    def train_one_node(self) -> None:
+        """The branch on one node (a plain pod or job): it logs to MLflow and publishes the checkpoints. A retried
+        or resumed task continues from the branch's last checkpoint."""
+        self._train_node(stages.GangNode())
+        self.next(self.trained)
+
+    @step
+    @honest_step
+    def launch_gang(self) -> None:
+        """Start the branch's gang of compute.train.nodes nodes (Metaflow: the step before @parallel sizes it)."""
+        self.next(self.train_gang, num_parallel=self.nodes)
 
     @resources(**_resources("train"))
     @retry(times=LAUNCH.compute.train.retries, minutes_between_retries=0)
@@ -278,29 +303,8 @@ class CocomixFlow(FlowSpec):
     def train_gang(self) -> None:
         """One node of the branch's gang; node 0 logs to MLflow and publishes the checkpoints. A retried or
         resumed gang continues from the branch's last checkpoint."""
-        from cocomix_core.plumbing import tracking
-        from settings import Branch
-
-        settings = self._settings()
-        self._fail_once()
-        branch = Branch(**self.branch)
-        node = stages.GangNode(index=current.parallel.node_index, nodes=current.parallel.num_nodes,
-                               main_ip=current.parallel.main_ip, port_offset=self.branch_index)
-        self.node_index = node.index
-        folder_key = stages.run_folder_key(self._origin_run_id(), branch.name)
-        if node.index == 0:
-            with tracking.active_run(self.branch_run_ids[branch.name], self.tracking_uri) as tracker:
-                tracker.set_tags(self._tags())  # the branch's run now points at the task that trains it
-                with self._timed("train_branch"):
-                    trained = stages.train_branch(settings, self._storage(), branch, folder_key, self.data,
-                                                  self.teacher, self.sae, self.labels, tracker,
-                                                  teacher_logits=self.teacher_logits, node=node)
-            print(trained.note)
-            self.checkpoints = {checkpoint.name: checkpoint for checkpoint in trained.checkpoints}
-        else:
-            with self._timed("train_branch"):
-                print(stages.train_gang_worker(settings, self._storage(), branch, folder_key, self.data,
-                                               self.teacher, self.sae, self.labels, self.teacher_logits, node))
+        self._train_node(stages.GangNode(index=current.parallel.node_index, nodes=current.parallel.num_nodes,
+                                         main_ip=current.parallel.main_ip, port_offset=self.branch_index))
         self.next(self.join_gang)
 
     @step
@@ -316,7 +320,7 @@ class CocomixFlow(FlowSpec):
     @step
     @honest_step
     def trained(self) -> None:
-        """Fan out over the branch's checkpoints (Metaflow: a join cannot also split)."""
+        """Both training paths meet here; fan out over the branch's checkpoints (Metaflow: a join cannot also split)."""
         # The evaluate foreach runs over checkpoint names (step_000040); the checkpoints stay in `checkpoints`.
         self.checkpoint_names = list(self.checkpoints)
         self.next(self.evaluate, foreach="checkpoint_names")
@@ -325,8 +329,10 @@ class CocomixFlow(FlowSpec):
     @step
     @honest_step
     def evaluate(self) -> None:
-        """Validation perplexity and the lm-eval tasks of one checkpoint, logged at its step in the branch's run."""
+        """Validation perplexity and the lm-eval tasks of one checkpoint, logged at its step in the branch's run and
+        against the checkpoint's MLflow LoggedModel."""
         from cocomix_core.plumbing.tracking import MlflowTracker
+        from settings import Branch
 
         settings = self._settings()
         self.checkpoint = self.checkpoints[self.input]
@@ -335,9 +341,13 @@ class CocomixFlow(FlowSpec):
         with self._timed("evaluate_checkpoint"):
             self.metrics = stages.evaluate_checkpoint_job(settings, self._storage(), self.data, self.checkpoint, parallel)
         name = self.branch["name"]
+        self.model_id = stages.checkpoint_model_id(  # the checkpoint in MLflow's Models tab, its metrics linked
+            settings, Branch(**self.branch), self.checkpoint, self.experiment_id, self.branch_run_ids[name],
+            self.parent_run_id, self.tracking_uri,
+        )
         stages.log_evaluation(
             self.metrics, self.checkpoint, name, MlflowTracker(self.branch_run_ids[name], self.tracking_uri),
-            MlflowTracker(self.evaluation_run_id, self.tracking_uri),
+            MlflowTracker(self.evaluation_run_id, self.tracking_uri), model_id=self.model_id,
         )
         print(f"{name} {self.checkpoint.name} ({self.checkpoint.tokens_seen:,} tokens): "
               f"val ppl {self.metrics['eval/val_ppl']:.4g}")
@@ -383,7 +393,8 @@ class CocomixFlow(FlowSpec):
     @step
     @honest_step
     def end(self) -> None:
-        """Print the verdict and where to look further; describe and close the parent MLflow run; tag a resume."""
+        """Print the verdict and where to look further; describe and close the parent MLflow run; tag a resume;
+        register the best final checkpoint when tracking.register_best names a registered model."""
         from metaflow import Run, namespace
 
         from cocomix_core.plumbing import tracking
@@ -400,8 +411,15 @@ class CocomixFlow(FlowSpec):
             self.tracking_uri, self.experiment_id, self.parent_run_id, self.branch_run_ids,
             flow_file=sys.argv[0], card_pathspec=self.report_pathspec,
         )
-        tracking.set_description(self.parent_run_id, end_of_run.description_markdown(
-            self.report_content, end_of_run.settings_summary(self._settings())), self.tracking_uri)
+        settings = self._settings()
+        description = end_of_run.description_markdown(self.report_content, end_of_run.settings_summary(settings))
+        tracking.set_description(self.parent_run_id, description, self.tracking_uri)
+        if settings.tracking.register_best:
+            version = tracking.register_best_checkpoint(
+                settings.tracking.register_best, self.experiment_id, self.parent_run_id, description,
+                run_link=end_of_run.run_url(links), tracking_uri=self.tracking_uri,
+            )
+            print(f"registered the best final checkpoint as {version.name} version {version.version} ({version.source})")
         for run_id in (self.evaluation_run_id, self.parent_run_id):
             tracking.end_run(run_id, "FINISHED", self.tracking_uri)
         print(end_of_run.result_text(self.report_content, links))
@@ -431,6 +449,31 @@ class CocomixFlow(FlowSpec):
     def _datastore_root(self) -> str:
         # Metaflow has no public accessor for the datastore a run writes to; storage sits beside it.
         return self._datastore.parent_datastore.datastore_root
+
+    def _train_node(self, node: stages.GangNode) -> None:
+        """Train this task's part of the branch: node 0 logs to the branch's run and publishes the checkpoints
+        (artifact `checkpoints`), any other node of a gang only trains."""
+        from cocomix_core.plumbing import tracking
+        from settings import Branch
+
+        settings = self._settings()
+        self._fail_once()
+        branch = Branch(**self.branch)
+        self.node_index = node.index
+        folder_key = stages.run_folder_key(self._origin_run_id(), branch.name)
+        inputs = (self.data, self.teacher, self.sae, self.labels)
+        if node.index > 0:
+            with self._timed("train_branch"):
+                print(stages.train_gang_worker(settings, self._storage(), branch, folder_key, *inputs,
+                                               self.teacher_logits, node))
+            return
+        with tracking.active_run(self.branch_run_ids[branch.name], self.tracking_uri) as tracker:
+            tracker.set_tags(self._tags())  # the branch's run now points at the task that trains it
+            with self._timed("train_branch"):
+                trained = stages.train_branch(settings, self._storage(), branch, folder_key, *inputs, tracker,
+                                              teacher_logits=self.teacher_logits, node=node)
+        print(trained.note)
+        self.checkpoints = {checkpoint.name: checkpoint for checkpoint in trained.checkpoints}
 
     def _origin_run_id(self) -> str:
         """The run this experiment started as: the same for a run and all its resumes."""
@@ -483,8 +526,10 @@ class CocomixFlow(FlowSpec):
             self.branch_run_ids[branch["name"]] = tracking.create_run(
                 self.experiment_id,
                 f"train/{branch['name']}",
-                parent_run_id=self.parent_run_id,
-                tags=self._tags() | {"cocomix.branch": branch["name"], "cocomix.kind": branch["kind"]},
+                # Top-level runs tied to the parent by a tag: MLflow's UI folds child runs under their parent, so
+                # only top-level branch runs show (and chart, one line each) from the printed link unexpanded.
+                tags=self._tags() | {"cocomix.branch": branch["name"], "cocomix.kind": branch["kind"],
+                                     tracking.EXPERIMENT_RUN_TAG: self.parent_run_id},
                 tracking_uri=self.tracking_uri,
             )
             created.append(self.branch_run_ids[branch["name"]])

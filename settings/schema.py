@@ -260,8 +260,13 @@ class EvalSettings(Strict):
 class TrackingSettings(Strict):
     """MLflow: where runs are stored and under which experiment."""
 
-    mlflow_uri: str | None = Field(None, description="None: $MLFLOW_TRACKING_URI, else sqlite at <project>/mlruns.db")
+    mlflow_uri: str | None = Field(None, description="None: $MLFLOW_TRACKING_URI, else sqlite mlruns.db beside the local .metaflow folder")
     experiment_name: str = "cocomix-flow"
+    register_best: str | None = Field(
+        None, min_length=1,
+        description="a registered model name: the run registers its best final checkpoint (lowest val ppl) as a new "
+                    "version of it, with the run's link and verdict; None: nothing is registered",
+    )
 
 
 class StepResources(Strict):
@@ -309,7 +314,10 @@ class ComputeSettings(Strict):
     concepts: StepResources = StepResources(cpus=2, memory_mb=8192)
     train: TrainResources = TrainResources()
     evaluate: StepResources = StepResources()
-    storage_root: str | None = Field(None, description="folder or s3:// URI for shards and checkpoints; None: <project>/artifacts")
+    storage_root: str | None = Field(
+        None, description="folder or s3:// URI for shards and checkpoints; None: artifacts/ beside the local "
+                          ".metaflow folder, or <datastore root>/cocomix-storage on S3",
+    )
 
 
 class ExperimentSettings(Strict):

@@ -167,7 +167,7 @@ SUBPROCESS_CASES = {
         lambda p: [str(p["checkpoint_zeroed"] / "model.safetensors"), "sha256"],
     ),
     "data_utf16_corpus": (
-        lambda p: ["cocomix_core.data.corpus", "--settings", "smoke", "--set", "data.source=files",
+        lambda p: ["cocomix_core.data", "--settings", "smoke", "--set", "data.source=files",
                    "--set", f"data.path={p['utf16'].parent}", "--out", str(p["root"] / "out_utf16")],
         lambda p: [str(p["utf16"]), "UTF-16"],
     ),
@@ -315,7 +315,7 @@ DATA_CASES = {
 
 @pytest.mark.parametrize("case", sorted(DATA_CASES))
 def test_data_cli_names_the_bad_input(case, inputs, tmp_path):
-    from cocomix_core.data.corpus import main
+    from cocomix_core.data.__main__ import main
 
     argv, words = DATA_CASES[case]
     message = _exit_message(main, ["--settings", "smoke", *argv(inputs), "--out", str(tmp_path / "out")])
@@ -577,7 +577,7 @@ def test_two_flows_started_together_on_one_fresh_store_both_finish(tmp_path):
     if "Default" in experiments:
         assert client.search_runs([experiments["Default"]]) == []
     runs = client.search_runs([experiments["cocomix-flow"]])
-    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    parents = [run for run in runs if run.info.run_name.startswith("CocomixFlow/")]
     assert len(parents) == 2 and all(run.info.status == "FINISHED" for run in runs)
     branch_runs = [run for run in runs if run.info.run_name.startswith("train/")]
     assert len(branch_runs) == 4

@@ -345,7 +345,7 @@ def test_refuses_to_replace_a_folder_that_is_not_prepared_data(corpus, tmp_path)
 
 def test_cli_prepares_the_smoke_corpus(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "cocomix_core.data.corpus", "--settings", "smoke", "--out", str(tmp_path / "smoke")],
+        [sys.executable, "-m", "cocomix_core.data", "--settings", "smoke", "--out", str(tmp_path / "smoke")],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
@@ -357,7 +357,7 @@ def test_cli_prepares_the_smoke_corpus(tmp_path):
 
 def test_cli_reports_errors_without_a_traceback(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "cocomix_core.data.corpus", "--settings", "smoke", "--set", "data.source=files",
+        [sys.executable, "-m", "cocomix_core.data", "--settings", "smoke", "--set", "data.source=files",
          "--set", f"data.path={tmp_path / 'nowhere'}", "--out", str(tmp_path / "out")],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
@@ -411,3 +411,25 @@ def test_teacher_tokenizer_is_saved_beside_the_data_and_changes_the_digest(corpu
         "peace and trade")
     train = load_split(tmp_path / "neox_data", "train")
     assert train.max() < tokenizer.vocab_size and int(train[-1]) == tokenizer.eos_id
+
+
+@pytest.mark.slow  # converts the packaged SmolLM2 GGUF once: tens of seconds on 2 cores
+def test_the_data_command_line_tokenizes_with_the_presets_tokenizer(tmp_path):
+    """`python -m cocomix_core.data` with `tokenizer.name: teacher` (the cpu preset's) writes the teacher's tokens,
+    as the flow's `prepare` does, not GPT-2's; its teacher goes under the default storage root of its folder."""
+    from cocomix_core.data.stage import TASKS_DIR, data_tokenizer_for
+    from cocomix_core.plumbing.storage import Storage
+    from settings import load_settings
+
+    # The cpu preset says tokenizer.name: teacher (SmolLM2); a dozen documents keep it short.
+    overrides = ["data.max_documents=12", "data.min_val_tokens=4000", "data.offline_task_items=12"]
+    argv = ["--settings", "cpu", *(item for override in overrides for item in ("--set", override))]
+    env = {name: value for name, value in os.environ.items() if name != "METAFLOW_DATASTORE_SYSROOT_LOCAL"}
+    result = subprocess.run([sys.executable, "-m", "cocomix_core.data", *argv, "--out", str(tmp_path / "out")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    teacher_tokenizer = data_tokenizer_for(load_settings("cpu", overrides), Storage(str(tmp_path / "artifacts")))
+    assert manifest["tokenizer"]["name"] != "gpt2"
+    assert manifest["tokenizer"]["digest"] == teacher_tokenizer.digest
+    assert (tmp_path / "out" / TASKS_DIR).is_dir(), "the offline lm-eval tasks the flow's prepare builds too"

@@ -241,7 +241,7 @@ def test_the_data_command_prepares_a_zeroed_shard_again(smoke_data, tmp_path):
     original = (folder / "train.bin").read_bytes()
     zero_in_place(folder / "train.bin")
     result = subprocess.run(
-        [sys.executable, "-m", "cocomix_core.data.corpus", "--settings", "smoke", "--out", str(folder)],
+        [sys.executable, "-m", "cocomix_core.data", "--settings", "smoke", "--out", str(folder)],
         cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
@@ -326,12 +326,12 @@ def test_ctrl_c_during_training_then_resume_leaves_honest_runs_and_no_temp_folde
     seen, deadline = [], time.monotonic() + INTERRUPT_LIMIT_S
     for line in flow.stdout:  # a training progress line: the branch is between its steps
         seen.append(line)
-        if "/train_gang/" in line and re.search(r"\] step \d+/\d+", line) or time.monotonic() > deadline:
+        if "/train_one_node/" in line and re.search(r"\] step \d+/\d+", line) or time.monotonic() > deadline:
             break
     os.killpg(flow.pid, signal.SIGINT)
     seen.append(flow.communicate(timeout=120)[0])
     assert flow.returncode != 0, "".join(seen)[-3000:]
-    assert "/train_gang/" in "".join(seen) and "Workflow interrupted" in "".join(seen), "".join(seen)[-3000:]
+    assert "/train_one_node/" in "".join(seen) and "Workflow interrupted" in "".join(seen), "".join(seen)[-3000:]
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("cocomix-flow").experiment_id

@@ -132,7 +132,7 @@ class Experiment:
 
     @property
     def parent(self) -> Any:
-        (parent,) = [run for run in self.runs if "mlflow.parentRunId" not in run.data.tags]
+        (parent,) = [run for run in self.runs if run.info.run_name.startswith("CocomixFlow/")]
         return parent
 
 
@@ -156,7 +156,8 @@ def run_smoke(root: Path, env: dict[str, str], experiment_name: str = "cocomix-f
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> Experiment:
     root = tmp_path_factory.mktemp("smoke")
-    return run_smoke(root, flow_env(root, COCOMIX_FAIL_ONCE="train_gang,report"))
+    return run_smoke(root, flow_env(root, COCOMIX_FAIL_ONCE="train_one_node,report"),
+                     overrides="tracking.register_best=cocomix-smoke")
 
 
 def check_lineage(experiment: Experiment) -> None:
@@ -177,12 +178,14 @@ def test_one_parent_run_with_a_child_per_piece_of_work(smoke: Experiment):
 def check_run_tree(smoke: Experiment) -> None:
     parent = smoke.parent
     assert parent.info.status == "FINISHED"
-    children = [run for run in smoke.runs if run is not parent]
-    assert all(run.data.tags["mlflow.parentRunId"] == parent.info.run_id for run in children)
-    assert sorted(run.info.run_name for run in children) == sorted(
-        ["prepare", "teacher", "sae", "evaluation", *(f"train/{arm}" for arm in ARMS)]
-    )
-    assert all(run.info.status == "FINISHED" for run in children)
+    children = [run for run in smoke.runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(run.info.run_name for run in children) == sorted(["prepare", "teacher", "sae", "evaluation"])
+    # Branch runs are top level (the UI then charts them unfolded), tied to the parent by a tag.
+    branches = [run for run in smoke.runs if run.data.tags.get("cocomix.experiment_run") == parent.info.run_id]
+    assert sorted(run.info.run_name for run in branches) == sorted(f"train/{arm}" for arm in ARMS)
+    assert not any("mlflow.parentRunId" in run.data.tags for run in branches)
+    assert len(smoke.runs) == 1 + len(children) + len(branches)
+    assert all(run.info.status == "FINISHED" for run in children + branches)
 
 
 @pytest.mark.slow
@@ -203,7 +206,8 @@ def check_lineage_tags(smoke: Experiment) -> None:
     cocomix = smoke.named("train/cocomix")[0].data.params
     assert cocomix["arm.kind"] == "cocomix" and cocomix["branch.name"] == "cocomix"
     assert smoke.named("teacher")[0].data.tags["metaflow.step"] == "concepts"
-    assert smoke.named("train/ntp")[0].data.tags["metaflow.step"] == "train_gang"
+    # One node per branch: trained in a plain step, never a gang (a JobSet on Kubernetes).
+    assert smoke.named("train/ntp")[0].data.tags["metaflow.step"] == "train_one_node"
 
 
 @pytest.mark.slow
@@ -224,6 +228,19 @@ def check_dataset_inputs(smoke: Experiment) -> None:
 
 
 @pytest.mark.slow
+def test_the_data_command_line_prepares_what_the_flow_prepared(smoke: Experiment, tmp_path: Path):
+    """`python -m cocomix_core.data` with the smoke run's settings writes the manifest the flow's `prepare` wrote."""
+    from cocomix_core.data.corpus import MANIFEST_FILE, data_digest
+
+    (prepared,) = [item.dataset for item in smoke.named("prepare")[0].inputs.dataset_inputs]
+    flow_digest = data_digest(json.loads(smoke.read_stored(f"{json.loads(prepared.source)['uri']}/{MANIFEST_FILE}")))
+    result = subprocess.run([sys.executable, "-m", "cocomix_core.data", "--settings", "smoke", "--out", str(tmp_path / "out")],
+                            env=smoke.env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, tail(result)
+    assert json.loads(result.stdout[result.stdout.index("{"):])["data_digest"] == flow_digest
+
+
+@pytest.mark.slow
 def test_both_arms_have_eval_metrics_at_every_checkpoint_step_in_their_own_runs(smoke: Experiment):
     check_eval_metrics(smoke)
 
@@ -241,8 +258,30 @@ def check_eval_metrics(smoke: Experiment) -> None:
         listed = json.loads(Path(smoke.client.download_artifacts(run_id, "checkpoints.json")).read_text())
         assert [entry["step"] for entry in listed] == list(smoke.steps)
         assert all(json.loads(smoke.read_stored(f"{entry['uri']}/config.json")) for entry in listed)
+        by_tokens = smoke.client.get_metric_history(run_id, "by_tokens/eval/val_ppl")  # the chart view's token axis
+        assert sorted(point.step for point in by_tokens) == [step * 4 * 32 for step in smoke.steps]
+        check_checkpoint_models(smoke, arm, run_id, listed)
     sae = smoke.named("sae")[0].data.metrics
     assert {"sae/fvu", "sae/dead_fraction", "sae/mean_l0"} <= set(sae)
+
+
+def check_checkpoint_models(smoke: Experiment, arm: str, run_id: str, listed: list[dict[str, Any]]) -> None:
+    """Each published checkpoint of the branch is an external LoggedModel of its run, found by tag, at its storage
+    URI, with the branch's settings as params and its evaluation's metrics linked (once, despite the resume)."""
+    from cocomix_core.plumbing import tracking
+
+    experiment = smoke.parent.info.experiment_id
+    models = tracking.find_checkpoint_models(
+        experiment, {"cocomix.branch": arm, "cocomix.experiment_run": smoke.parent.info.run_id}, smoke.env["MLFLOW_TRACKING_URI"])
+    by_step = {int(model.tags["cocomix.step"]): model for model in models}
+    assert sorted(by_step) == list(smoke.steps), arm
+    for entry in listed:
+        model = by_step[entry["step"]]
+        assert model.source_run_id == run_id and model.tags[tracking.CHECKPOINT_URI_TAG] == entry["uri"]
+        assert model.tags["cocomix.tokens_seen"] == str(entry["tokens_seen"]) and model.tags["cocomix.kind"] == arm
+        assert model.params["branch.name"] == arm and model.tags["mlflow.model.isExternal"] == "true"
+        linked = [point.key for point in smoke.client.get_logged_model(model.model_id).metrics]
+        assert linked.count("eval/val_ppl") == 1, (arm, entry["step"], linked)
 
 
 def check_report_on_parent(smoke: Experiment) -> None:
@@ -336,7 +375,7 @@ def test_resume_reruns_only_the_failed_steps_and_links_both_runs(smoke: Experime
 def test_a_failed_training_task_is_retried_and_finishes(smoke: Experiment):
     attempts = metaflow_query(
         "run = [run for run in Flow('CocomixFlow') if not run.successful][0]\n"
-        "print(json.dumps(sorted(task.current_attempt for task in run['train_gang'])))",
+        "print(json.dumps(sorted(task.current_attempt for task in run['train_one_node'])))",
         smoke.env,
     )
     assert attempts == [0, 1]
@@ -362,7 +401,7 @@ def test_the_output_is_lines_a_person_reads_and_every_step_says_something(smoke:
     for match in map(_TASK_LINE.search, output.splitlines()):
         if match and not match.group(4).startswith(_SYSTEM_MESSAGES):
             said.setdefault(match.group(1, 2, 3), []).append(match.group(4))
-    steps = ("start", "prepare", "concepts", "train", "train_gang", "evaluate", "join_checkpoints", "report", "end")
+    steps = ("start", "prepare", "concepts", "train", "train_one_node", "evaluate", "join_checkpoints", "report", "end")
     assert [step for step in steps if not any(task[1] == step for task in said)] == [], sorted(said)
     for task, lines in said.items():  # a warning comes once per task, never once per input or batch
         repeated = {line: count for line, count in Counter(lines).items() if count > 1 and "warn" in line.lower()}
@@ -381,11 +420,30 @@ def test_the_end_step_prints_the_verdict_and_links_to_runs_that_exist(smoke: Exp
     store = smoke.env["MLFLOW_TRACKING_URI"]
     assert f"mlflow ui --backend-store-uri {store}" in text
     assert re.search(r"card view \d+/report --id report", text), text
-    query = urllib.parse.parse_qs(re.search(r"#/compare-runs\?(\S+)", text).group(1))
-    runs = [smoke.client.get_run(run_id) for run_id in json.loads(query["runs"][0])]
-    assert sorted(run.info.run_name for run in runs) == sorted(f"train/{arm}" for arm in ARMS)
+    # The chart link opens the Model-training view as charts, listing exactly this run's branch runs.
+    experiment, query = re.search(r"#/experiments/(\w+)/runs\?(\S+)", text).groups()
+    query = urllib.parse.parse_qs(query)
+    assert query["workflowType"] == ["machine_learning"] and query["compareRunsMode"] == ["CHART"]
+    listed = smoke.client.search_runs([experiment], query["searchFilter"][0])
+    assert sorted(run.info.run_name for run in listed) == sorted(f"train/{arm}" for arm in ARMS)
     experiment, parent = re.search(r"#/experiments/(\w+)/runs/(\w+)", text).groups()
     assert parent == smoke.parent.info.run_id and experiment == smoke.parent.info.experiment_id
+
+
+@pytest.mark.slow
+def test_the_best_final_checkpoint_is_registered_at_its_uri_with_the_verdict(smoke: Experiment):
+    from transformers import AutoModelForCausalLM
+
+    (version,) = smoke.client.search_model_versions("name = 'cocomix-smoke'")
+    content = json.loads(Path(smoke.client.download_artifacts(smoke.parent.info.run_id, "report/report.json")).read_text())
+    best = min(content["table"], key=lambda row: row["final_val_ppl"])["branch"]
+    assert version.run_id == smoke.named(f"train/{best}")[0].info.run_id
+    assert version.source.endswith(f"/{best}/checkpoints/step_{smoke.steps[-1]:06d}")
+    assert all(line in version.description for line in content["verdict"])
+    assert version.run_link.endswith(f"/runs/{smoke.parent.info.run_id}")
+    assert f"registered the best final checkpoint as cocomix-smoke version {version.version}" in smoke.output
+    loaded = AutoModelForCausalLM.from_pretrained(version.source)
+    assert loaded.config.model_type == {"ntp": "gpt2", "cocomix": "cocomix"}[best]
 
 
 @pytest.mark.slow
@@ -397,7 +455,7 @@ def test_the_flow_on_object_storage_and_a_tracking_server_passes_the_same_lineag
     continues it; nothing lands in "Default", every point is there once, and the checks above all hold."""
     prefix = "flow-s3"
     env = flow_env(tmp_path, **s3_server.env, METAFLOW_DATASTORE_SYSROOT_S3=f"s3://{s3_server.bucket}/{prefix}",
-                   MLFLOW_TRACKING_URI=mlflow_server.url, COCOMIX_FAIL_ONCE="train_gang")
+                   MLFLOW_TRACKING_URI=mlflow_server.url, COCOMIX_FAIL_ONCE="train_one_node")
     # One checkpoint per arm keeps this run short; the shape of the work is the same.
     short = "train.steps=4; train.checkpoint_every=4; train.eval_every=4"
     served = run_smoke(tmp_path, env, experiment_name="cocomix-flow-served", resume=False,

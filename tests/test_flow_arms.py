@@ -126,7 +126,7 @@ def test_every_branch_trains_and_mlflow_holds_its_evaluation_with_intervals(arms
 
 @pytest.mark.slow
 def test_the_verdict_lists_each_arm_against_ntp_and_the_ablations_against_cocomix(arms_run: ArmsRun):
-    parent = next(run for run in arms_run.runs if "mlflow.parentRunId" not in run.data.tags)
+    parent = next(run for run in arms_run.runs if run.info.run_name.startswith("CocomixFlow/"))
     report_dir = Path(arms_run.client.download_artifacts(parent.info.run_id, "report"))
     markdown = (report_dir / "report.md").read_text()
     verdict = markdown.split("## Verdict", 1)[1].split("\n## ", 1)[0]

@@ -22,10 +22,13 @@ SHORT = ["train.steps=4", "train.eval_every=4", "train.checkpoint_every=4"]
 
 
 def test_two_node_gangs_train_like_one_process_with_two_accumulation_steps(tmp_path: Path):
+    # No storage root and no MLflow store given: both default to beside the run's .metaflow (here tmp_path,
+    # where flow_env puts Metaflow's local datastore), not beside the package the flow imports.
     storage = tmp_path / "artifacts"
     # eval.tasks=[]: validation perplexity is all this checks, and no evaluate task pays lm-eval's import.
-    overrides = [*SHORT, "compute.train.nodes=2", "eval.tasks=[]", f"compute.storage_root={storage}"]
+    overrides = [*SHORT, "compute.train.nodes=2", "eval.tasks=[]"]
     env = flow_env(tmp_path)
+    del env["MLFLOW_TRACKING_URI"]
     result = run_flow(["run", "--settings", "smoke", "--set", "; ".join(overrides)], env, cwd=tmp_path)
     assert result.returncode == 0, tail(result)
     output = result.stdout + result.stderr
@@ -47,11 +50,12 @@ def test_two_node_gangs_train_like_one_process_with_two_accumulation_steps(tmp_p
         "print(json.dumps([task.id for task in Flow('CocomixFlow').latest_run['train_gang']]))", env
     )
     assert len(tasks) == 4 and sum(task.endswith("_node_1") for task in tasks) == 2, tasks
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
     experiment = client.get_experiment_by_name("cocomix-flow")
     for arm in ARMS:
         (run,) = client.search_runs([experiment.experiment_id], f"attributes.run_name = 'train/{arm}'")
         assert run.info.status == "FINISHED"
         assert [point.step for point in client.get_metric_history(run.info.run_id, "train/loss")] == [4]
         assert run.data.tags["world_size"] == "2"  # the trainer saw one process group over both nodes
+        assert run.data.tags["metaflow.step"] == "train_gang"  # the split-switch sent the branch to the gang
         assert [point.step for point in client.get_metric_history(run.info.run_id, "eval/val_ppl")] == [4]

@@ -194,9 +194,36 @@ def test_keys_cannot_escape_the_root(tmp_path: Path):
 
 def test_default_storage_root():
     assert default_storage_root("s3://bucket/metaflow/") == "s3://bucket/metaflow/cocomix-storage"
-    local = Path(default_storage_root(None))
-    assert local.name == "artifacts" and (local.parent / "cocomix_core").is_dir()
-    assert default_storage_root("/home/me/.metaflow") == str(local)
+    assert default_storage_root("/home/me/.metaflow") == "/home/me/artifacts"
+
+
+def test_a_clone_run_with_the_package_installed_elsewhere_keeps_storage_and_store_beside_its_datastore(tmp_path):
+    """The package imports from this checkout (as an editable install of another checkout would); the run
+    starts in a subfolder of a clone whose `.metaflow` sits at its root: Metaflow's datastore, the storage root
+    and the MLflow store must all land in the clone, none beside the package."""
+    package_home = Path(__file__).resolve().parent.parent
+    clone = tmp_path / "clone"
+    (clone / ".metaflow").mkdir(parents=True)
+    (clone / "flows").mkdir()
+    script = ("from cocomix_core.plumbing.storage import default_storage_root\n"
+              "from cocomix_core.plumbing import tracking\n"
+              "import cocomix_core\n"
+              "print(cocomix_core.__file__)\nprint(default_storage_root(None))\nprint(tracking.resolve_tracking_uri())")
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("METAFLOW_DATASTORE_SYSROOT_LOCAL", "MLFLOW_TRACKING_URI")} | {"PYTHONPATH": str(package_home)}
+    result = subprocess.run([sys.executable, "-c", script], cwd=clone / "flows", env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    imported, storage_root, store = result.stdout.strip().splitlines()[-3:]
+    assert Path(imported).is_relative_to(package_home)
+    assert storage_root == str(clone.resolve() / "artifacts")
+    assert store == f"sqlite:///{clone.resolve() / 'mlruns.db'}"
+    # Metaflow's own setting of where its local datastore lives moves both with it.
+    env["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = str(tmp_path / "elsewhere")
+    result = subprocess.run([sys.executable, "-c", script], cwd=clone / "flows", env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.stdout.strip().splitlines()[-2:] == [str(tmp_path / "elsewhere" / "artifacts"),
+                                                       f"sqlite:///{tmp_path / 'elsewhere' / 'mlruns.db'}"]
 
 
 # ----- S3 (moto server) ------------------------------------------------------------------------

@@ -36,8 +36,9 @@ def links_for(tracking_uri: str, tmp_path: Path) -> summary.RunLinks:
     """An experiment with a parent run and one run per branch, as the flow's start step makes them."""
     experiment = tracking.ensure_experiment("summary", tracking_uri=tracking_uri)
     parent = tracking.create_run(experiment, "CocomixFlow/7", tracking_uri=tracking_uri)
-    branches = {curve.name: tracking.create_run(experiment, f"train/{curve.name}", parent_run_id=parent,
-                                                tracking_uri=tracking_uri) for curve in CURVES}
+    branches = {curve.name: tracking.create_run(experiment, f"train/{curve.name}",
+                                                tags={tracking.EXPERIMENT_RUN_TAG: parent}, tracking_uri=tracking_uri)
+                for curve in CURVES}
     return summary.RunLinks(tracking_uri, experiment, parent, branches, "flows/cocomix_flow.py", "7/report")
 
 
@@ -64,15 +65,12 @@ def test_end_text_links_runs_that_exist_in_a_sqlite_store(report, tmp_path):
     text = summary.result_text(report, links)
     assert f"  mlflow ui --backend-store-uri {store} --port 5000\n" in text
     assert "  python flows/cocomix_flow.py card view 7/report --id report   (the report card)\n" in text
-    compare = re.search(r"(http://127\.0\.0\.1:5000/#/compare-runs\?\S+)", text).group(1)
-    query = urllib.parse.parse_qs(compare.split("?", 1)[1])
-    run_ids, experiments = json.loads(query["runs"][0]), json.loads(query["experiments"][0])
-    client = MlflowClient(store)
-    assert experiments == [links.experiment_id]
-    assert sorted(client.get_run(run_id).info.run_name for run_id in run_ids) == ["train/cocomix", "train/ntp"]
-    assert all(client.get_run(run_id).info.experiment_id == links.experiment_id for run_id in run_ids)
+    chart = re.search(r"(http://127\.0\.0\.1:5000/#/experiments/\w+/runs\?\S+)", text).group(1)
+    runs = _listed_runs(chart, store, links.experiment_id)
+    assert sorted(run.info.run_name for run in runs) == ["train/cocomix", "train/ntp"]
+    assert f"  checkpoints: http://127.0.0.1:5000/#/experiments/{links.experiment_id}/models?workflowType=machine_learning" in text
     parent = re.search(r"#/experiments/(\w+)/runs/(\w+)", text)
-    assert client.get_run(parent.group(2)).info.run_name == "CocomixFlow/7" and parent.group(1) == links.experiment_id
+    assert MlflowClient(store).get_run(parent.group(2)).info.run_name == "CocomixFlow/7" and parent.group(1) == links.experiment_id
 
 
 @pytest.mark.slow  # needs the session's mlflow server
@@ -80,14 +78,21 @@ def test_end_text_points_at_the_tracking_server_it_used(report, tmp_path, mlflow
     links = links_for(mlflow_server.url, tmp_path)
     text = summary.result_text(report, links)
     assert "mlflow ui" not in text  # the server serves its own UI
-    compare = re.search(r"(http://\S+/#/compare-runs\?\S+)", text).group(1)
-    assert compare.startswith(f"{mlflow_server.url}/#/compare-runs?")
-    run_ids = json.loads(urllib.parse.parse_qs(compare.split("?", 1)[1])["runs"][0])
-    for run_id in run_ids:  # the server the link points at knows each run
-        with urllib.request.urlopen(f"{mlflow_server.url}/api/2.0/mlflow/runs/get?run_id={run_id}") as response:
-            assert json.load(response)["run"]["info"]["experiment_id"] == links.experiment_id
-    with urllib.request.urlopen(compare.split("#")[0]) as response:  # the UI page itself
+    chart = re.search(r"(http://\S+/#/experiments/\w+/runs\?\S+)", text).group(1)
+    assert chart.startswith(f"{mlflow_server.url}/#/experiments/{links.experiment_id}/runs?")
+    runs = _listed_runs(chart, mlflow_server.url, links.experiment_id)  # the server the link points at lists them
+    assert sorted(run.info.run_name for run in runs) == ["train/cocomix", "train/ntp"]
+    with urllib.request.urlopen(chart.split("#")[0]) as response:  # the UI page itself
         assert response.status == 200 and b"<html" in response.read().lower()
+
+
+def _listed_runs(chart_url: str, store: str, experiment_id: str) -> list:
+    """The runs the chart link's view lists: its search filter, run against the store, in the Model-training view."""
+    experiment, query = re.search(r"#/experiments/(\w+)/runs\?(\S+)", chart_url).groups()
+    query = urllib.parse.parse_qs(query)
+    assert experiment == experiment_id
+    assert query["workflowType"] == ["machine_learning"] and query["compareRunsMode"] == ["CHART"]
+    return MlflowClient(store).search_runs([experiment], query["searchFilter"][0])
 
 
 def test_description_holds_settings_and_verdict_within_mlflow_limits(report, tmp_path):

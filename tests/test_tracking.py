@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -80,10 +81,11 @@ def test_memory_and_jsonl_trackers_keep_what_was_logged(tmp_path: Path):
     assert path.read_text().strip() == '{"metrics": {"train/loss": 1.5}, "step": 1}'
 
 
-def test_default_store_is_an_absolute_sqlite_path(monkeypatch):
+def test_default_store_is_an_absolute_sqlite_path_beside_the_datastore(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = tracking.resolve_tracking_uri()
     assert uri.startswith("sqlite:////") and uri.endswith("/mlruns.db")
+    assert tracking.resolve_tracking_uri(home=tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlruns.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/other.db")
     assert tracking.resolve_tracking_uri() == "sqlite:////tmp/other.db"
 
@@ -159,3 +161,59 @@ def test_parallel_branches_lose_no_points_through_a_tracking_server(mlflow_serve
     assert client.search_runs(["0"]) == []  # nothing landed in "Default"
     # artifacts went through the server into its own folder; the clients never wrote there
     assert sorted(p.name for p in mlflow_server.artifacts.rglob("*.txt")) == sorted(f"{b}.txt" for b in branches)
+
+
+@pytest.mark.parametrize("where", ["sqlite", "server"])
+def test_checkpoints_are_logged_models_with_linked_metrics_and_the_best_final_one_is_registered(
+    where: str, request: pytest.FixtureRequest, tmp_path: Path
+):
+    """Real checkpoints become external LoggedModels (no weights copied) in a SQLite store with local storage,
+    and behind a real `mlflow server` with S3 storage (a server refuses local paths as model sources): searchable
+    by tag, their eval metrics linked, the best final one registered at its storage URI."""
+    import uuid
+
+    from test_modeling import tiny_model
+    from transformers import AutoModelForCausalLM
+
+    from cocomix_core.plumbing.storage import Storage
+
+    if where == "sqlite":
+        uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", Storage(str(tmp_path / "storage"))
+    else:
+        uri, storage = request.getfixturevalue("mlflow_server").url, Storage(request.getfixturevalue("s3_root"))
+    experiment = tracking.ensure_experiment(f"models-{uuid.uuid4().hex[:8]}", tracking_uri=uri)  # the server is shared
+    parent = tracking.create_run(experiment, "CocomixFlow/1", tracking_uri=uri)
+    for branch, ppl in {"ntp": 30.0, "cocomix": 20.0}.items():
+        run = tracking.create_run(experiment, f"train/{branch}", parent_run_id=parent, tracking_uri=uri)
+        for step in (4, 8):
+            tiny_model(seed=step).save_pretrained(tmp_path / "written")
+            checkpoint_uri = storage.publish(tmp_path / "written", f"runs/{branch}/step_{step:06d}")
+            tags = {"branch": branch, "kind": branch, "seed": 0, "lambda": 0.1, "step": step, "tokens_seen": step * 128,
+                    "experiment_run": parent}
+            model_id = tracking.checkpoint_model(experiment, run, checkpoint_uri, tags, {"arm.kind": branch},
+                                                 name=f"{branch}-step_{step:06d}", tracking_uri=uri)
+            # A retried evaluation finds the model instead of making a second one.
+            assert tracking.checkpoint_model(experiment, run, checkpoint_uri, tags, {}, name="x", tracking_uri=uri) == model_id
+            tracker = tracking.MlflowTracker(run, uri)
+            tracker.log_metrics({"eval/val_ppl": ppl + 8 - step}, step=step * 128, model_id=model_id)
+            tracker.flush()
+
+    client = MlflowClient(uri)
+    (cocomix_final,) = tracking.find_checkpoint_models(experiment, {"cocomix.branch": "cocomix", "cocomix.step": "8"}, uri)
+    assert cocomix_final.tags["cocomix.tokens_seen"] == "1024" and cocomix_final.params == {"arm.kind": "cocomix"}
+    assert cocomix_final.tags[tracking.CHECKPOINT_URI_TAG] == storage.uri("runs/cocomix/step_000008")
+    assert [(point.key, point.value, point.step) for point in client.get_logged_model(cocomix_final.model_id).metrics] == [
+        ("eval/val_ppl", 20.0, 1024)]
+    assert len(tracking.find_checkpoint_models(experiment, {"cocomix.experiment_run": parent}, uri)) == 4
+    assert not any(path.name == "model.safetensors" for path in tmp_path.rglob("*") if "mlartifacts" in path.parts)
+
+    version = tracking.register_best_checkpoint("cocomix-best", experiment, parent, "CoCoMix beats NTP",
+                                                run_link="http://ui/#/runs/x", tracking_uri=uri)
+    registered = client.get_model_version("cocomix-best", version.version)
+    assert registered.source == storage.uri("runs/cocomix/step_000008")
+    assert registered.tags["cocomix.model_id"] == cocomix_final.model_id and registered.run_id == cocomix_final.source_run_id
+    assert json.loads(client.get_logged_model(cocomix_final.model_id).tags["mlflow.modelVersions"]) == [
+        {"name": "cocomix-best", "version": registered.version}]
+    assert registered.description == "CoCoMix beats NTP" and registered.run_link == "http://ui/#/runs/x"
+    loaded = AutoModelForCausalLM.from_pretrained(storage.materialize("runs/cocomix/step_000008"))
+    assert loaded.config.model_type == "cocomix"

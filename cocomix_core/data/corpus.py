@@ -1,6 +1,6 @@
 """Corpus preparation: documents -> tokens -> train.bin / val.bin (SPEC §1, §8).
 
-    python -m cocomix_core.data.corpus --settings cpu --set data.max_documents=100 --out DIR
+    python -m cocomix_core.data --settings cpu --set data.max_documents=100 --out DIR   # or ...data.corpus
 
 Every document is encoded with encode_ordinary and ended with one end-of-text
 token; the documents of each split are concatenated into one stream: uint16 while every id
@@ -20,7 +20,6 @@ of the documents and settings: the same inputs give byte-identical files.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import hashlib
@@ -30,7 +29,6 @@ import itertools
 import json
 import logging
 import re
-import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +51,6 @@ from cocomix_core.plumbing.files import (
     sha256_json,
 )
 from cocomix_core.plumbing.progress import track
-from settings.cli import add_settings_arguments, settings_from_args
 from settings.schema import DataSettings
 
 FORMAT_VERSION = 1
@@ -433,7 +430,7 @@ def load_manifest(data_dir: str | Path) -> dict[str, Any]:
     """The manifest.json of a prepared data folder."""
     path = Path(data_dir) / MANIFEST_FILE
     if not path.is_file():
-        raise DataError(f"{path} does not exist: {data_dir} is not a prepared data folder (python -m cocomix_core.data.corpus)")
+        raise DataError(f"{path} does not exist: {data_dir} is not a prepared data folder (python -m cocomix_core.data)")
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as error:
@@ -574,21 +571,3 @@ def training_windows(data_dir: str | Path, data: DataSettings) -> TrainWindows:
 def students_vocab_size(data_dir: str | Path) -> int:
     """Embedding rows of every student: the prepared data's tokenizer's size (GPT-2: 50257; others padded)."""
     return student_vocab_size(data_tokenizer(data_dir))
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Command line: prepare the corpus named by the settings into --out."""
-    parser = argparse.ArgumentParser(description="Tokenize the corpus into train.bin / val.bin with a manifest.")
-    add_settings_arguments(parser)
-    parser.add_argument("--out", required=True, help="output folder")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        manifest = prepare_corpus(settings_from_args(args).data, args.out)
-    except CocomixError as error:  # settings, corpus or tokenizer: one line naming it, no traceback
-        sys.exit(f"error: {error}")
-    print(json.dumps({"out": args.out, "splits": manifest["splits"], "data_digest": data_digest(manifest)}, indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -50,16 +50,12 @@ class PreparedData:
 def prepare_data(settings: ExperimentSettings, storage: Storage, tracker: MlflowTracker) -> PreparedData:
     """Corpus -> token shards + manifest and the offline lm-eval tasks, in storage (reused when already there)."""
     from cocomix_core.data import corpus
-    from cocomix_core.evaluation import offline_tasks
 
     tokenizer = data_tokenizer_for(settings, storage)
     key = cache_key("data", settings.data.model_dump(mode="json"), settings.tokenizer.name, tokenizer.digest)
     with storage.stored_folder(key) as folder:
         reused = storage.exists(key)
-        manifest = corpus.prepare_corpus(settings.data, folder, tokenizer)
-        offline_tasks.build_offline_tasks(
-            folder, folder / TASKS_DIR, settings.data.offline_task_items, settings.data.split_seed, tokenizer
-        )
+        manifest = prepare_folder(settings, folder, tokenizer)
     digest = corpus.data_digest(manifest)
     split_tokens = {split: counts["tokens"] for split, counts in manifest["splits"].items()}
     uri = storage.uri(key)
@@ -71,6 +67,22 @@ def prepare_data(settings: ExperimentSettings, storage: Storage, tracker: Mlflow
     tracker.log_metrics({f"data/{split}_tokens": tokens for split, tokens in split_tokens.items()}, step=0)
     result.log_to(tracker)
     return result
+
+
+def prepare_folder(settings: ExperimentSettings, folder: str | Path, tokenizer: Any) -> dict[str, Any]:
+    """Tokenize the corpus into `folder` and build the offline lm-eval tasks beside it; returns the manifest.
+
+    What `prepare_data` does inside storage and the data command line does into any folder, so both honour the
+    same settings and give the same manifest.
+    """
+    from cocomix_core.data import corpus
+    from cocomix_core.evaluation import offline_tasks
+
+    manifest = corpus.prepare_corpus(settings.data, folder, tokenizer)
+    offline_tasks.build_offline_tasks(
+        folder, Path(folder) / TASKS_DIR, settings.data.offline_task_items, settings.data.split_seed, tokenizer
+    )
+    return manifest
 
 
 def data_tokenizer_for(settings: ExperimentSettings, storage: Storage) -> Any:

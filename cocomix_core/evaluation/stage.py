@@ -1,7 +1,8 @@
 """The `evaluate` stage: one published checkpoint's validation perplexity and lm-eval tasks (SPEC §6).
 
     metrics = evaluate_checkpoint_job(settings, storage, data, checkpoint, parallel_tasks=1)
-    log_evaluation(metrics, checkpoint, branch.name, branch_tracker, evaluation_tracker)
+    model_id = checkpoint_model_id(settings, branch, checkpoint, experiment_id, branch_run_id, parent_run_id, uri)
+    log_evaluation(metrics, checkpoint, branch.name, branch_tracker, evaluation_tracker, model_id=model_id)
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from cocomix_core.data.stage import TASKS_DIR, PreparedData
 from cocomix_core.plumbing.launch import threads_for
 from cocomix_core.plumbing.storage import Storage
 from cocomix_core.training.stage import Checkpoint
-from settings import ExperimentSettings
+from settings import Branch, ExperimentSettings
 
 if TYPE_CHECKING:  # mlflow loads inside the steps that log
     from cocomix_core.plumbing.tracking import MlflowTracker
@@ -35,13 +36,32 @@ def evaluate_checkpoint_job(
     return evaluate.tracker_metrics(results)
 
 
+def checkpoint_model_id(
+    settings: ExperimentSettings, branch: Branch, checkpoint: Checkpoint, experiment_id: str, branch_run_id: str,
+    parent_run_id: str, tracking_uri: str,
+) -> str:
+    """The checkpoint as an MLflow LoggedModel (created once): the branch's run its source, the arm's settings its
+    params, and tags to find and compare it by (branch, kind, seed, λ, step, tokens seen, the flow's MLflow run)."""
+    from cocomix_core.plumbing.keys import branch_params
+    from cocomix_core.plumbing.tracking import checkpoint_model
+
+    tags = {"branch": branch.name, "arm": branch.arm, "kind": branch.kind, "seed": branch.seed,
+            "lambda": branch.lam_concept, "step": checkpoint.step, "tokens_seen": checkpoint.tokens_seen,
+            "experiment_run": parent_run_id}
+    return checkpoint_model(experiment_id, branch_run_id, checkpoint.uri, tags, branch_params(settings, branch),
+                            name=f"{branch.name}-{checkpoint.name}", tracking_uri=tracking_uri)
+
+
 def log_evaluation(
     metrics: dict[str, float], checkpoint: Checkpoint, branch_name: str, branch_tracker: MlflowTracker,
-    evaluation_tracker: MlflowTracker,
+    evaluation_tracker: MlflowTracker, model_id: str | None = None,
 ) -> None:
-    """Log a checkpoint's metrics at its step: in the branch's run (MLflow's compare view charts the arms on one
-    axis) and, prefixed by the branch, in the evaluation run that groups them all."""
-    branch_tracker.log_metrics(metrics, step=checkpoint.step)
+    """Log a checkpoint's metrics at its step in the branch's run (as the metrics of its LoggedModel `model_id`),
+    again as `by_tokens/...` at its training tokens (the MLflow chart view then draws every branch on one token
+    axis), and, prefixed by the branch, in the evaluation run that groups them all."""
+    branch_tracker.log_metrics(metrics, step=checkpoint.step, model_id=model_id)
+    branch_tracker.log_metrics({f"by_tokens/{name}": value for name, value in metrics.items()},
+                               step=checkpoint.tokens_seen)
     evaluation_tracker.log_metrics({f"{branch_name}/{name}": value for name, value in metrics.items()},
                                    step=checkpoint.step)
     branch_tracker.flush()

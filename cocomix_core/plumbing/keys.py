@@ -7,6 +7,9 @@ from typing import Any
 from cocomix_core.plumbing.files import sha256_json
 from settings import Branch, ExperimentSettings, flat_params
 
+# On each branch run and checkpoint model: the flow run's parent MLflow run, so one UI link or search finds them.
+EXPERIMENT_RUN_TAG = "cocomix.experiment_run"
+
 
 def cache_key(kind: str, *parts: Any) -> str:
     """A storage key for a cached product: its kind plus a digest of everything it is computed from."""

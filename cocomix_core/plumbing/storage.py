@@ -34,7 +34,6 @@ import boto3
 import botocore.config
 from botocore.exceptions import ClientError
 
-from cocomix_core import PROJECT_ROOT
 from cocomix_core.plumbing.errors import CocomixError
 from cocomix_core.plumbing.files import (
     atomic_path,
@@ -67,11 +66,35 @@ class IntegrityError(CocomixError, RuntimeError):
     """Stored bytes disagree with the sha256 their `_COMPLETE` marker vouches for."""
 
 
+METAFLOW_LOCAL_FOLDER = ".metaflow"  # the folder of Metaflow's local datastore
+
+
+def local_datastore_home(cwd: str | os.PathLike | None = None) -> Path:
+    """The folder that holds (or will hold) Metaflow's local datastore, found as Metaflow finds it.
+
+    $METAFLOW_DATASTORE_SYSROOT_LOCAL if set, else the nearest folder from `cwd` (default: the working
+    directory) upwards that has a `.metaflow` folder, else `cwd` itself. The library never imports Metaflow,
+    so its command lines and the flow agree by following the same rule, not by asking Metaflow.
+    """
+    configured = os.environ.get("METAFLOW_DATASTORE_SYSROOT_LOCAL")
+    if configured:
+        return Path(configured).resolve()
+    start = Path(cwd if cwd is not None else os.getcwd()).resolve()
+    return next((folder for folder in (start, *start.parents) if (folder / METAFLOW_LOCAL_FOLDER).is_dir()), start)
+
+
 def default_storage_root(datastore_root: str | None) -> str:
-    """`<datastore_root>/cocomix-storage` when Metaflow's datastore is on S3, else `<project>/artifacts`."""
+    """The storage root beside Metaflow's datastore: `<datastore_root>/cocomix-storage` on S3, else the
+    `artifacts` folder beside the local `.metaflow` (`datastore_root`, or found by `local_datastore_home`).
+
+    Never beside the installed package: a run from one clone must not write into another checkout (an
+    editable install) or into site-packages.
+    """
     if datastore_root and datastore_root.startswith("s3://"):
         return f"{datastore_root.rstrip('/')}/cocomix-storage"
-    return str(PROJECT_ROOT / "artifacts")
+    if datastore_root and Path(datastore_root).name == METAFLOW_LOCAL_FOLDER:
+        return str(Path(datastore_root).resolve().parent / "artifacts")
+    return str(local_datastore_home() / "artifacts")
 
 
 def _normalize_key(key: str) -> str:

@@ -22,6 +22,7 @@ import os
 import socket
 import sqlite3
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -40,14 +41,16 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 import mlflow  # noqa: E402
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL, MLFLOW_MODEL_VERSIONS  # noqa: E402
 
 from cocomix_core import PROJECT_ROOT  # noqa: E402
 from cocomix_core.plumbing.errors import CocomixError  # noqa: E402
 from cocomix_core.plumbing.files import exclusive_lock  # noqa: E402
 from cocomix_core.plumbing.interrupts import settled_on_failure  # noqa: E402
+from cocomix_core.plumbing.keys import EXPERIMENT_RUN_TAG  # noqa: E402
+from cocomix_core.plumbing.storage import local_datastore_home  # noqa: E402
 
-DEFAULT_STORE = PROJECT_ROOT / "mlruns.db"
-DEFAULT_ARTIFACTS = PROJECT_ROOT / "mlartifacts"
+DEFAULT_STORE_NAME = "mlruns.db"  # the default store's file, beside Metaflow's local datastore
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
 MAX_PARAMS_PER_BATCH = 100
 MAX_TAGS_PER_BATCH = 100
@@ -207,9 +210,11 @@ class MlflowTracker:
         self.flush_every = flush_every
         self._pending: list[Metric] = []
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, model_id: str | None = None) -> None:
+        """Queue metrics at `step`; with `model_id`, MLflow also lists them as that LoggedModel's metrics."""
         timestamp = int(time.time() * 1000)
-        self._pending.extend(Metric(name, float(value), timestamp, step) for name, value in metrics.items())
+        self._pending.extend(Metric(name, float(value), timestamp, step, model_id=model_id)
+                             for name, value in metrics.items())
         if len(self._pending) >= self.flush_every:
             self.flush()
 
@@ -250,9 +255,13 @@ class MlflowTracker:
 # ---------------------------------------------------------------- run hierarchy
 
 
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """The store to use: `uri`, else $MLFLOW_TRACKING_URI, else a SQLite file at an absolute project path."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE}"
+def resolve_tracking_uri(uri: str | None = None, home: str | os.PathLike | None = None) -> str:
+    """The store to use: `uri`, else $MLFLOW_TRACKING_URI, else a SQLite file in `home`: the folder holding the
+    run's local Metaflow datastore (default: found as Metaflow finds it), as the storage root's default is."""
+    if uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return uri or os.environ["MLFLOW_TRACKING_URI"]
+    folder = Path(home).resolve() if home is not None else local_datastore_home()
+    return f"sqlite:///{folder / DEFAULT_STORE_NAME}"
 
 
 def default_artifact_location(tracking_uri: str) -> str | None:
@@ -569,3 +578,81 @@ def set_description(run_id: str, markdown: str, tracking_uri: str | None = None)
             f"this one has {len(markdown)}"
         )
     MlflowTracker(run_id, tracking_uri).set_tags({NOTE_TAG: markdown})
+
+
+# ---------------------------------------------------------------- checkpoints as MLflow LoggedModels
+
+MODEL_TAG_PREFIX = "cocomix."
+CHECKPOINT_URI_TAG = "cocomix.checkpoint_uri"
+
+
+def checkpoint_model(
+    experiment_id: str, source_run_id: str, checkpoint_uri: str, tags: Mapping[str, Any], params: Mapping[str, str],
+    name: str, tracking_uri: str | None = None,
+) -> str:
+    """The external LoggedModel of a published checkpoint; returns its model id.
+
+    External: MLflow keeps only a stub MLmodel file; the weights stay at `checkpoint_uri` (tag
+    `cocomix.checkpoint_uri`, and the source of a registered version). `tags` (branch, kind, seed, λ, step,
+    tokens seen) are prefixed `cocomix.`. Created once: a retried task finds the model by its URI and run.
+    """
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.models.utils import get_external_mlflow_model_spec
+
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    found = find_checkpoint_models(experiment_id, {CHECKPOINT_URI_TAG: checkpoint_uri}, tracking_uri)
+    found = [model for model in found if model.source_run_id == source_run_id]
+    if found:
+        return found[0].model_id
+    model_tags = {f"{MODEL_TAG_PREFIX}{key}": str(value) for key, value in tags.items()}
+    model_tags |= {CHECKPOINT_URI_TAG: checkpoint_uri, MLFLOW_MODEL_IS_EXTERNAL: "true"}
+    model = when_unlocked(lambda: client.create_logged_model(
+        experiment_id, name=name, source_run_id=source_run_id, tags=model_tags, params=dict(params),
+        model_type="checkpoint"))
+    # As mlflow.create_external_model does: an MLmodel stub lets the registry take the model; no weights move.
+    with tempfile.TemporaryDirectory(prefix="cocomix-mlmodel-") as folder:
+        get_external_mlflow_model_spec(model).save(str(Path(folder) / "MLmodel"))
+        when_unlocked(lambda: client.log_model_artifacts(model.model_id, folder))
+    when_unlocked(lambda: client.finalize_logged_model(model.model_id, LoggedModelStatus.READY))
+    return model.model_id
+
+
+def find_checkpoint_models(
+    experiment_id: str, tags: Mapping[str, str], tracking_uri: str | None = None
+) -> list[mlflow.entities.LoggedModel]:
+    """The experiment's LoggedModels whose tags (full names, e.g. `cocomix.branch`) have these values."""
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    where = " AND ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items()) or None
+    return list(when_unlocked(lambda: client.search_logged_models([experiment_id], filter_string=where)))
+
+
+def register_best_checkpoint(
+    registered_name: str, experiment_id: str, parent_run_id: str, description: str, run_link: str,
+    tracking_uri: str | None = None, metric: str = "eval/val_ppl",
+) -> mlflow.entities.model_registry.ModelVersion:
+    """Register the final checkpoint (the last step of its branch) with the lowest `metric` among the flow run's
+    branches as a new version of `registered_name`: its source is the checkpoint's storage URI, its run the
+    branch's, its description `description` (the verdict), its run link `run_link`."""
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    models = find_checkpoint_models(experiment_id, {EXPERIMENT_RUN_TAG: parent_run_id}, tracking_uri)
+    finals: dict[str, Any] = {}
+    for model in models:
+        branch, step = model.tags[f"{MODEL_TAG_PREFIX}branch"], int(model.tags[f"{MODEL_TAG_PREFIX}step"])
+        if branch not in finals or step > int(finals[branch].tags[f"{MODEL_TAG_PREFIX}step"]):
+            finals[branch] = model
+    scored = [(values[metric], model) for model in finals.values()
+              if metric in (values := {point.key: point.value for point in model.metrics or []})]
+    if not scored:
+        raise TrackingError(f"no final checkpoint of run {parent_run_id} has {metric} logged against its model")
+    best = min(scored, key=lambda pair: pair[0])[1]
+    with contextlib.suppress(mlflow.exceptions.MlflowException):  # it already exists: add a version
+        when_unlocked(lambda: client.create_registered_model(registered_name))
+    tags = {key: value for key, value in best.tags.items() if key.startswith(MODEL_TAG_PREFIX)}
+    version = when_unlocked(lambda: client.create_model_version(
+        registered_name, source=best.tags[CHECKPOINT_URI_TAG], run_id=best.source_run_id, run_link=run_link,
+        description=description, model_id=best.model_id, tags=tags | {f"{MODEL_TAG_PREFIX}model_id": best.model_id}))
+    # The open-source registry does not keep the model id on the version; as mlflow.register_model does, the
+    # LoggedModel lists its versions, so the UI's model page links to the registry.
+    listed = json.loads(best.tags.get(MLFLOW_MODEL_VERSIONS, "[]")) + [{"name": version.name, "version": version.version}]
+    when_unlocked(lambda: client.set_logged_model_tags(best.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(listed)}))
+    return version

@@ -10,10 +10,11 @@ intervals and the claim they allow), so the console, the card and the MLflow not
 
 from __future__ import annotations
 
-import json
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from cocomix_core.plumbing.keys import EXPERIMENT_RUN_TAG
 from settings.schema import ExperimentSettings, training_branches
 
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
@@ -46,10 +47,19 @@ def mlflow_ui_command(tracking_uri: str) -> str | None:
     return f"mlflow ui --backend-store-uri {tracking_uri} --port {LOCAL_UI.rsplit(':', 1)[1]}"
 
 
-def compare_runs_url(tracking_uri: str, experiment_id: str, run_ids: list[str]) -> str:
-    """The MLflow UI's compare page for these runs (the route its own "Compare" button opens)."""
-    runs = json.dumps(run_ids, separators=(",", ":"))
-    return f"{ui_base_url(tracking_uri)}/#/compare-runs?runs={runs}&experiments={json.dumps([experiment_id])}"
+def run_url(links: RunLinks) -> str:
+    """The parent run's page in the MLflow UI (its curves of every branch, report and description)."""
+    return f"{ui_base_url(links.tracking_uri)}/#/experiments/{links.experiment_id}/runs/{links.parent_run_id}"
+
+
+def branch_chart_url(links: RunLinks) -> str:
+    """The experiment's runs in the MLflow 3 "Model training" view (not the GenAI one it opens by default), as
+    charts, listing only this run's branch runs: found by their experiment-run tag, they show at the top level
+    (their parent is not in the list), so each chart, `by_tokens/eval/val_ppl` first, draws one line per branch."""
+    search = f"tags.`{EXPERIMENT_RUN_TAG}` = '{links.parent_run_id}'"
+    query = urllib.parse.urlencode({"workflowType": "machine_learning", "compareRunsMode": "CHART",
+                                    "searchFilter": search}, quote_via=urllib.parse.quote)
+    return f"{ui_base_url(links.tracking_uri)}/#/experiments/{links.experiment_id}/runs?{query}"
 
 
 def card_view_command(links: RunLinks) -> str:
@@ -87,14 +97,14 @@ def verdict_lines(report: Mapping[str, Any]) -> list[str]:
 
 def next_commands(links: RunLinks) -> list[str]:
     """The commands (and the link) to open this run's records."""
-    branch_runs = list(links.branch_run_ids.values())
     lines = []
     if (command := mlflow_ui_command(links.tracking_uri)) is not None:
         lines.append(f"  {command}")
     lines += [
-        f"  then open {ui_base_url(links.tracking_uri)}/#/experiments/{links.experiment_id}/runs/{links.parent_run_id}"
-        "   (this run: curves of every branch, report, description)",
-        f"  compare the branch runs: {compare_runs_url(links.tracking_uri, links.experiment_id, branch_runs)}",
+        f"  then open {branch_chart_url(links)}   (every branch on one chart per metric, against training tokens)",
+        f"  this run: {run_url(links)}   (report, description)",
+        f"  checkpoints: {ui_base_url(links.tracking_uri)}/#/experiments/{links.experiment_id}/models"
+        "?workflowType=machine_learning   (each an MLflow model with its eval metrics)",
         f"  {card_view_command(links)}   (the report card)",
     ]
     return lines
