@@ -21,6 +21,7 @@ from cocomix_core.plumbing.keys import cache_key
 from cocomix_core.plumbing.launch import threads_for
 from cocomix_core.plumbing.storage import Storage
 from settings import ExperimentSettings, training_branches
+from settings.schema import CONCEPT_PRESENTATION
 
 if TYPE_CHECKING:  # torch and mlflow load inside the stages that need them
     from cocomix_core.concepts.labels import ConceptExtractor
@@ -255,6 +256,7 @@ def build_labels(
     Nothing is built when no branch is CoCoMix, or when `concepts.label_source` is "online".
     """
     from cocomix_core.concepts.labels import build_label_cache
+    from cocomix_core.data.windows import validation_windows
 
     selections = label_selections(settings)
     if not selections:
@@ -263,24 +265,29 @@ def build_labels(
         return Labels(keys={}, note=f"labels: extracted online by each branch (concepts.label_source="
                                     f"{settings.concepts.label_source})")
     samples = settings.train.steps * settings.train.batch_size
+    # The validation windows evaluation scores get labels too: the students' concept prediction is measured on them.
+    val_windows = validation_windows(corpus.load_split(data.folder(storage), "val"), settings.data.block_size,
+                                     settings.eval.val_windows)
+    labelling = settings.concepts.model_dump(mode="json", exclude=set(CONCEPT_PRESENTATION))
     keys, notes = {}, []
     for selection in selections:
         provenance = {"data": data.digest, **teacher_provenance(settings, teacher), "sae": sae.ref,
                       "layer_index": settings.sae.layer_index, "label_selection": selection}
-        key = cache_key("labels", provenance, settings.concepts.model_dump(mode="json"), settings.train.steps,
-                        settings.train.batch_size)
+        key = cache_key("labels", provenance, labelling, settings.train.steps, settings.train.batch_size,
+                        len(val_windows))
         with storage.stored_folder(key) as folder:
             reused = storage.exists(key)
             build_label_cache(
                 concept_extractor(settings, storage, teacher, sae, selection),
                 corpus.training_windows(data.folder(storage), settings.data), num_samples=samples,
                 batch_size=settings.concepts.extract_batch_size, k=settings.concepts.labels_per_token, out_dir=folder,
-                provenance=provenance,
+                provenance=provenance, val_windows=val_windows,
             )
         keys[selection] = key
         uri = storage.uri(key)
         notes.append(f"labels ({selection}) already cached at {uri}, reused" if reused
-                     else f"labels ({selection}) of {samples:,} training samples cached at {uri}")
+                     else f"labels ({selection}) of {samples:,} training samples cached at {uri}, with those of "
+                          f"{len(val_windows)} validation windows and the concept cards")
     return Labels(keys=keys, note="; ".join(notes))
 
 

@@ -1,0 +1,87 @@
+"""Steering a CoCoMix student (SPEC §7, §11): greedy generation with one concept's logit raised before the TopK.
+
+    prompts = fixed_prompts(val_tokens, count, length)
+    result = steer(model, prompts, concept, strength, k, new_tokens)
+
+The effect is measured on the text itself: the unsteered model reads each generation, and the
+share of generated tokens at which `concept` is among its K largest concept logits is compared
+between the steered and the unsteered generations. (A model's own concept logits are computed
+before the TopK step, so steering changes them only through the tokens it made the model write.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+GENERATED_TOKENS = 32
+PROMPT_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class SteeringResult:
+    """One concept steered on every prompt: generations (prompt excluded) and how often the concept is predicted."""
+
+    concept: int
+    strength: float
+    unsteered: list[list[int]]
+    steered: list[list[int]]
+    unsteered_rate: float  # share of generated tokens whose top-K concept logits hold `concept`
+    steered_rate: float
+
+
+def fixed_prompts(val_tokens: np.ndarray, count: int, length: int) -> list[list[int]]:
+    """`count` prompts of `length` tokens at evenly spaced offsets of the validation split (the same every run)."""
+    if len(val_tokens) < length:
+        raise ValueError(f"the validation split has {len(val_tokens)} tokens, fewer than one prompt of {length}")
+    starts = np.linspace(0, len(val_tokens) - length, num=count).astype(np.int64)
+    return [np.asarray(val_tokens[start : start + length], dtype=np.int64).tolist() for start in starts]
+
+
+def prompt_and_new_tokens(positions: int) -> tuple[int, int]:
+    """(prompt length, tokens to generate) that fit a model of `positions` positions: 16 and 32 when they fit."""
+    prompt = min(PROMPT_TOKENS, positions // 4)
+    return prompt, min(GENERATED_TOKENS, positions - prompt)
+
+
+@torch.inference_mode()
+def greedy(model: torch.nn.Module, prompt: list[int], new_tokens: int, offsets: dict[int, float] | None = None) -> list[int]:
+    """The greedy continuation of `prompt` (new tokens only), with `offsets` added to concept logits before TopK."""
+    ids = torch.tensor([prompt], device=next(model.parameters()).device)
+    with model.steer_concepts(offsets or {}):
+        output = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=model.config.eos_token_id)
+    return output[0, len(prompt):].tolist()
+
+
+@torch.inference_mode()
+def concept_hits(model: torch.nn.Module, prompt: list[int], generated: list[int], concept: int, k: int) -> int:
+    """Generated tokens at which the (unsteered) model ranks `concept` among its k largest concept logits."""
+    if not generated:  # the generation ended at once (an end-of-text token)
+        return 0
+    ids = torch.tensor([prompt + generated], device=next(model.parameters()).device)
+    with model.steer_concepts({}):
+        logits = model(input_ids=ids, use_cache=False).concept_logits[0, len(prompt):]
+    return int((logits.topk(k, dim=-1).indices == concept).any(-1).sum())
+
+
+def concept_rate(model: torch.nn.Module, prompts: list[list[int]], texts: list[list[int]], concept: int, k: int) -> float:
+    """Share of all generated tokens (every prompt pooled) at which `concept` is among the k largest logits."""
+    hits = sum(concept_hits(model, prompt, text, concept, k) for prompt, text in zip(prompts, texts))
+    return hits / max(sum(len(text) for text in texts), 1)
+
+
+def steer(model: torch.nn.Module, prompts: list[list[int]], concept: int, strength: float, k: int,
+          new_tokens: int) -> SteeringResult:
+    """Greedy generations from every prompt without and with `concept` raised by `strength`, and their concept rates."""
+    was_training = model.training
+    model.eval()
+    try:
+        unsteered = [greedy(model, prompt, new_tokens) for prompt in prompts]
+        steered = [greedy(model, prompt, new_tokens, {concept: strength}) for prompt in prompts]
+        rates = [concept_rate(model, prompts, texts, concept, k) for texts in (unsteered, steered)]
+    finally:
+        model.train(was_training)
+    return SteeringResult(concept=concept, strength=strength, unsteered=unsteered, steered=steered,
+                          unsteered_rate=rates[0], steered_rate=rates[1])
