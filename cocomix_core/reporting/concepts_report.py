@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
+import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -272,3 +273,88 @@ def write_concepts(content: ConceptsContent, out_dir: str | Path) -> ConceptsFil
         with atomic_path(path) as temp:
             temp.write_text(text, encoding="utf-8")
     return files
+
+
+# ----- command line ---------------------------------------------------------------------------
+def _label_cache(args: Any, settings: Any, val_windows: np.ndarray) -> LabelCache:
+    """The label cache named by --labels, or one built into <out>/labels by a pass of --teacher over --samples."""
+    from cocomix_core.concepts.labels import (
+        ConceptExtractor,
+        LabelCache,
+        build_label_cache,
+        load_teacher,
+    )
+    from cocomix_core.concepts.sae import load_sae
+    from cocomix_core.data.corpus import training_windows
+
+    if args.labels:
+        return LabelCache(args.labels)
+    teacher = args.teacher or settings.teacher.pretrained
+    if not teacher:
+        raise ValueError("--teacher is required (a HF name or folder) unless --labels names a label cache")
+    extractor = ConceptExtractor(load_teacher(teacher), load_sae(args.sae), args.layer_index or settings.sae.layer_index)
+    folder = build_label_cache(
+        extractor, training_windows(args.data, settings.data), args.samples, settings.concepts.extract_batch_size,
+        settings.concepts.labels_per_token, Path(args.out) / "labels", {"teacher": teacher, "sae": str(args.sae)},
+        val_windows=val_windows,
+    )
+    return LabelCache(folder)
+
+
+def concepts_from_checkpoint(args: Any, settings: Any) -> ConceptsFiles:
+    """The command line's work: label cache, overlap of the checkpoint, cards and steering, written to --out."""
+    from cocomix_core.data.corpus import data_tokenizer, load_split
+    from cocomix_core.data.windows import validation_windows
+    from cocomix_core.evaluation.concept_quality import checkpoint_overlap
+    from cocomix_core.evaluation.evaluator import load_checkpoint
+    from cocomix_core.training.checkpoints import checkpoint_info
+
+    val_tokens = load_split(args.data, "val")
+    val_windows = validation_windows(val_tokens, settings.data.block_size, settings.eval.val_windows)
+    cache = _label_cache(args, settings, val_windows)
+    model = load_checkpoint(args.checkpoint)
+    if getattr(model.config, "concept_dim", None) != cache.concept_dim:
+        raise ValueError(f"{args.checkpoint} predicts {getattr(model.config, 'concept_dim', None)} concepts, the "
+                         f"labels have {cache.concept_dim}: the checkpoint was not trained on this SAE")
+    overlap = {}
+    if cache.val_labels() is not None:
+        labels = np.asarray(cache.val_labels())
+        windows = validation_windows(val_tokens, cache.block_size, len(labels))
+        overlap[Path(args.checkpoint).name] = [(int(checkpoint_info(args.checkpoint).get("tokens_seen", 0)),
+                                               checkpoint_overlap(model, windows, labels, settings.eval.batch_size))]
+    steerable = model if model.config.mix in ("insert", "add") else None
+    content = gather_concepts(cache, data_tokenizer(args.data).hf(), settings.concepts, overlap, steerable, val_tokens,
+                              str(args.checkpoint))
+    return write_concepts(content, args.out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m cocomix_core.reporting.concepts_report SAE CHECKPOINT --data D --out O`: the concepts page."""
+    import argparse
+    import sys
+
+    from cocomix_core.data.corpus import DataError
+    from cocomix_core.evaluation.offline_tasks import EvaluationError
+    from settings.cli import add_settings_arguments, settings_from_args
+    from settings.loader import SettingsError
+
+    parser = argparse.ArgumentParser(description="Concept cards, concept prediction and steering of a CoCoMix checkpoint.")
+    parser.add_argument("sae", help="the SAE file the labels come from (safetensors or OpenAI .pt)")
+    parser.add_argument("checkpoint", help="a CoCoMix checkpoint folder (…/checkpoints/step_000064)")
+    parser.add_argument("--data", required=True, help="prepared data folder (train.bin, val.bin, tokenizer)")
+    parser.add_argument("--out", required=True, help="output folder: concepts.html, concepts.md, concepts.json")
+    parser.add_argument("--teacher", help="HF name or folder of the teacher; default: the settings' teacher.pretrained")
+    parser.add_argument("--labels", help="a label cache folder (with cards) instead of a new label pass")
+    parser.add_argument("--samples", type=int, default=64, help="training windows of the label pass (default 64)")
+    parser.add_argument("--layer-index", type=int, help="teacher block the SAE reads; default: sae.layer_index")
+    add_settings_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        files = concepts_from_checkpoint(args, settings_from_args(args))
+    except (DataError, EvaluationError, SettingsError, ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
+    print(json.dumps({name: str(path) for name, path in dataclasses.asdict(files).items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
