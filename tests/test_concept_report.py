@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -189,3 +191,28 @@ def test_unsteered_generation_is_plain_greedy_generate(class_model):
         plain = class_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
         assert greedy(class_model, prompt, 12) == plain[0, len(prompt):].tolist()
     assert class_model.transformer.concept_steering == {}  # steering was switched off again
+
+
+# ----- settings ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("override", "named"), [
+    ("concepts.show=[3, -1]", "concepts.show holds negative latent ids [-1]"),
+    ("concepts.show=[256]", "concepts.show=[256] are not latents of an SAE of sae.num_latents=256"),
+    ("concepts.steer_strength=.inf", "steer_strength"),
+])
+def test_concept_settings_that_name_no_latent_are_refused_by_name(override: str, named: str):
+    from settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match=re.escape(named)):
+        load_settings("smoke", [override])
+
+
+def test_what_the_report_shows_does_not_change_the_label_cache_key():
+    from cocomix_core.concepts.stage import label_cache_key
+    from settings import load_settings
+
+    shown = load_settings("smoke", ["concepts.show=[1, 2]", "concepts.steer_strength=5", "concepts.cards=3"])
+    plain, other_k = load_settings("smoke"), load_settings("smoke", ["concepts.labels_per_token=2"])
+    provenance = {"teacher": "t"}
+    assert label_cache_key(shown, provenance, 8) == label_cache_key(plain, provenance, 8)
+    assert label_cache_key(other_k, provenance, 8) != label_cache_key(plain, provenance, 8)
+    assert label_cache_key(plain, provenance, 4) != label_cache_key(plain, provenance, 8)  # fewer validation windows

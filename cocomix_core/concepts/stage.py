@@ -247,6 +247,12 @@ def _train_sae(
                      settings.sae.layer_index, sae_train_config(settings.sae, settings.data.block_size), log_fn=log)
 
 
+def label_cache_key(settings: ExperimentSettings, provenance: dict[str, Any], val_windows: int) -> str:
+    """Where a label cache lives: keyed by what its labels depend on, not by what the report shows of them."""
+    labelling = settings.concepts.model_dump(mode="json", exclude=set(CONCEPT_PRESENTATION))
+    return cache_key("labels", provenance, labelling, settings.train.steps, settings.train.batch_size, val_windows)
+
+
 def build_labels(
     settings: ExperimentSettings, storage: Storage, data: PreparedData, teacher: Teacher, sae: SAE
 ) -> Labels:
@@ -268,13 +274,11 @@ def build_labels(
     # The validation windows evaluation scores get labels too: the students' concept prediction is measured on them.
     val_windows = validation_windows(corpus.load_split(data.folder(storage), "val"), settings.data.block_size,
                                      settings.eval.val_windows)
-    labelling = settings.concepts.model_dump(mode="json", exclude=set(CONCEPT_PRESENTATION))
     keys, notes = {}, []
     for selection in selections:
         provenance = {"data": data.digest, **teacher_provenance(settings, teacher), "sae": sae.ref,
                       "layer_index": settings.sae.layer_index, "label_selection": selection}
-        key = cache_key("labels", provenance, labelling, settings.train.steps, settings.train.batch_size,
-                        len(val_windows))
+        key = label_cache_key(settings, provenance, len(val_windows))
         with storage.stored_folder(key) as folder:
             reused = storage.exists(key)
             build_label_cache(
