@@ -178,7 +178,7 @@ PROMPTS = [[0, 1, 2, 3, 0, 1], [4, 5, 6, 7, 5, 4], [12, 13, 14, 12, 13, 15]]
 
 
 def test_steering_a_concept_hard_makes_the_model_predict_it_more(class_model):
-    results = [steer(class_model, PROMPTS, concept, strength=20.0, k=1, new_tokens=12) for concept in range(CLASSES)]
+    results = steer(class_model, PROMPTS, list(range(CLASSES)), strength=20.0, k=1, new_tokens=12)
     unsteered = np.mean([result.unsteered_rate for result in results])
     steered = np.mean([result.steered_rate for result in results])
     # Unsteered, each class is predicted about a quarter of the time; steered, it dominates the generations.
@@ -187,9 +187,12 @@ def test_steering_a_concept_hard_makes_the_model_predict_it_more(class_model):
 
 
 def test_unsteered_generation_is_plain_greedy_generate(class_model):
-    for prompt in PROMPTS:
+    together = greedy(class_model, PROMPTS, 12)
+    for prompt, text in zip(PROMPTS, together):
         plain = class_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
-        assert greedy(class_model, prompt, 12) == plain[0, len(prompt):].tolist()
+        assert text == plain[0, len(prompt):].tolist()  # one prompt at a time, as generate() alone does it
+    with pytest.raises(ValueError, match="one length"):
+        greedy(class_model, [[1, 2], [3]], 4)
     assert class_model.transformer.concept_steering == {}  # steering was switched off again
 
 

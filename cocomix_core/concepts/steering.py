@@ -1,7 +1,7 @@
 """Steering a CoCoMix student (SPEC §7, §11): greedy generation with one concept's logit raised before the TopK.
 
     prompts = fixed_prompts(val_tokens, count, length)
-    result = steer(model, prompts, concept, strength, k, new_tokens)
+    results = steer(model, prompts, concepts, strength, k, new_tokens)
 
 The effect is measured on the text itself: the unsteered model reads each generation, and the
 share of generated tokens at which `concept` is among its K largest concept logits is compared
@@ -47,12 +47,22 @@ def prompt_and_new_tokens(positions: int) -> tuple[int, int]:
 
 
 @torch.inference_mode()
-def greedy(model: torch.nn.Module, prompt: list[int], new_tokens: int, offsets: dict[int, float] | None = None) -> list[int]:
-    """The greedy continuation of `prompt` (new tokens only), with `offsets` added to concept logits before TopK."""
-    ids = torch.tensor([prompt], device=next(model.parameters()).device)
+def greedy(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int,
+           offsets: dict[int, float] | None = None) -> list[list[int]]:
+    """Greedy continuations (new tokens only, each ending at its first end-of-text) of equally long `prompts`,
+    generated as one batch, with `offsets` added to the concept logits before TopK."""
+    if len({len(prompt) for prompt in prompts}) != 1:
+        raise ValueError("greedy generates prompts of one length in one batch (no padding)")
+    ids = torch.tensor(prompts, device=next(model.parameters()).device)
+    eos = model.config.eos_token_id
+    # The padding only fills rows that ended (cut off below); an id no prompt ends with, so that transformers does
+    # not take a prompt ending at a document boundary (end-of-text) for a right-padded one.
+    pad = min(set(range(len(prompts) + 1)) - {prompt[-1] for prompt in prompts})
     with model.steer_concepts(offsets or {}):
-        output = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=model.config.eos_token_id)
-    return output[0, len(prompt):].tolist()
+        output = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                                pad_token_id=pad)
+    texts = output[:, ids.shape[1]:].tolist()
+    return [text[: text.index(eos) + 1] if eos in text else text for text in texts]
 
 
 @torch.inference_mode()
@@ -72,16 +82,22 @@ def concept_rate(model: torch.nn.Module, prompts: list[list[int]], texts: list[l
     return hits / max(sum(len(text) for text in texts), 1)
 
 
-def steer(model: torch.nn.Module, prompts: list[list[int]], concept: int, strength: float, k: int,
-          new_tokens: int) -> SteeringResult:
-    """Greedy generations from every prompt without and with `concept` raised by `strength`, and their concept rates."""
+def steer(model: torch.nn.Module, prompts: list[list[int]], concepts: list[int], strength: float, k: int,
+          new_tokens: int) -> list[SteeringResult]:
+    """Greedy generations from every prompt without and with each concept raised by `strength`, and how often each
+    concept is then predicted; the unsteered generations are made once and shared."""
     was_training = model.training
     model.eval()
     try:
-        unsteered = [greedy(model, prompt, new_tokens) for prompt in prompts]
-        steered = [greedy(model, prompt, new_tokens, {concept: strength}) for prompt in prompts]
-        rates = [concept_rate(model, prompts, texts, concept, k) for texts in (unsteered, steered)]
+        unsteered = greedy(model, prompts, new_tokens)
+        results = []
+        for concept in concepts:
+            steered = greedy(model, prompts, new_tokens, {concept: strength})
+            results.append(SteeringResult(
+                concept=concept, strength=strength, unsteered=unsteered, steered=steered,
+                unsteered_rate=concept_rate(model, prompts, unsteered, concept, k),
+                steered_rate=concept_rate(model, prompts, steered, concept, k),
+            ))
     finally:
         model.train(was_training)
-    return SteeringResult(concept=concept, strength=strength, unsteered=unsteered, steered=steered,
-                          unsteered_rate=rates[0], steered_rate=rates[1])
+    return results

@@ -120,10 +120,9 @@ def steering_views(model: Any, tokenizer: PreTrainedTokenizerBase, val_tokens: n
     prompt_length, new_tokens = prompt_and_new_tokens(model.config.n_positions)
     prompts = fixed_prompts(val_tokens, options.steer_prompts, prompt_length)
     views = []
-    for concept in concepts:
-        result = steer(model, prompts, concept, options.steer_strength, k, new_tokens)
+    for result in steer(model, prompts, list(concepts), options.steer_strength, k, new_tokens):
         text = [[_readable(tokenizer.decode(ids)) for ids in texts] for texts in (prompts, result.unsteered, result.steered)]
-        views.append(SteeringView(concept=concept, strength=options.steer_strength, unsteered_rate=result.unsteered_rate,
+        views.append(SteeringView(concept=result.concept, strength=result.strength, unsteered_rate=result.unsteered_rate,
                                   steered_rate=result.steered_rate, prompts=text[0], unsteered=text[1], steered=text[2]))
     return views
 
