@@ -46,7 +46,7 @@ def checkpoint_overlap(model: torch.nn.Module, windows: np.ndarray, labels: np.n
         for first in range(0, len(windows), batch_size):
             ids = torch.as_tensor(windows[first : first + batch_size], device=device)
             batch_labels = torch.as_tensor(np.asarray(labels[first : first + batch_size], dtype=np.int64), device=device)
-            logits = model(input_ids=ids, use_cache=False).concept_logits
+            logits = model.transformer(input_ids=ids, use_cache=False).concept_logits  # the trunk: no LM head needed
             total += float(topk_overlap(logits.float(), batch_labels).double().sum())
     finally:
         model.train(was_training)
