@@ -453,11 +453,13 @@ def test_the_cpu_presets_gguf_teacher_is_converted_once_into_storage_and_tokeniz
 def test_the_concepts_come_from_the_label_pass_the_validation_labels_and_the_final_cocomix_checkpoint(
     experiment: Experiment, tmp_path: Path
 ):
-    from cocomix_core.concepts.labels import LabelCache
+    from cocomix_core.concepts.labels import LABELS_FILE, ConceptFiles
     from cocomix_core.evaluation.concept_quality import FREQUENCY_METRIC, OVERLAP_METRIC
 
     settings, storage, k = experiment.settings, experiment.storage, experiment.settings.concepts.labels_per_token
-    cache = LabelCache(storage.materialize(experiment.labels.keys["attribution"]))
+    # Evaluation and the report read a folder of the cache's small files, never the training labels.
+    cache = ConceptFiles(storage.materialize(experiment.labels.concept_keys["attribution"]))
+    assert not (cache.path / LABELS_FILE).exists()
     assert cache.val_labels().shape == (settings.eval.val_windows, BLOCK, k)  # the windows evaluation scores
     cards = cache.cards()  # gathered from the training label pass itself
     assert cards.tokens == STEPS * BATCH * BLOCK and cards.label_counts.sum() == STEPS * BATCH * BLOCK * k

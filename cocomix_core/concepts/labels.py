@@ -442,8 +442,9 @@ def build_label_cache(
     return out_dir
 
 
-class LabelCache:
-    """Read side of a label cache folder written by `build_label_cache`."""
+class ConceptFiles:
+    """The small part of a label cache: its manifest, concept cards and validation labels. A folder holding only
+    those is what evaluation and the report read, never the training labels (gigabytes at paper scale)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -457,6 +458,30 @@ class LabelCache:
         self.block_size = int(self.manifest["block_size"])
         self.k = int(self.manifest["k"])
         self.concept_dim = int(self.manifest["concept_dim"])
+
+    def cards(self) -> ConceptCards | None:
+        """The concept cards gathered by the label pass; None for a cache written before cards existed."""
+        name = self.manifest.get("cards_file")
+        return ConceptCards.load(self.path / name) if name else None
+
+    def val_labels(self) -> np.ndarray | None:
+        """Labels of the validation windows evaluation scores (V×T×k), or None when none were labelled."""
+        name, count = self.manifest.get("val_labels_file"), int(self.manifest.get("val_windows", 0))
+        if not name:
+            return None
+        return np.memmap(self.path / name, dtype=LABEL_DTYPE, mode="r", shape=(count, self.block_size, self.k))
+
+    def small_files(self) -> list[Path]:
+        """The manifest, cards and validation labels: all that `ConceptFiles` reads of the folder."""
+        names = [MANIFEST_FILE, self.manifest.get("cards_file"), self.manifest.get("val_labels_file")]
+        return [self.path / name for name in names if name]
+
+
+class LabelCache(ConceptFiles):
+    """Read side of a label cache folder written by `build_label_cache`."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__(path)
         labels_path = self.path / self.manifest.get("labels_file", LABELS_FILE)
         expected_bytes = self.num_samples * self.block_size * self.k * np.dtype(LABEL_DTYPE).itemsize
         if not labels_path.is_file() or labels_path.stat().st_size != expected_bytes:
@@ -495,18 +520,6 @@ class LabelCache:
                 f"label cache holds samples 0..{self.num_samples - 1}; asked for {first_sample}..{end - 1}"
             )
         return torch.from_numpy(np.asarray(self._labels[first_sample:end], dtype=np.int64))
-
-    def cards(self) -> ConceptCards | None:
-        """The concept cards gathered by the label pass; None for a cache written before cards existed."""
-        name = self.manifest.get("cards_file")
-        return ConceptCards.load(self.path / name) if name else None
-
-    def val_labels(self) -> np.ndarray | None:
-        """Labels of the validation windows evaluation scores (V×T×k), or None when none were labelled."""
-        name, count = self.manifest.get("val_labels_file"), int(self.manifest.get("val_windows", 0))
-        if not name:
-            return None
-        return np.memmap(self.path / name, dtype=LABEL_DTYPE, mode="r", shape=(count, self.block_size, self.k))
 
 
 # ----- activation-selected labels (SPEC §9 ablation) ----------------------------------------------

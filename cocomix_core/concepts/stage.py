@@ -81,6 +81,9 @@ class Labels:
 
     keys: dict[str, str]  # label_selection ("attribution", "activation") -> storage key
     note: str
+    # label_selection -> storage key of the cache's small files (concept cards, validation labels): what evaluation
+    # and the report read
+    concept_keys: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,6 +256,21 @@ def label_cache_key(settings: ExperimentSettings, provenance: dict[str, Any], va
     return cache_key("labels", provenance, labelling, settings.train.steps, settings.train.batch_size, val_windows)
 
 
+def publish_concept_files(storage: Storage, label_key: str, label_folder: Path) -> str:
+    """The label cache's manifest, concept cards and validation labels under a key of their own beside it, so
+    evaluation tasks and the report fetch those kilobytes from remote storage, not the training labels."""
+    import shutil
+
+    from cocomix_core.concepts.labels import ConceptFiles
+
+    key = f"{label_key}-concepts"
+    with storage.stored_folder(key) as folder:
+        for path in ConceptFiles(label_folder).small_files():
+            if not (folder / path.name).is_file():
+                shutil.copyfile(path, folder / path.name)
+    return key
+
+
 def build_labels(
     settings: ExperimentSettings, storage: Storage, data: PreparedData, teacher: Teacher, sae: SAE
 ) -> Labels:
@@ -274,7 +292,7 @@ def build_labels(
     # The validation windows evaluation scores get labels too: the students' concept prediction is measured on them.
     val_windows = validation_windows(corpus.load_split(data.folder(storage), "val"), settings.data.block_size,
                                      settings.eval.val_windows)
-    keys, notes = {}, []
+    keys, concept_keys, notes = {}, {}, []
     for selection in selections:
         provenance = {"data": data.digest, **teacher_provenance(settings, teacher), "sae": sae.ref,
                       "layer_index": settings.sae.layer_index, "label_selection": selection}
@@ -287,12 +305,13 @@ def build_labels(
                 batch_size=settings.concepts.extract_batch_size, k=settings.concepts.labels_per_token, out_dir=folder,
                 provenance=provenance, val_windows=val_windows,
             )
+            concept_keys[selection] = publish_concept_files(storage, key, folder)
         keys[selection] = key
         uri = storage.uri(key)
         notes.append(f"labels ({selection}) already cached at {uri}, reused" if reused
                      else f"labels ({selection}) of {samples:,} training samples cached at {uri}, with those of "
                           f"{len(val_windows)} validation windows and the concept cards")
-    return Labels(keys=keys, note="; ".join(notes))
+    return Labels(keys=keys, note="; ".join(notes), concept_keys=concept_keys)
 
 
 def build_teacher_logits(

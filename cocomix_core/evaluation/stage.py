@@ -58,7 +58,7 @@ def concept_prediction_job(
 ) -> dict[str, float]:
     """`eval/concept_topk_overlap` of a CoCoMix checkpoint on the validation windows evaluation scores (SPEC §11);
     {} for other branches, or when the label cache holds no validation labels (labels extracted online)."""
-    from cocomix_core.concepts.labels import LabelCache
+    from cocomix_core.concepts.labels import ConceptFiles
     from cocomix_core.data.corpus import load_split
     from cocomix_core.data.windows import validation_windows
     from cocomix_core.evaluation.concept_quality import (
@@ -67,8 +67,8 @@ def concept_prediction_job(
     )
     from cocomix_core.evaluation.evaluator import load_checkpoint
 
-    key = labels.keys.get(settings.arms[branch.arm].label_selection) if branch.kind == "cocomix" else None
-    val_labels = LabelCache(storage.materialize(key)).val_labels() if key else None
+    key = labels.concept_keys.get(settings.arms[branch.arm].label_selection) if branch.kind == "cocomix" else None
+    val_labels = ConceptFiles(storage.materialize(key)).val_labels() if key else None
     if val_labels is None:
         return {}
     windows = validation_windows(load_split(data.folder(storage), "val"), settings.data.block_size, len(val_labels))

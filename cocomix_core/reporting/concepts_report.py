@@ -37,7 +37,7 @@ from cocomix_core.plumbing.files import atomic_path, write_json_atomic
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from cocomix_core.concepts.labels import LabelCache
+    from cocomix_core.concepts.labels import ConceptFiles, LabelCache
     from settings.schema import ConceptSettings
 
 SECTIONS = ("Concept cards", "Concept prediction", "Steering")
@@ -127,7 +127,7 @@ def steering_views(model: Any, tokenizer: PreTrainedTokenizerBase, val_tokens: n
     return views
 
 
-def gather_concepts(cache: LabelCache | None, tokenizer: PreTrainedTokenizerBase, options: ConceptSettings,
+def gather_concepts(cache: ConceptFiles | None, tokenizer: PreTrainedTokenizerBase, options: ConceptSettings,
                     overlap: dict[str, list[tuple[int, float]]], model: Any = None,
                     val_tokens: np.ndarray | None = None, steered_checkpoint: str = "") -> ConceptsContent:
     """The three sections from a label cache (cards, floor), the overlap curves and a CoCoMix model to steer."""

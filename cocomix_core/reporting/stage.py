@@ -60,28 +60,27 @@ def write_concepts_report(
 ) -> ConceptsFiles:
     """Concept cards, the CoCoMix branches' concept-prediction curves beside the frequency floor, and steering of
     the final checkpoint of the first CoCoMix branch that mixes concepts (SPEC §11); logged under `concepts/`."""
-    from cocomix_core.concepts.labels import LabelCache
+    from cocomix_core.concepts.labels import ConceptFiles
     from cocomix_core.data import corpus
     from cocomix_core.evaluation.concept_quality import FREQUENCY_METRIC, OVERLAP_METRIC
     from cocomix_core.evaluation.evaluator import load_checkpoint
     from cocomix_core.reporting import concepts_report
 
-    cocomix = sorted(((branch, checkpoint, metrics) for branch, checkpoint, metrics in evaluations
-                      if branch.kind == "cocomix"), key=lambda item: item[1].step)
+    cocomix = [(branch, checkpoint) for branch, checkpoint, _ in evaluations if branch.kind == "cocomix"]
     overlap: dict[str, list[tuple[int, float]]] = {}
-    for branch, checkpoint, metrics in cocomix:
+    for branch, checkpoint, metrics in sorted(evaluations, key=lambda item: item[1].step):
         if OVERLAP_METRIC in metrics:
             overlap.setdefault(branch.name, []).append((checkpoint.tokens_seen, metrics[OVERLAP_METRIC]))
     mixing = [item for item in cocomix if settings.arms[item[0].arm].mix in ("insert", "add")]
-    shown = (mixing or cocomix or [None])[-1]  # the final checkpoint: the highest step
+    shown = _final_of_first_branch(mixing or cocomix)
     model, steered = None, ""
     if mixing:
         model = load_checkpoint(storage.materialize(shown[1].key))
         steered = f"{shown[0].name} {shown[1].name}"
-    key = labels.keys.get(settings.arms[shown[0].arm].label_selection) if shown else None
+    key = labels.concept_keys.get(settings.arms[shown[0].arm].label_selection) if shown else None
     data_dir = data.folder(storage)
     content = concepts_report.gather_concepts(
-        LabelCache(storage.materialize(key)) if key else None, corpus.data_tokenizer(data_dir).hf(),
+        ConceptFiles(storage.materialize(key)) if key else None, corpus.data_tokenizer(data_dir).hf(),
         settings.concepts, overlap, model, corpus.load_split(data_dir, "val"), steered,
     )
     files = concepts_report.write_concepts(content, out_dir)
@@ -90,3 +89,11 @@ def write_concepts_report(
         tracker.log_metrics({FREQUENCY_METRIC: content.floor}, step=0)
     tracker.flush()
     return files
+
+
+def _final_of_first_branch(items: list[tuple[Branch, Checkpoint]]) -> tuple[Branch, Checkpoint] | None:
+    """The first branch's checkpoint of the highest step among (branch, checkpoint) pairs; None when there are none."""
+    if not items:
+        return None
+    first = items[0][0].name
+    return max((item for item in items if item[0].name == first), key=lambda item: item[1].step)
