@@ -8,8 +8,9 @@ filled, K = 4 labels on the 32 validation windows evaluation scores, 4 checkpoin
     python -m benchmarks.bench_concepts_report [--threads 2]
 
 Times, each once after a warm-up of the imports:
-    report step     gather_concepts (24 cards decoded, 3 concepts × 3 prompts steered, 32 tokens each)
-                    + write_concepts (plot, HTML, markdown, JSON)
+    concepts step   CardCollector.update on the label pass's 32 batches (8 windows × 128 tokens, k_sae 32, K 4)
+    report step     loading the checkpoint, gather_concepts (24 cards decoded, 3 concepts × 3 prompts steered,
+                    32 tokens each) and write_concepts (plot, HTML, markdown, JSON)
     evaluate step   checkpoint_overlap of one checkpoint (paid once per CoCoMix checkpoint)
 The validation label pass the concepts step adds (32 windows × 128 tokens of SmolLM2) is the label pass's
 speed times 4,096 tokens: see benchmarks/bench_teacher.py.
@@ -29,6 +30,7 @@ from cocomix_core.concepts.cards import (
     CONTEXT_AFTER,
     CONTEXT_BEFORE,
     TOP_CONTEXTS,
+    CardCollector,
     ConceptCards,
 )
 from cocomix_core.data.tokenizer import gpt2_tokenizer
@@ -59,6 +61,23 @@ class FixedCache:
         return self._val_labels
 
 
+def card_seconds(rng: np.random.Generator, batches: int = 32, batch: int = 8, k_sae: int = 32) -> float:
+    """Seconds of the card bookkeeping over a cpu-preset label pass (random supports and activations)."""
+    from cocomix_core.concepts.labels import Attribution
+
+    collector, tokens = CardCollector(LATENTS), batch * BLOCK
+    passes = [(Attribution(scores=torch.zeros(batch, BLOCK, k_sae),
+                           indices=torch.from_numpy(np.argsort(rng.random((tokens, LATENTS)), axis=1)[:, :k_sae]
+                                                    ).reshape(batch, BLOCK, k_sae),
+                           latents=torch.rand(batch, BLOCK, k_sae)),
+               torch.randint(0, LATENTS, (batch, BLOCK, K)), np.arange(tokens).reshape(batch, BLOCK) + index * tokens)
+              for index in range(batches)]
+    started = time.perf_counter()
+    for attribution, labels, offsets in passes:
+        collector.update(attribution, labels, offsets)
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
@@ -86,6 +105,7 @@ def main() -> None:
     started = time.perf_counter()
     checkpoint_overlap(model, windows, cache.val_labels(), settings.eval.batch_size)
     overlap_seconds = time.perf_counter() - started
+    print(f"concepts step, concept cards gathered during the label pass: {card_seconds(rng):.2f} s")
     print(f"report step, concepts added: {report_seconds:.2f} s ({len(content.cards)} cards, "
           f"{len(content.steering)} concepts × {settings.concepts.steer_prompts} prompts steered)")
     print(f"evaluate step, concept overlap of one checkpoint: {overlap_seconds:.2f} s")
