@@ -219,3 +219,15 @@ def test_what_the_report_shows_does_not_change_the_label_cache_key():
     assert label_cache_key(shown, provenance, 8) == label_cache_key(plain, provenance, 8)
     assert label_cache_key(other_k, provenance, 8) != label_cache_key(plain, provenance, 8)
     assert label_cache_key(plain, provenance, 4) != label_cache_key(plain, provenance, 8)  # fewer validation windows
+
+
+def test_without_a_label_cache_the_sections_say_why_they_are_empty():
+    from cocomix_core.reporting.concepts_report import gather_concepts
+    from settings import load_settings
+
+    options = load_settings("smoke", ["concepts.label_source=online"]).concepts
+    content = gather_concepts(None, gpt2_tokenizer().hf(), options, overlap={})
+    markdown = to_markdown(content)
+    assert content.cards == [] and content.steering == [] and content.floor is None
+    assert "no concept cards: no label cache with cards \\(concepts\\.label\\_source=online" in markdown
+    assert "no concept prediction measured" in markdown and "nothing steered: no concept cards" in markdown

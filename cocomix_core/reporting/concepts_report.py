@@ -77,7 +77,8 @@ class ConceptsContent:
     floor: float | None  # the frequency predictor's overlap
     steering: list[SteeringView]
     steered_checkpoint: str = ""
-    notes: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)  # about the cards: why there are none, ids left out
+    steering_note: str = ""  # why nothing was steered
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +139,7 @@ def gather_concepts(cache: ConceptFiles | None, tokenizer: PreTrainedTokenizerBa
     if cards is None:
         content.notes.append("no concept cards: no label cache with cards (concepts.label_source=online, or no "
                              "CoCoMix branch)")
+        content.steering_note = "nothing steered: no concept cards to choose the concepts from"
         return content
     latents = shown_latents(cards, options.cards, options.show)
     ignored = [latent for latent in options.show if latent >= cards.num_latents]
@@ -148,7 +150,7 @@ def gather_concepts(cache: ConceptFiles | None, tokenizer: PreTrainedTokenizerBa
     if val_labels is not None:
         content.floor = frequency_overlap(cards.label_counts, np.asarray(val_labels))
     if model is None:
-        content.notes.append("no steering: no CoCoMix checkpoint that mixes concepts (mix insert or add)")
+        content.steering_note = "nothing steered: no CoCoMix checkpoint that mixes concepts (mix insert or add)"
     elif val_tokens is not None:
         steered = latents[: options.steer_concepts]
         content.steering = steering_views(model, tokenizer, val_tokens, steered, options, cache.k)
@@ -187,6 +189,10 @@ def _overlap_lines(content: ConceptsContent) -> list[str]:
     return lines or ["no concept prediction measured (no CoCoMix branch with validation labels)"]
 
 
+def _steering_intro(content: ConceptsContent) -> str:
+    return content.steering_note or f"Greedy generations of {content.steered_checkpoint}, unsteered and steered:"
+
+
 def _steering_header(view: SteeringView) -> str:
     return (f"Latent {view.concept} raised by {view.strength:g}: predicted at {view.unsteered_rate:.0%} of generated "
             f"tokens unsteered, {view.steered_rate:.0%} steered")
@@ -202,8 +208,7 @@ def to_markdown(content: ConceptsContent) -> str:
     parts += [f"## {SECTIONS[1]}", "", "Mean share of a validation token's K labels among the student's K largest "
               "concept logits (final checkpoint):", ""]
     parts += [f"- {markdown_text(line)}" for line in _overlap_lines(content)] + ["", f"## {SECTIONS[2]}", ""]
-    if content.steered_checkpoint:
-        parts += [f"Greedy generations of {markdown_text(content.steered_checkpoint)}, unsteered and steered:", ""]
+    parts += [markdown_text(_steering_intro(content)), ""]
     for view in content.steering:
         parts += [f"**{_steering_header(view)}**", ""]
         for prompt, plain, steered in zip(view.prompts, view.unsteered, view.steered):
@@ -226,7 +231,7 @@ def to_html(content: ConceptsContent, plot: Path | None) -> str:
     if plot is not None:
         body.append(f"<img alt='concept top-K overlap by training tokens' src='data:image/png;base64,"
                     f"{base64.b64encode(plot.read_bytes()).decode()}'>")
-    body.append(f"<h2>{SECTIONS[2]}</h2><p>{html.escape(content.steered_checkpoint)}</p>")
+    body.append(f"<h2>{SECTIONS[2]}</h2><p>{html.escape(_steering_intro(content))}</p>")
     for view in content.steering:
         rows = "".join(f"<tr><td>{html.escape(prompt)}</td><td>{html.escape(plain)}</td><td>{html.escape(steered)}</td></tr>"
                        for prompt, plain, steered in zip(view.prompts, view.unsteered, view.steered))
