@@ -329,8 +329,8 @@ class CocomixFlow(FlowSpec):
     @step
     @honest_step
     def evaluate(self) -> None:
-        """Validation perplexity and the lm-eval tasks of one checkpoint, logged at its step in the branch's run and
-        against the checkpoint's MLflow LoggedModel."""
+        """Validation perplexity and the lm-eval tasks of one checkpoint (and a CoCoMix one's concept prediction),
+        logged at its step in the branch's run and against the checkpoint's MLflow LoggedModel."""
         from cocomix_core.plumbing.tracking import MlflowTracker
         from settings import Branch
 
@@ -340,6 +340,9 @@ class CocomixFlow(FlowSpec):
         parallel = len(self.branches) * len(self.checkpoints)
         with self._timed("evaluate_checkpoint"):
             self.metrics = stages.evaluate_checkpoint_job(settings, self._storage(), self.data, self.checkpoint, parallel)
+        with self._timed("concept_prediction"):
+            self.metrics |= stages.concept_prediction_job(settings, self._storage(), self.data, self.labels,
+                                                          Branch(**self.branch), self.checkpoint)
         name = self.branch["name"]
         self.model_id = stages.checkpoint_model_id(  # the checkpoint in MLflow's Models tab, its metrics linked
             settings, Branch(**self.branch), self.checkpoint, self.experiment_id, self.branch_run_ids[name],
@@ -386,6 +389,7 @@ class CocomixFlow(FlowSpec):
             current.card.append(Markdown(split_wide_tables(written.markdown_path.read_text(), CARD_TABLE_COLUMNS)))
             for plot in written.plots:
                 current.card.append(Image(plot.read_bytes(), label=plot_caption(plot)))
+        self._concepts_card(evaluations)
         self.report_pathspec = f"{current.run_id}/report"  # a resume that clones `report` keeps the origin's card
         print(f"report: {len(evaluations)} checkpoint evaluations of {len(self.branches)} branches, card `report`")
         self.next(self.end)
@@ -426,6 +430,20 @@ class CocomixFlow(FlowSpec):
 
     # ------------------------------------------------------------------ helpers
     # Small pieces shared by the steps above; all real work happens in cocomix_core.
+
+    def _concepts_card(self, evaluations: list[Any]) -> None:
+        """The report's concepts (cards, concept prediction, steering): an MLflow artifact and the card's end."""
+        from cocomix_core.plumbing import tracking
+
+        with scratch_folder("concepts") as folder:
+            with self._timed("write_concepts_report"):
+                concepts = stages.write_concepts_report(
+                    self._settings(), self._storage(), self.data, self.labels, evaluations, folder,
+                    tracking.MlflowTracker(self.parent_run_id, self.tracking_uri),
+                )
+            current.card.append(Markdown(concepts.markdown_path.read_text(encoding="utf-8")))
+            if concepts.plot is not None:
+                current.card.append(Image(concepts.plot.read_bytes(), label="Concept prediction by training tokens"))
 
     def _settings(self) -> ExperimentSettings:
         """The settings resolved in `start` (not re-read from presets that may have changed since)."""

@@ -172,6 +172,23 @@ class ConceptSettings(Strict):
     labels_per_token: PositiveInt = Field(4, description="K, SPEC's topK_attri")
     label_source: Literal["cache", "online"] = Field("cache", description="cache: one teacher pass shared by every arm")
     extract_batch_size: PositiveInt = 8
+    # What the report shows of the concepts (SPEC §11); none of these changes the label cache.
+    cards: int = Field(24, ge=0, description="concept cards shown: the latents most often chosen as labels")
+    show: list[int] = Field([], description="latent ids whose cards are shown besides the most chosen ones")
+    steer_concepts: int = Field(3, ge=0, description="the first N shown concepts are steered in the report")
+    steer_prompts: PositiveInt = Field(3, description="fixed prompts taken from the validation split")
+    steer_strength: float = Field(20.0, allow_inf_nan=False, description="offset added to the steered concept's logit before the TopK")
+
+    @model_validator(mode="after")
+    def _shown_ids_are_latents(self) -> "ConceptSettings":
+        negative = [latent for latent in self.show if latent < 0]
+        if negative:
+            raise ValueError(f"concepts.show holds negative latent ids {negative}")
+        return self
+
+
+# ConceptSettings fields that only choose what the report shows: the label cache's key leaves them out.
+CONCEPT_PRESENTATION = frozenset({"cards", "show", "steer_concepts", "steer_prompts", "steer_strength"})
 
 
 ArmKind = Literal["ntp", "cocomix", "kd", "pause"]
@@ -345,6 +362,9 @@ class ExperimentSettings(Strict):
             raise ValueError(
                 f"sae.layer_index={self.sae.layer_index} must be < teacher.model.depth={self.teacher.model.depth}"
             )
+        too_large = [latent for latent in self.concepts.show if latent >= self.sae.num_latents]
+        if too_large and self.sae.pretrained is None:  # a pretrained SAE's size is known once it is loaded
+            raise ValueError(f"concepts.show={too_large} are not latents of an SAE of sae.num_latents={self.sae.num_latents}")
         if self.concepts.labels_per_token > self.sae.k:
             raise ValueError(
                 f"concepts.labels_per_token={self.concepts.labels_per_token} exceeds sae.k={self.sae.k}"

@@ -253,8 +253,8 @@ def test_label_cache_matches_online_labels_and_is_reused(tmp_path, monkeypatch):
 
     # same request again: nothing is computed
     calls = []
-    original = extractor.concept_labels
-    monkeypatch.setattr(extractor, "concept_labels", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    original = extractor.labels_and_attribution  # the label pass: labels and, from the same pass, the concept cards
+    monkeypatch.setattr(extractor, "labels_and_attribution", lambda *a, **kw: calls.append(1) or original(*a, **kw))
     before = (out / "labels.u16").stat().st_mtime_ns
     build_label_cache(extractor, windows, 7, 3, 4, tmp_path / "labels", provenance)
     assert calls == [] and (out / "labels.u16").stat().st_mtime_ns == before

@@ -477,3 +477,52 @@ def test_the_flow_on_object_storage_and_a_tracking_server_passes_the_same_lineag
         run_id = served.named(f"train/{arm}")[0].info.run_id
         listed = json.loads(Path(served.client.download_artifacts(run_id, "checkpoints.json")).read_text())
         assert listed[0]["uri"].startswith(f"s3://{s3_server.bucket}/{prefix}/cocomix-storage/runs/"), arm
+
+
+def _card_text(smoke: Experiment) -> str:
+    """The report card's components, decoded: everything it shows."""
+    ((_, html),) = metaflow_query(
+        "from metaflow.cards import get_cards\n"
+        "task = Flow('CocomixFlow').latest_run['report'].task\n"
+        "print(json.dumps([[card.id, card.get()] for card in get_cards(task)]))",
+        smoke.env,
+    )
+    (encoded,) = re.findall(r'__MF_DATA__\["[^"]+"\] = "([^"]+)"', html)
+    return base64.b64decode(encoded).decode()
+
+
+@pytest.mark.slow
+def test_the_card_shows_concept_cards_concept_prediction_and_steering(smoke: Experiment):
+    from cocomix_core.evaluation.concept_quality import FREQUENCY_METRIC, OVERLAP_METRIC
+
+    content = _card_text(smoke)
+    sections = [content.index(f"## {title}") for title in ("Concept cards", "Concept prediction", "Steering")]
+    assert sections == sorted(sections) and "Latent " in content and "raised by 20" in content
+    cocomix = smoke.named("train/cocomix")[0].info.run_id
+    overlap = smoke.client.get_metric_history(cocomix, OVERLAP_METRIC)
+    assert sorted(point.step for point in overlap) == list(smoke.steps) and all(0 <= p.value <= 1 for p in overlap)
+    assert not smoke.client.get_metric_history(smoke.named("train/ntp")[0].info.run_id, OVERLAP_METRIC)
+    assert 0 <= smoke.parent.data.metrics[FREQUENCY_METRIC] <= 1
+    page = Path(smoke.client.download_artifacts(smoke.parent.info.run_id, "concepts/concepts.html")).read_text()
+    assert page.count("<section>") == 24 and "data:image/png;base64," in page  # 24 cards, the overlap plot inlined
+
+
+@pytest.mark.slow
+def test_the_concepts_command_line_reads_any_teacher_sae_and_checkpoint(smoke: Experiment, tmp_path: Path):
+    storage = smoke.root / "artifacts"
+    (sae,) = storage.glob("sae/*/sae.safetensors")
+    (data,) = [path.parent for path in storage.glob("data/*/manifest.json")]
+    (checkpoint,) = storage.glob("runs/*/cocomix/checkpoints/step_000012")
+    (teacher,) = storage.glob("teacher/*/checkpoints/step_000012")
+    out = tmp_path / "concepts"
+    result = subprocess.run(
+        [sys.executable, "-m", "cocomix_core.concepts_report", str(sae), str(checkpoint), "--data", str(data),
+         "--out", str(out), "--teacher", str(teacher), "--samples", "8", "--settings", "smoke"],
+        env=smoke.env, capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT,
+    )
+    assert result.returncode == 0, tail(result)
+    content = json.loads((out / "concepts.json").read_text())
+    assert content["cards"] and len(content["steering"]) == 3 and content["floor"] is not None
+    assert list(content["overlap"]) == ["step_000012"]
+    assert all(f"<h2>{title}</h2>" in (out / "concepts.html").read_text()
+               for title in ("Concept cards", "Concept prediction", "Steering"))

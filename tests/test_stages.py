@@ -450,3 +450,40 @@ def test_the_cpu_presets_gguf_teacher_is_converted_once_into_storage_and_tokeniz
     assert folder == storage.materialize(teacher.key) and (folder / "model.safetensors").is_file()
     tokenizer = data_tokenizer(data.folder(storage))
     assert tokenizer.vocab_size == 49_152 and tokenizer.digest == hf_tokenizer(folder).digest
+
+
+def test_the_concepts_come_from_the_label_pass_the_validation_labels_and_the_final_cocomix_checkpoint(
+    experiment: Experiment, tmp_path: Path
+):
+    from cocomix_core.concepts.labels import LABELS_FILE, ConceptFiles
+    from cocomix_core.evaluation.concept_quality import FREQUENCY_METRIC, OVERLAP_METRIC
+
+    settings, storage, k = experiment.settings, experiment.storage, experiment.settings.concepts.labels_per_token
+    # Evaluation and the report read a folder of the cache's small files, never the training labels.
+    cache = ConceptFiles(storage.materialize(experiment.labels.concept_keys["attribution"]))
+    assert not (cache.path / LABELS_FILE).exists()
+    assert cache.val_labels().shape == (settings.eval.val_windows, BLOCK, k)  # the windows evaluation scores
+    cards = cache.cards()  # gathered from the training label pass itself
+    assert cards.tokens == STEPS * BATCH * BLOCK and cards.label_counts.sum() == STEPS * BATCH * BLOCK * k
+    branches = {branch.name: branch for branch in training_branches(settings)}
+    measured = {name: stages.concept_prediction_job(settings, storage, experiment.data, experiment.labels,
+                                                    branches[name], experiment.checkpoints[name][-1])
+                for name in branches}
+    assert measured["ntp"] == {} and 0 <= measured["cocomix"][OVERLAP_METRIC] <= 1
+    evaluations = [(branches[name], experiment.checkpoints[name][-1], experiment.metrics[name] | measured[name])
+                   for name in branches]
+    tracker = tracking.MlflowTracker(experiment.run_ids["parent"], experiment.tracking_uri)
+    files = stages.write_concepts_report(settings, storage, experiment.data, experiment.labels, evaluations,
+                                         tmp_path / "concepts", tracker)
+    tracker.close()
+    content = json.loads(files.json_path.read_text())
+    assert [card["latent"] for card in content["cards"]] == cards.most_chosen(settings.concepts.cards)
+    assert content["overlap"] == {"cocomix": [[STEPS * BATCH * BLOCK, measured["cocomix"][OVERLAP_METRIC]]]}
+    steered = content["steering"]
+    assert [view["concept"] for view in steered] == cards.most_chosen(settings.concepts.steer_concepts)
+    assert all(len(view["prompts"]) == settings.concepts.steer_prompts for view in steered)
+    assert content["steered_checkpoint"] == f"cocomix {experiment.checkpoints['cocomix'][-1].name}"
+    parent = experiment.client.get_run(experiment.run_ids["parent"])
+    assert parent.data.metrics[FREQUENCY_METRIC] == pytest.approx(content["floor"])
+    logged = {item.path for item in experiment.client.list_artifacts(experiment.run_ids["parent"], "concepts")}
+    assert {"concepts/concepts.html", "concepts/concepts.md", "concepts/concept_overlap.png"} <= logged

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cocomix_core.concepts.cards import CARDS_FILE, CardCollector, ConceptCards
 from cocomix_core.concepts.sae import TopKSAE
 from cocomix_core.model.modeling_cocomix import row_chunks
 from cocomix_core.plumbing.files import atomic_path, sha256_file
@@ -46,6 +47,7 @@ MAX_CONCEPT_DIM = int(np.iinfo(LABEL_DTYPE).max) + 1  # 65536
 CACHE_FORMAT = "cocomix-concept-labels-v1"
 LABELS_FILE = "labels.u16"
 MANIFEST_FILE = "manifest.json"
+VAL_LABELS_FILE = "val_labels.u16"
 
 
 # ----- teacher plumbing ----------------------------------------------------------------------
@@ -302,11 +304,20 @@ class ConceptExtractor:
         if k > self.concept_dim:
             raise ValueError(f"labels per token k={k} exceeds the concept dictionary size {self.concept_dim}")
 
+    def select_labels(self, attribution: Attribution, k: int) -> torch.Tensor:
+        """Indices of the k largest attribution scores per token, B×T×k int64."""
+        return labels_from_sparse(attribution, k, self.concept_dim)
+
     @torch.no_grad()
-    def concept_labels(self, input_ids: torch.Tensor, k: int) -> torch.Tensor:
-        """Indices of the k largest attribution scores per token, B×T×k int64 (constants)."""
+    def labels_and_attribution(self, input_ids: torch.Tensor, k: int) -> tuple[torch.Tensor, Attribution]:
+        """(`concept_labels`, the attribution they were selected from): the label pass keeps both."""
         self.check_label_count(k)
-        return labels_from_sparse(self.sparse_attribution(input_ids), k, self.concept_dim)
+        attribution = self.sparse_attribution(input_ids)
+        return self.select_labels(attribution, k), attribution
+
+    def concept_labels(self, input_ids: torch.Tensor, k: int) -> torch.Tensor:
+        """The k labels of every token, B×T×k int64 (constants)."""
+        return self.labels_and_attribution(input_ids, k)[0]
 
 
 def labels_from_sparse(attribution: Attribution, k: int, num_latents: int) -> torch.Tensor:
@@ -331,7 +342,8 @@ def labels_from_sparse(attribution: Attribution, k: int, num_latents: int) -> to
 
 
 # ----- label cache ---------------------------------------------------------------------------
-def _manifest_core(num_samples: int, block_size: int, k: int, concept_dim: int, windows_seed: int, provenance: Mapping[str, Any]) -> dict[str, Any]:
+def _manifest_core(num_samples: int, block_size: int, k: int, concept_dim: int, windows_seed: int,
+                   provenance: Mapping[str, Any], val_windows: int = 0) -> dict[str, Any]:
     return {
         "format": CACHE_FORMAT,
         "num_samples": int(num_samples),
@@ -339,6 +351,7 @@ def _manifest_core(num_samples: int, block_size: int, k: int, concept_dim: int, 
         "k": int(k),
         "concept_dim": int(concept_dim),
         "windows_seed": int(windows_seed),
+        "val_windows": int(val_windows),
         "dtype": "uint16",
         "provenance": json.loads(json.dumps(dict(provenance), sort_keys=True, default=str)),
     }
@@ -346,6 +359,44 @@ def _manifest_core(num_samples: int, block_size: int, k: int, concept_dim: int, 
 
 def _matches(manifest: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
     return [key for key, value in expected.items() if manifest.get(key) != value]
+
+
+def _reusable(out_dir: Path, core: Mapping[str, Any]) -> bool:
+    """True when out_dir already holds an intact cache with this manifest."""
+    if not (out_dir / MANIFEST_FILE).is_file():
+        return False
+    try:
+        cache = LabelCache(out_dir)
+        return not _matches(cache.manifest, core) and cache.verify_file()
+    except (ValueError, OSError, json.JSONDecodeError):
+        return False  # unreadable or stale: rebuild
+
+
+def _training_pass(extractor: ConceptExtractor, windows: Any, labels: np.memmap, batch_size: int, k: int,
+                   log_fn: Any) -> CardCollector:
+    """Label every training sample into `labels`, gathering the concept cards from the same passes."""
+    num_samples, block = labels.shape[:2]
+    collector = CardCollector(extractor.concept_dim)
+    with Progress("label cache", num_samples, unit="sample") as progress:
+        for first in range(0, num_samples, batch_size):
+            count = min(batch_size, num_samples - first)
+            batch_labels, attribution = extractor.labels_and_attribution(torch.from_numpy(windows.batch(first, count)), k)
+            labels[first : first + count] = batch_labels.cpu().numpy().astype(LABEL_DTYPE)
+            starts = np.array([windows.start_of(sample) for sample in range(first, first + count)])
+            collector.update(attribution, batch_labels, starts[:, None] + np.arange(block))
+            if log_fn is not None:
+                log_fn({"label_cache_samples": first + count, "label_cache_total": num_samples})
+            progress.update(count)
+    return collector
+
+
+def _label_windows(extractor: ConceptExtractor, windows: np.ndarray, batch_size: int, k: int, path: Path) -> None:
+    """Labels of fixed windows (the validation windows evaluation scores) into a uint16 file."""
+    labels = np.memmap(path, dtype=LABEL_DTYPE, mode="w+", shape=(*windows.shape, k))
+    for first in range(0, len(windows), batch_size):
+        ids = torch.from_numpy(np.ascontiguousarray(windows[first : first + batch_size], dtype=np.int64))
+        labels[first : first + len(ids)] = extractor.concept_labels(ids, k).cpu().numpy().astype(LABEL_DTYPE)
+    labels.flush()
 
 
 def build_label_cache(
@@ -357,12 +408,14 @@ def build_label_cache(
     out_dir: str | os.PathLike,
     provenance: Mapping[str, Any],
     log_fn: Any = None,
+    val_windows: np.ndarray | None = None,
 ) -> Path:
-    """Labels of global samples 0..num_samples-1 of `windows` into out_dir/labels.u16 (+ manifest.json).
+    """Labels of global samples 0..num_samples-1 of `windows` into out_dir/labels.u16 (+ manifest.json), the
+    concept cards gathered on the way (cards.npz), and the labels of `val_windows` (val_labels.u16) if given.
 
     Row g of the uint16 memmap (num_samples×T×k) holds sample g's labels. The folder is written
     atomically; when out_dir already holds a cache with the same manifest (sizes, k,
-    concept_dim, windows seed, provenance) and an intact labels file, nothing is computed.
+    concept_dim, windows seed, validation windows, provenance) and an intact labels file, nothing is computed.
     """
     extractor.check_label_count(k)
     if extractor.concept_dim > MAX_CONCEPT_DIM:
@@ -372,36 +425,30 @@ def build_label_cache(
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be positive, got {num_samples} and {batch_size}")
     out_dir = Path(out_dir)
-    core = _manifest_core(num_samples, windows.block_size, k, extractor.concept_dim, windows.seed, provenance)
-    if (out_dir / MANIFEST_FILE).is_file():
-        try:
-            cache = LabelCache(out_dir)
-            if not _matches(cache.manifest, core) and cache.verify_file():
-                say(f"label cache: {out_dir} already holds the labels of these {num_samples:,} samples; reused")
-                return out_dir
-        except (ValueError, OSError, json.JSONDecodeError):
-            pass  # unreadable or stale: rebuild
-
-    block = windows.block_size
-    with atomic_path(out_dir) as temp, Progress("label cache", num_samples, unit="sample") as progress:
+    val_count = 0 if val_windows is None else len(val_windows)
+    core = _manifest_core(num_samples, windows.block_size, k, extractor.concept_dim, windows.seed, provenance, val_count)
+    if _reusable(out_dir, core):
+        say(f"label cache: {out_dir} already holds the labels of these {num_samples:,} samples; reused")
+        return out_dir
+    with atomic_path(out_dir) as temp:
         temp.mkdir(parents=True)
-        labels = np.memmap(temp / LABELS_FILE, dtype=LABEL_DTYPE, mode="w+", shape=(num_samples, block, k))
-        for first in range(0, num_samples, batch_size):
-            count = min(batch_size, num_samples - first)
-            ids = torch.from_numpy(windows.batch(first, count))
-            labels[first : first + count] = extractor.concept_labels(ids, k).cpu().numpy().astype(LABEL_DTYPE)
-            if log_fn is not None:
-                log_fn({"label_cache_samples": first + count, "label_cache_total": num_samples})
-            progress.update(count)
+        labels = np.memmap(temp / LABELS_FILE, dtype=LABEL_DTYPE, mode="w+", shape=(num_samples, windows.block_size, k))
+        collector = _training_pass(extractor, windows, labels, batch_size, k, log_fn)
         labels.flush()
         del labels
-        manifest = dict(core, labels_file=LABELS_FILE, labels_sha256=sha256_file(temp / LABELS_FILE))
+        collector.finish(windows.tokens).save(temp / CARDS_FILE)
+        manifest = dict(core, labels_file=LABELS_FILE, labels_sha256=sha256_file(temp / LABELS_FILE),
+                        cards_file=CARDS_FILE)
+        if val_count:
+            _label_windows(extractor, val_windows, batch_size, k, temp / VAL_LABELS_FILE)
+            manifest["val_labels_file"] = VAL_LABELS_FILE
         (temp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return out_dir
 
 
-class LabelCache:
-    """Read side of a label cache folder written by `build_label_cache`."""
+class ConceptFiles:
+    """The small part of a label cache: its manifest, concept cards and validation labels. A folder holding only
+    those is what evaluation and the report read, never the training labels (gigabytes at paper scale)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -415,6 +462,30 @@ class LabelCache:
         self.block_size = int(self.manifest["block_size"])
         self.k = int(self.manifest["k"])
         self.concept_dim = int(self.manifest["concept_dim"])
+
+    def cards(self) -> ConceptCards | None:
+        """The concept cards gathered by the label pass; None for a cache written before cards existed."""
+        name = self.manifest.get("cards_file")
+        return ConceptCards.load(self.path / name) if name else None
+
+    def val_labels(self) -> np.ndarray | None:
+        """Labels of the validation windows evaluation scores (V×T×k), or None when none were labelled."""
+        name, count = self.manifest.get("val_labels_file"), int(self.manifest.get("val_windows", 0))
+        if not name:
+            return None
+        return np.memmap(self.path / name, dtype=LABEL_DTYPE, mode="r", shape=(count, self.block_size, self.k))
+
+    def small_files(self) -> list[Path]:
+        """The manifest, cards and validation labels: all that `ConceptFiles` reads of the folder."""
+        names = [MANIFEST_FILE, self.manifest.get("cards_file"), self.manifest.get("val_labels_file")]
+        return [self.path / name for name in names if name]
+
+
+class LabelCache(ConceptFiles):
+    """Read side of a label cache folder written by `build_label_cache`."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__(path)
         labels_path = self.path / self.manifest.get("labels_file", LABELS_FILE)
         expected_bytes = self.num_samples * self.block_size * self.k * np.dtype(LABEL_DTYPE).itemsize
         if not labels_path.is_file() or labels_path.stat().st_size != expected_bytes:
@@ -468,8 +539,6 @@ def activation_labels(attribution: Attribution, k: int) -> torch.Tensor:
 class ActivationConceptExtractor(ConceptExtractor):
     """A ConceptExtractor whose labels are activation-selected; build_label_cache accepts it as is."""
 
-    @torch.no_grad()
-    def concept_labels(self, input_ids: torch.Tensor, k: int) -> torch.Tensor:
-        """Indices of the k largest SAE latents per token, B×T×k int64 (constants)."""
-        self.check_label_count(k)
-        return activation_labels(self.sparse_attribution(input_ids), k)
+    def select_labels(self, attribution: Attribution, k: int) -> torch.Tensor:
+        """Indices of the k largest SAE latents per token, B×T×k int64."""
+        return activation_labels(attribution, k)

@@ -21,6 +21,7 @@ from cocomix_core.plumbing.keys import cache_key
 from cocomix_core.plumbing.launch import threads_for
 from cocomix_core.plumbing.storage import Storage
 from settings import ExperimentSettings, training_branches
+from settings.schema import CONCEPT_PRESENTATION
 
 if TYPE_CHECKING:  # torch and mlflow load inside the stages that need them
     from cocomix_core.concepts.labels import ConceptExtractor
@@ -80,6 +81,9 @@ class Labels:
 
     keys: dict[str, str]  # label_selection ("attribution", "activation") -> storage key
     note: str
+    # label_selection -> storage key of the cache's small files (concept cards, validation labels): what evaluation
+    # and the report read
+    concept_keys: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +233,27 @@ def _train_sae(
                      settings.sae.layer_index, sae_train_config(settings.sae, settings.data.block_size), log_fn=log)
 
 
+def label_cache_key(settings: ExperimentSettings, provenance: dict[str, Any], val_windows: int) -> str:
+    """Where a label cache lives: keyed by what its labels depend on, not by what the report shows of them."""
+    labelling = settings.concepts.model_dump(mode="json", exclude=set(CONCEPT_PRESENTATION))
+    return cache_key("labels", provenance, labelling, settings.train.steps, settings.train.batch_size, val_windows)
+
+
+def publish_concept_files(storage: Storage, label_key: str, label_folder: Path) -> str:
+    """The label cache's manifest, concept cards and validation labels under a key of their own beside it, so
+    evaluation tasks and the report fetch those kilobytes from remote storage, not the training labels."""
+    import shutil
+
+    from cocomix_core.concepts.labels import ConceptFiles
+
+    key = f"{label_key}-concepts"
+    with storage.stored_folder(key) as folder:
+        for path in ConceptFiles(label_folder).small_files():
+            if not (folder / path.name).is_file():
+                shutil.copyfile(path, folder / path.name)
+    return key
+
+
 def build_labels(
     settings: ExperimentSettings, storage: Storage, data: PreparedData, teacher: Teacher, sae: SAE
 ) -> Labels:
@@ -238,6 +263,7 @@ def build_labels(
     Nothing is built when no branch is CoCoMix, or when `concepts.label_source` is "online".
     """
     from cocomix_core.concepts.labels import build_label_cache
+    from cocomix_core.data.windows import validation_windows
 
     selections = label_selections(settings)
     if not selections:
@@ -246,25 +272,29 @@ def build_labels(
         return Labels(keys={}, note=f"labels: extracted online by each branch (concepts.label_source="
                                     f"{settings.concepts.label_source})")
     samples = settings.train.steps * settings.train.batch_size
-    keys, notes = {}, []
+    # The validation windows evaluation scores get labels too: the students' concept prediction is measured on them.
+    val_windows = validation_windows(corpus.load_split(data.folder(storage), "val"), settings.data.block_size,
+                                     settings.eval.val_windows)
+    keys, concept_keys, notes = {}, {}, []
     for selection in selections:
         provenance = {"data": data.digest, **teacher_provenance(settings, teacher), "sae": sae.ref,
                       "layer_index": settings.sae.layer_index, "label_selection": selection}
-        key = cache_key("labels", provenance, settings.concepts.model_dump(mode="json"), settings.train.steps,
-                        settings.train.batch_size)
+        key = label_cache_key(settings, provenance, len(val_windows))
         with storage.stored_folder(key) as folder:
             reused = storage.exists(key)
             build_label_cache(
                 concept_extractor(settings, storage, teacher, sae, selection),
                 corpus.training_windows(data.folder(storage), settings.data), num_samples=samples,
                 batch_size=settings.concepts.extract_batch_size, k=settings.concepts.labels_per_token, out_dir=folder,
-                provenance=provenance,
+                provenance=provenance, val_windows=val_windows,
             )
+            concept_keys[selection] = publish_concept_files(storage, key, folder)
         keys[selection] = key
         uri = storage.uri(key)
         notes.append(f"labels ({selection}) already cached at {uri}, reused" if reused
-                     else f"labels ({selection}) of {samples:,} training samples cached at {uri}")
-    return Labels(keys=keys, note="; ".join(notes))
+                     else f"labels ({selection}) of {samples:,} training samples cached at {uri}, with those of "
+                          f"{len(val_windows)} validation windows and the concept cards")
+    return Labels(keys=keys, note="; ".join(notes), concept_keys=concept_keys)
 
 
 def build_teacher_logits(

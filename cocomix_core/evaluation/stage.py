@@ -1,6 +1,7 @@
 """The `evaluate` stage: one published checkpoint's validation perplexity and lm-eval tasks (SPEC §6).
 
     metrics = evaluate_checkpoint_job(settings, storage, data, checkpoint, parallel_tasks=1)
+    metrics |= concept_prediction_job(settings, storage, data, labels, branch, checkpoint)
     model_id = checkpoint_model_id(settings, branch, checkpoint, experiment_id, branch_run_id, parent_run_id, uri)
     log_evaluation(metrics, checkpoint, branch.name, branch_tracker, evaluation_tracker, model_id=model_id)
 """
@@ -16,6 +17,7 @@ from cocomix_core.training.stage import Checkpoint
 from settings import Branch, ExperimentSettings
 
 if TYPE_CHECKING:  # mlflow loads inside the steps that log
+    from cocomix_core.concepts.stage import Labels
     from cocomix_core.plumbing.tracking import MlflowTracker
 
 
@@ -66,3 +68,27 @@ def log_evaluation(
                                    step=checkpoint.step)
     branch_tracker.flush()
     evaluation_tracker.flush()
+
+
+def concept_prediction_job(
+    settings: ExperimentSettings, storage: Storage, data: PreparedData, labels: Labels, branch: Branch,
+    checkpoint: Checkpoint,
+) -> dict[str, float]:
+    """`eval/concept_topk_overlap` of a CoCoMix checkpoint on the validation windows evaluation scores (SPEC §11);
+    {} for other branches, or when the label cache holds no validation labels (labels extracted online)."""
+    from cocomix_core.concepts.labels import ConceptFiles
+    from cocomix_core.data.corpus import load_split
+    from cocomix_core.data.windows import validation_windows
+    from cocomix_core.evaluation.concept_quality import (
+        OVERLAP_METRIC,
+        checkpoint_overlap,
+    )
+    from cocomix_core.evaluation.evaluator import load_checkpoint
+
+    key = labels.concept_keys.get(settings.arms[branch.arm].label_selection) if branch.kind == "cocomix" else None
+    val_labels = ConceptFiles(storage.materialize(key)).val_labels() if key else None
+    if val_labels is None:
+        return {}
+    windows = validation_windows(load_split(data.folder(storage), "val"), settings.data.block_size, len(val_labels))
+    model = load_checkpoint(storage.materialize(checkpoint.key))
+    return {OVERLAP_METRIC: checkpoint_overlap(model, windows, val_labels, settings.eval.batch_size)}
