@@ -7,8 +7,8 @@
     teacher_logits = build_teacher_logits(settings, storage, data, teacher)
     trained = train_branch(settings, storage, branch, run_folder_key(experiment, branch.name), data, teacher, sae,
                            labels, tracker, teacher_logits=teacher_logits)    # training/stage.py
-    metrics = evaluate_checkpoint_job(settings, storage, data, checkpoint, parallel_tasks=1)  # evaluation/stage.py
-    files = write_report(evaluations, out_dir, tracker)                        # reporting/stage.py
+    metrics, replicates = evaluate_checkpoint_job(settings, storage, data, checkpoint, 1)   # evaluation/stage.py
+    files = write_report(evaluations, out_dir, tracker, data.unigram_ppl)        # reporting/stage.py
 
 Each stage lives with its concern, beside the small result type it hands on, and caches its product
 in storage under a key derived from what it is computed from, so a rerun reuses it. A result
