@@ -249,7 +249,7 @@ def test_tokens_to_match_carries_its_interval_across_seeds():
     assert saving["value"] == pytest.approx(0.238095, abs=1e-6)
     assert (saving["lo"], saving["hi"]) == pytest.approx((0.238095 - 0.051223, 0.238095 + 0.051223), abs=1e-5)
     assert row["tokens_to_match"]["seeds_reached"] == 3
-    assert "with 23.8% [18.7%, 28.9%] across 3 seeds fewer tokens" in verdict_text([row])[0]
+    assert "with 23.8% fewer tokens [18.7%, 28.9%] across 3 seeds" in verdict_text([row])[0]
 
 
 def test_verdict_rows_are_structured_for_other_tools():

@@ -431,7 +431,7 @@ def _tokens_text(row: dict[str, Any]) -> str:
     saving = match["saving"]
     interval = (f" [{saving['lo']:.1%}, {saving['hi']:.1%}] across {saving['n']} seeds" if saving["lo"] is not None
                 else " (1 seed)")
-    return f" Reaches {row['reference']}'s final value with {saving['value']:.1%}{interval} fewer tokens."
+    return f" Reaches {row['reference']}'s final value with {saving['value']:.1%} fewer tokens{interval}."
 
 
 def verdict_text(rows: list[dict[str, Any]]) -> list[str]:
