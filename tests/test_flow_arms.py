@@ -77,15 +77,17 @@ def arms_run(tmp_path_factory: pytest.TempPathFactory) -> ArmsRun:
     return ArmsRun(root, result.stdout + result.stderr, client, client.search_runs([experiment.experiment_id]))
 
 
-def test_cpu_study_preset_is_ntp_cocomix_kd_and_pause_at_two_seeds_on_the_default_teacher():
+def test_cpu_study_preset_is_ntp_cocomix_kd_and_pause_at_three_seeds_on_the_default_teacher():
     study, default = load_settings("cpu_study"), load_settings("cpu")
     assert {name: arm.kind for name, arm in study.arms.items()} == {
         "ntp": "ntp", "cocomix": "cocomix", "kd": "kd", "pause": "pause"}
     assert sorted(branch.name for branch in training_branches(study)) == sorted(
-        f"{arm}-s{seed}" for arm in ("ntp", "cocomix", "kd", "pause") for seed in (0, 1))
-    # The default run's corpus, teacher, SAE and recipe: only arms and seeds are added.
-    for section in ("data", "teacher", "sae", "concepts", "train", "eval"):
+        f"{arm}-s{seed}" for arm in ("ntp", "cocomix", "kd", "pause") for seed in (0, 1, 2))
+    # The default run's corpus, teacher, SAE and evaluation; arms, seeds and a longer training are added
+    # (students that leave the unigram level: SPEC §10).
+    for section in ("data", "teacher", "sae", "concepts", "eval"):
         assert getattr(study, section) == getattr(default, section), section
+    assert study.train.steps * study.train.batch_size > 6 * default.train.steps * default.train.batch_size
     # The default preset stays at NTP and CoCoMix, one seed: its 10-minute budget has no room for more.
     assert [(branch.name, branch.kind) for branch in training_branches(default)] == [
         ("ntp", "ntp"), ("cocomix", "cocomix")]
