@@ -130,12 +130,17 @@ def test_the_verdict_lists_each_arm_against_ntp_and_the_ablations_against_cocomi
     report_dir = Path(arms_run.client.download_artifacts(parent.info.run_id, "report"))
     markdown = (report_dir / "report.md").read_text()
     verdict = markdown.split("## Verdict", 1)[1].split("\n## ", 1)[0]
-    lines = [line.removeprefix("- ") for line in verdict.strip().splitlines()]
+    # one bullet per (arm, reference); then, for students at the unigram level, the pointer to cpu_study and the floor
+    lines = [line.removeprefix("- ") for line in verdict.strip().splitlines()
+             if line.startswith("- ") and " vs " in line.split(":", 1)[0]]
     pairs = [tuple(line.split(":", 1)[0].split(" vs ")) for line in lines]
     expected = [(arm, "ntp") for arm in ALL_ARMS if arm != "ntp"] + [(arm, "cocomix") for arm in ABLATIONS]
     assert sorted(pairs) == sorted(expected)
-    # Seeds of an arm are one estimate: two seeds, mean and t-interval, with every arm's size printed.
-    assert all("(2 seeds, mean and t-interval)" in line and "training FLOPs/token" in line for line in lines)
+    # Seeds of an arm are one estimate: two seeds, mean and t-interval, with every arm's size printed; the
+    # verdict comes from the t-interval of the per-seed paired differences.
+    assert all("(2 seeds: mean, t-interval)" in line and "(paired t)" in line and "training FLOPs/token" in line
+               for line in lines)
+    assert "Unigram floor: validation perplexity" in verdict
     content = json.loads((report_dir / "report.json").read_text())
     assert sorted(row["branch"] for row in content["table"]) == sorted(f"{arm}-s{seed}" for arm in ALL_ARMS
                                                                        for seed in SEEDS)
