@@ -1,14 +1,18 @@
-"""Wall time of a flow run, split into steps, and the orchestration overhead.
+"""Wall time of flow runs, split into steps; the training share; the tokens each branch saw; orchestration overhead.
 
-    python benchmarks/bench_flow.py                      # the default `cpu` preset, in a fresh temp folder
-    python benchmarks/bench_flow.py --settings smoke     # any preset or YAML file
-    python benchmarks/bench_flow.py --root DIR --run-id ID   # analyse a run that already exists under DIR
+    python benchmarks/bench_flow.py                      # the default `cpu` run, then `cpu_study`, in a fresh temp folder
+    python benchmarks/bench_flow.py --settings smoke     # any presets or YAML files, one run each
+    python benchmarks/bench_flow.py --root DIR --run-id ID [ID ...]   # analyse runs that already exist under DIR
 
 Per step: its wall time (first task created -> last task finished), the seconds its tasks
 spent in total, and the seconds spent inside library calls (each step records the stages of
 cocomix_core.stages it runs in its `library_seconds` artifact: prepare_data, obtain_teacher,
 fit_sae, build_labels, train_branch, evaluate_checkpoint, write_report). Everything else a task spends is orchestration:
 process start, imports, Metaflow's artifact persistence, MLflow bookkeeping, storage.
+
+Training share: the wall time from the first training task's start to the last one's end (the
+steps whose tasks record `train_branch`), over the flow's wall time; and training task-seconds over all
+task-seconds. Tokens per branch: the last checkpoint's training tokens of every branch.
 
 Overhead is reported two ways: in task-seconds (all tasks' time minus all library time) and in
 wall time (flow wall minus the library time on the critical path, where a foreach step
@@ -24,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 FLOW = PROJECT_ROOT / "flows" / "cocomix_flow.py"
@@ -35,26 +40,37 @@ def run_flow(root: Path, settings: str) -> None:
     started = time.perf_counter()
     subprocess.run([sys.executable, str(FLOW), "run", "--settings", settings, "--set", overrides], cwd=root, check=True,
                    env=os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlruns.db'}"})
-    print(f"flow command: {time.perf_counter() - started:.1f} s (includes Python and Metaflow start-up)")
+    print(f"{settings}: flow command {time.perf_counter() - started:.1f} s (includes Python and Metaflow start-up)")
 
 
-def step_table(run_id: str | None) -> None:
-    """Print per-step wall, task and library seconds of a run, and the orchestration overhead."""
-    from metaflow import Flow, namespace
+def _library(task: Any, step: str) -> dict[str, float]:
+    """The library seconds a task recorded in this step (`library_seconds`: {"<step>/<stage>": seconds})."""
+    recorded = task.data.library_seconds if "library_seconds" in task else {}
+    return {name.split("/", 1)[1]: seconds for name, seconds in recorded.items() if name.startswith(f"{step}/")}
 
-    namespace(None)
-    flow = Flow("CocomixFlow")
-    run = flow[run_id] if run_id else flow.latest_run
+
+def _branch_tokens(tasks: list[Any]) -> dict[str, int]:
+    """Training tokens of each branch's last checkpoint, from the tasks that carry `branch` and `checkpoints`."""
+    tokens: dict[str, int] = {}
+    for task in tasks:
+        if "checkpoints" in task and "branch" in task and task.data.checkpoints:
+            seen = max(checkpoint.tokens_seen for checkpoint in task.data.checkpoints.values())
+            tokens[task.data.branch["name"]] = max(seen, tokens.get(task.data.branch["name"], 0))
+    return tokens
+
+
+def step_table(run: Any) -> None:
+    """Print per-step wall, task and library seconds of a run, the training share, each branch's tokens and the
+    orchestration overhead."""
     rows, task_total, library_total, library_critical = [], 0.0, 0.0, 0.0
+    training_tasks, all_tasks = [], []
     steps = sorted(run.steps(), key=lambda step: min(task.created_at for task in step.tasks()))
     for step in steps:
         tasks = list(step.tasks())
+        all_tasks += tasks
         durations = [(task.finished_at - task.created_at).total_seconds() for task in tasks]
-        library = [
-            sum(seconds for name, seconds in (task.data.library_seconds if "library_seconds" in task else {}).items()
-                if name.startswith(f"{step.id}/"))
-            for task in tasks
-        ]
+        library = [sum(_library(task, step.id).values()) for task in tasks]
+        training_tasks += [task for task in tasks if "train_branch" in _library(task, step.id)]
         wall = (max(task.finished_at for task in tasks) - min(task.created_at for task in tasks)).total_seconds()
         rows.append((step.id, len(tasks), wall, sum(durations), sum(library)))
         task_total += sum(durations)
@@ -67,7 +83,15 @@ def step_table(run_id: str | None) -> None:
     for name, count, wall, task_seconds, library in rows:
         share = 1 - library / task_seconds if task_seconds else 0.0
         print(f"{name:<18}{count:>6}{wall:>9.1f}{task_seconds:>9.1f}{library:>11.1f}{share:>10.0%}")
-    print(f"\ntask-seconds: {task_total:.1f}, inside library calls: {library_total:.1f}, "
+    if training_tasks:
+        training_wall = (max(task.finished_at for task in training_tasks)
+                         - min(task.created_at for task in training_tasks)).total_seconds()
+        training_task_s = sum((task.finished_at - task.created_at).total_seconds() for task in training_tasks)
+        print(f"\ntraining: {training_wall:.1f} s wall = {training_wall / flow_wall:.0%} of the run; "
+              f"{training_task_s:.1f} task-seconds = {training_task_s / task_total:.0%} of all task-seconds")
+    for branch, tokens in sorted(_branch_tokens(all_tasks).items()):
+        print(f"  {branch:<24}{tokens:>12,} training tokens")
+    print(f"task-seconds: {task_total:.1f}, inside library calls: {library_total:.1f}, "
           f"orchestration: {task_total - library_total:.1f} ({1 - library_total / task_total:.0%})")
     print(f"wall: {flow_wall:.1f} s, library on the critical path: {library_critical:.1f} s, "
           f"orchestration: {flow_wall - library_critical:.1f} s ({1 - library_critical / flow_wall:.0%})")
@@ -75,9 +99,10 @@ def step_table(run_id: str | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--settings", default="cpu", help="preset or YAML file (default: %(default)s)")
-    parser.add_argument("--root", type=Path, help="folder holding the run (default: a fresh temporary folder)")
-    parser.add_argument("--run-id", help="analyse this existing run under --root instead of running the flow")
+    parser.add_argument("--settings", nargs="+", default=["cpu", "cpu_study"],
+                        help="presets or YAML files, one run each (default: %(default)s)")
+    parser.add_argument("--root", type=Path, help="folder holding the runs (default: a fresh temporary folder)")
+    parser.add_argument("--run-id", nargs="+", help="analyse these existing runs under --root instead of running")
     args = parser.parse_args()
     root = (args.root or Path(tempfile.mkdtemp(prefix="bench-flow-"))).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -85,8 +110,16 @@ def main() -> None:
     os.environ["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = str(root)
     os.environ.setdefault("METAFLOW_USER", "cocomix")
     if not args.run_id:
-        run_flow(root, args.settings)
-    step_table(args.run_id)
+        for settings in args.settings:
+            run_flow(root, settings)
+    from metaflow import Flow, namespace
+
+    namespace(None)
+    flow = Flow("CocomixFlow")
+    # the runs just made are the newest ones, newest first
+    runs = [flow[run_id] for run_id in args.run_id] if args.run_id else list(flow.runs())[:len(args.settings)][::-1]
+    for run in runs:
+        step_table(run)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@
     teacher_logits = build_teacher_logits(settings, storage, data, teacher)
     trained = train_branch(settings, storage, branch, run_folder_key(experiment, branch.name), data, teacher, sae,
                            labels, tracker, teacher_logits=teacher_logits)    # training/stage.py
-    metrics = evaluate_checkpoint_job(settings, storage, data, checkpoint, parallel_tasks=1)  # evaluation/stage.py
+    metrics, replicates = evaluate_checkpoint_job(settings, storage, data, checkpoint, 1)   # evaluation/stage.py
     metrics |= concept_prediction_job(settings, storage, data, labels, branch, checkpoint)
-    files = write_report(evaluations, out_dir, tracker)                        # reporting/stage.py
+    files = write_report(evaluations, out_dir, tracker, data.unigram_ppl)        # reporting/stage.py
     concepts = write_concepts_report(settings, storage, data, labels, evaluations, concepts_dir, tracker)
 
 Each stage lives with its concern, beside the small result type it hands on, and caches its product

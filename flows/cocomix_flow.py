@@ -231,12 +231,18 @@ class CocomixFlow(FlowSpec):
     @step
     @honest_step
     def prepare(self) -> None:
-        """Corpus -> token shards + manifest, and the offline lm-eval tasks (reused when already prepared)."""
+        """Corpus -> token shards + manifest, and the offline lm-eval tasks (reused when already prepared); the
+        unigram floor goes to the prepare run and the parent run."""
+        from cocomix_core.plumbing.tracking import MlflowTracker
+
         settings = self._settings()
         with self._child_run("prepare", params=stages.section_params(settings, "data")) as tracker:
             with self._timed("prepare_data"):
                 self.data = stages.prepare_data(settings, self._storage(), tracker)
         self.prepare_run_id = tracker.run_id
+        parent = MlflowTracker(self.parent_run_id, self.tracking_uri)
+        parent.log_metrics(self.data.floor_metrics(), step=0)
+        parent.flush()
         print(self.data.note)
         self.next(self.concepts)
 
@@ -339,7 +345,8 @@ class CocomixFlow(FlowSpec):
         # Every checkpoint of every branch may be under evaluation at once on this machine.
         parallel = len(self.branches) * len(self.checkpoints)
         with self._timed("evaluate_checkpoint"):
-            self.metrics = stages.evaluate_checkpoint_job(settings, self._storage(), self.data, self.checkpoint, parallel)
+            self.metrics, self.replicates = stages.evaluate_checkpoint_job(
+                settings, self._storage(), self.data, self.checkpoint, parallel)
         with self._timed("concept_prediction"):
             self.metrics |= stages.concept_prediction_job(settings, self._storage(), self.data, self.labels,
                                                           Branch(**self.branch), self.checkpoint)
@@ -361,7 +368,7 @@ class CocomixFlow(FlowSpec):
     def join_checkpoints(self, inputs: Any) -> None:
         """Gather one branch's evaluations."""
         self.merge_artifacts(inputs, include=_SHARED_ARTIFACTS + ["branch"])
-        self.evaluations = [(task.checkpoint, task.metrics) for task in inputs]
+        self.evaluations = [(task.checkpoint, task.metrics, task.replicates) for task in inputs]
         print(f"{self.branch['name']}: {len(self.evaluations)} checkpoint evaluations gathered")
         self.next(self.report)
 
@@ -376,13 +383,12 @@ class CocomixFlow(FlowSpec):
 
         self.merge_artifacts(inputs, include=_SHARED_ARTIFACTS)
         self._fail_once()
-        evaluations = [(Branch(**task.branch), checkpoint, metrics)
-                       for task in inputs for checkpoint, metrics in task.evaluations]
+        evaluations = [(Branch(**task.branch), checkpoint, metrics, replicates)
+                       for task in inputs for checkpoint, metrics, replicates in task.evaluations]
         with scratch_folder("report") as folder:  # the files live on as MLflow artifacts and in the card
             with self._timed("write_report"):
-                written = stages.write_report(
-                    evaluations, folder, tracking.MlflowTracker(self.parent_run_id, self.tracking_uri)
-                )
+                written = stages.write_report(evaluations, folder, tracking.MlflowTracker(
+                    self.parent_run_id, self.tracking_uri), self.data.unigram_ppl)
             self.report_summary = written.summary
             self.report_content = json.loads(written.json_path.read_text())  # the verdict `end` prints
             # The card opens with the verdict; wide tables are split to fit a page; plots are captioned in words.

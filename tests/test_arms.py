@@ -176,10 +176,10 @@ def test_activation_labels_are_the_largest_sae_latents():
 
 
 # ----- settings ------------------------------------------------------------------------------------
-def test_cpu_study_preset_has_every_arm_at_two_seeds():
+def test_cpu_study_preset_has_every_arm_at_three_seeds():
     settings = load_settings("cpu_study")
     kinds = sorted({(branch.kind, branch.seed) for branch in training_branches(settings)})
-    assert kinds == [(kind, seed) for kind in ("cocomix", "kd", "ntp", "pause") for seed in (0, 1)]
+    assert kinds == [(kind, seed) for kind in ("cocomix", "kd", "ntp", "pause") for seed in (0, 1, 2)]
 
 
 def test_an_option_of_another_kind_of_arm_is_refused_by_name():

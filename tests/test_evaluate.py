@@ -30,6 +30,7 @@ from cocomix_core.evaluation.evaluator import (
     unavailable_paper_tasks,
     validation_perplexity,
 )
+from cocomix_core.evaluation.intervals import percentile_interval
 from cocomix_core.evaluation.offline_tasks import TASK_NAMES, build_offline_tasks
 from cocomix_core.model.modeling_cocomix import CoCoMixConfig, CoCoMixForCausalLM
 from cocomix_core.plumbing.tracking import MemoryTracker
@@ -278,6 +279,15 @@ def test_sweep_evaluates_every_checkpoint_once(tmp_path, data_dir, tasks_dir, mo
         }
         stored = json.loads((arms[kind] / "checkpoints" / "step_000010" / RESULTS_FILE).read_text())
         assert stored["val"] == results[kind][1]["val"]
+        # every interval metric carries its bootstrap replicates (for paired comparisons): the logged interval is
+        # their 2.5th and 97.5th percentiles, and both arms resample the same 2 windows / 2 items the same way
+        replicates = evaluate.tracker_replicates(stored)
+        assert set(replicates) == point_metrics
+        for name, entry in replicates.items():
+            assert entry["items"] == 2 and len(entry["replicates"]) == settings.bootstrap_samples
+            metrics = evaluate.tracker_metrics(stored)
+            assert percentile_interval(entry["replicates"]) == pytest.approx(
+                (metrics[f"{name}_lo"], metrics[f"{name}_hi"])), name
 
     again = sweep_checkpoints(arms, data_dir, tasks_dir, settings, BLOCK, trackers)
     assert len(evaluations) == 4 and again == results

@@ -284,7 +284,7 @@ def test_evaluation_refuses_a_checkpoint_zeroed_after_it_was_published(trained, 
     checkpoint = training_stage.publish_checkpoints(run, "runs/1/ntp", storage)[-1]
     weights = storage.materialize(checkpoint.key) / "model.safetensors"
     zero_in_place(weights)
-    data = stages.PreparedData(key="data/unused", uri="", digest="", source="", splits={}, note="")
+    data = stages.PreparedData(key="data/unused", uri="", digest="", source="", splits={}, note="", unigram_ppl=1.0)
     with pytest.raises(Exception, match=re.escape(str(weights.parent))) as refused:  # the storage's or the
         stages.evaluate_checkpoint_job(load_settings("smoke"), storage, data, checkpoint, parallel_tasks=1)
     assert "model.safetensors" in str(refused.value)  # checkpoint's own digest check, whichever sees it first

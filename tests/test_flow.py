@@ -298,6 +298,16 @@ def check_report_on_parent(smoke: Experiment) -> None:
         assert sorted(point.step for point in history) == [step * 4 * 32 for step in smoke.steps], arm
     assert content["verdict"] and all(f"- {line}" in smoke.parent.data.tags["mlflow.note.content"]
                                       for line in content["verdict"])
+    # the verdicts as structured rows, and the unigram floor from `prepare` on the parent and the prepare run
+    (row,) = content["verdicts"]
+    assert (row["arm"], row["reference"], row["metric"], row["seeds"]) == ("cocomix", "ntp", "eval/val_ppl", 1)
+    assert {"value", "lo", "hi"} <= set(row["difference"]) and row["difference"]["method"] == "paired bootstrap"
+    assert row["claim"] in ("better", "worse", "no detectable difference", "degenerate")
+    assert row["min_detectable_difference"] > 0 and row["arm_estimate"]["lo"] <= row["arm_estimate"]["value"]
+    floor = smoke.parent.data.metrics["data/unigram_val_ppl"]
+    assert content["unigram_ppl"] == floor == smoke.named("prepare")[0].data.metrics["data/unigram_val_ppl"]
+    assert smoke.parent.data.metrics["report/unigram_val_ppl"] == floor
+    assert f"Unigram floor: validation perplexity {floor:.4g}" in smoke.parent.data.tags["mlflow.note.content"]
 
 
 @pytest.mark.slow
@@ -316,6 +326,7 @@ def test_the_report_is_logged_on_the_parent_and_shown_in_a_card(smoke: Experimen
     content = base64.b64decode(encoded).decode()
     assert "Final checkpoints" in content and "data:image/png" in content
     assert content.index("Verdict") < content.index("Final checkpoints")  # the card opens with the verdict
+    assert "Unigram floor: validation perplexity" in content and "paired difference" in content
     # Plots are captioned in words, not with their file names; tables are split to fit the page.
     assert "cocomix_choice: accuracy by training tokens" in content and "cocomix_choice__acc" not in content
     table_rows = [line for line in "\n".join(_strings(json.loads(content))).splitlines() if line.startswith("|")]
@@ -417,6 +428,9 @@ def test_the_end_step_prints_the_verdict_and_links_to_runs_that_exist(smoke: Exp
                          .read_text())
     assert "Verdict (95% intervals):" in text
     assert all(line in text for line in content["verdict"]), text
+    assert f"Unigram floor: validation perplexity {content['unigram_ppl']:.4g}" in text
+    if content["verdicts"][0]["claim"] == "degenerate":  # students at the unigram level: the text says where to go
+        assert "--settings cpu_study" in text
     store = smoke.env["MLFLOW_TRACKING_URI"]
     assert f"mlflow ui --backend-store-uri {store}" in text
     assert re.search(r"card view \d+/report --id report", text), text

@@ -79,15 +79,17 @@ def arms_run(tmp_path_factory: pytest.TempPathFactory) -> ArmsRun:
     return ArmsRun(root, result.stdout + result.stderr, client, client.search_runs([experiment.experiment_id]))
 
 
-def test_cpu_study_preset_is_ntp_cocomix_kd_and_pause_at_two_seeds_on_the_default_teacher():
+def test_cpu_study_preset_is_ntp_cocomix_kd_and_pause_at_three_seeds_on_the_default_teacher():
     study, default = load_settings("cpu_study"), load_settings("cpu")
     assert {name: arm.kind for name, arm in study.arms.items()} == {
         "ntp": "ntp", "cocomix": "cocomix", "kd": "kd", "pause": "pause"}
     assert sorted(branch.name for branch in training_branches(study)) == sorted(
-        f"{arm}-s{seed}" for arm in ("ntp", "cocomix", "kd", "pause") for seed in (0, 1))
-    # The default run's corpus, teacher, SAE and recipe: only arms and seeds are added.
-    for section in ("data", "teacher", "sae", "concepts", "train", "eval"):
+        f"{arm}-s{seed}" for arm in ("ntp", "cocomix", "kd", "pause") for seed in (0, 1, 2))
+    # The default run's corpus, teacher, SAE and evaluation; arms, seeds and a longer training are added
+    # (students that leave the unigram level: SPEC §10).
+    for section in ("data", "teacher", "sae", "concepts", "eval"):
         assert getattr(study, section) == getattr(default, section), section
+    assert study.train.steps * study.train.batch_size > 6 * default.train.steps * default.train.batch_size
     # The default preset stays at NTP and CoCoMix, one seed: its 10-minute budget has no room for more.
     assert [(branch.name, branch.kind) for branch in training_branches(default)] == [
         ("ntp", "ntp"), ("cocomix", "cocomix")]
@@ -130,12 +132,17 @@ def test_the_verdict_lists_each_arm_against_ntp_and_the_ablations_against_cocomi
     report_dir = Path(arms_run.client.download_artifacts(parent.info.run_id, "report"))
     markdown = (report_dir / "report.md").read_text()
     verdict = markdown.split("## Verdict", 1)[1].split("\n## ", 1)[0]
-    lines = [line.removeprefix("- ") for line in verdict.strip().splitlines()]
+    # one bullet per (arm, reference); then, for students at the unigram level, the pointer to cpu_study and the floor
+    lines = [line.removeprefix("- ") for line in verdict.strip().splitlines()
+             if line.startswith("- ") and " vs " in line.split(":", 1)[0]]
     pairs = [tuple(line.split(":", 1)[0].split(" vs ")) for line in lines]
     expected = [(arm, "ntp") for arm in ALL_ARMS if arm != "ntp"] + [(arm, "cocomix") for arm in ABLATIONS]
     assert sorted(pairs) == sorted(expected)
-    # Seeds of an arm are one estimate: two seeds, mean and t-interval, with every arm's size printed.
-    assert all("(2 seeds, mean and t-interval)" in line and "training FLOPs/token" in line for line in lines)
+    # Seeds of an arm are one estimate: two seeds, mean and t-interval, with every arm's size printed; the
+    # verdict comes from the t-interval of the per-seed paired differences.
+    assert all("(2 seeds: mean, t-interval)" in line and "(paired t)" in line and "training FLOPs/token" in line
+               for line in lines)
+    assert "Unigram floor: validation perplexity" in verdict
     content = json.loads((report_dir / "report.json").read_text())
     assert sorted(row["branch"] for row in content["table"]) == sorted(f"{arm}-s{seed}" for arm in ALL_ARMS
                                                                        for seed in SEEDS)

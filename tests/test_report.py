@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from cocomix_core.evaluation.intervals import bootstrap_replicates, percentile_interval
 from cocomix_core.reporting.report import (
     VAL_PPL,
     BranchCurve,
@@ -103,12 +104,14 @@ def test_curves_from_flow_results():
         return {"branch": {"name": branch, "arm": branch, "kind": kind, "seed": 0, "lam_concept": 0.1},
                 "step": step, "tokens_seen": step * 100, "key": f"runs/r/{branch}/checkpoints/step_{step:06d}"}
 
-    results = [(job("cocomix", "cocomix", 20), {"val_ppl": 30.0}), (job("ntp", "ntp", 10), {"val_ppl": 50.0}),
-               (job("cocomix", "cocomix", 10), {"val_ppl": 45.0, "lambada/acc": 0.3})]
+    replicates = {"val_ppl": {"items": 2, "replicates": [29.0, 31.0]}}
+    results = [(job("cocomix", "cocomix", 20), {"val_ppl": 30.0}, replicates), (job("ntp", "ntp", 10), {"val_ppl": 50.0}, {}),
+               (job("cocomix", "cocomix", 10), {"val_ppl": 45.0, "lambada/acc": 0.3}, {})]
     ntp, cocomix = sorted(curves_from_results(results), key=lambda branch: branch.kind, reverse=True)
     assert (ntp.name, ntp.lam_concept, cocomix.lam_concept, cocomix.seed) == ("ntp", None, 0.1, 0)
     assert [point.step for point in cocomix.points] == [10, 20]  # ordered by tokens
     assert cocomix.points[0].metrics == {VAL_PPL: 45.0, ACC: 0.3}
+    assert cocomix.points[1].replicates == {VAL_PPL: replicates["val_ppl"]}  # named like the metrics
 
 
 def test_comparison_table_reports_final_and_best_values():
@@ -136,98 +139,182 @@ def test_plots_are_real_pngs(tmp_path: Path):
     assert sorted(tmp_path.iterdir()) == sorted(paths)  # no temporaries left
 
 
-def with_intervals(branch: BranchCurve, half_width: float) -> BranchCurve:
-    """The branch with a ± half_width interval on every metric of every checkpoint."""
-    points = [EvalPoint(point.step, point.tokens_seen, {
-        **point.metrics, **{f"{name}_{end}": value + sign * half_width for name, value in point.metrics.items()
-                            for end, sign in (("lo", -1), ("hi", 1))},
-    }) for point in branch.points]
-    return BranchCurve(branch.name, branch.kind, points, branch.seed)
+def one_seed(name: str, kind: str, windows: list[float], tokens: int = 3000, arm: str = "") -> BranchCurve:
+    """A one-checkpoint branch whose val ppl is the mean of per-window values, with its bootstrap replicates over
+    those windows (1000 resamples, seed 0, as the evaluator draws them) and the percentile interval from them."""
+    replicates = bootstrap_replicates(windows, samples=1000, seed=0)
+    lo, hi = percentile_interval(replicates)
+    metrics = {VAL_PPL: statistics.mean(windows), f"{VAL_PPL}_lo": lo, f"{VAL_PPL}_hi": hi}
+    point = EvalPoint(tokens // 100, tokens, metrics, {VAL_PPL: {"items": len(windows), "replicates": list(replicates)}})
+    return BranchCurve(name=name, kind=kind, points=[point], seed=0, arm=arm)
+
+
+def seeded(arm: str, kind: str, by_seed: dict[int, dict[int, float]]) -> list[BranchCurve]:
+    """One branch per seed of `arm`, each {tokens: val ppl}."""
+    branches = [ppl_curve(f"{arm}-s{seed}", kind, values, seed) for seed, values in by_seed.items()]
+    for branch in branches:
+        branch.arm = arm
+    return branches
 
 
 # ----- claims (SPEC §10) ------------------------------------------------------------------------
-def test_claim_better_beyond_noise_states_tokens_to_match():
-    ntp, cocomix = with_intervals(NTP, 1.0), with_intervals(COCOMIX, 1.0)  # 30 ± 1 vs 26 ± 1
+def test_one_seed_paired_bootstrap_decides_where_the_arms_intervals_overlap():
+    # Two validation windows. NTP scores 20 and 40 (mean 30, own interval [20, 40]); CoCoMix 17 and 35 (mean 26,
+    # own [17, 35]): the own intervals overlap widely. Per window CoCoMix is lower by 3 and by 5, so every
+    # resample's difference lies in {-3, -4, -5} and its 95% interval is [-5, -3]: it excludes 0, "better".
+    ntp, cocomix = one_seed("ntp", "ntp", [20.0, 40.0]), one_seed("cocomix", "cocomix", [17.0, 35.0])
     comparison = compare([ntp], [cocomix], VAL_PPL)
-    assert comparison.claim == "better"
-    assert comparison.difference.value == -4.0
-    assert (comparison.difference.lo, comparison.difference.hi) == pytest.approx((-4 - 2**0.5, -4 + 2**0.5))
-    match = tokens_to_match(ntp, cocomix)
-    assert match.claim == "better" and "22.2%" in to_markdown(comparison_table([ntp, cocomix]), [match])
+    assert (comparison.reference.lo, comparison.reference.hi) == pytest.approx((20.0, 40.0))
+    assert comparison.reference.lo < comparison.candidate.value < comparison.reference.hi  # overlapping
+    assert comparison.difference.value == pytest.approx(-4.0)
+    assert (comparison.difference.lo, comparison.difference.hi) == pytest.approx((-5.0, -3.0))
+    assert comparison.difference.method == "paired bootstrap" and comparison.claim == "better"
+    assert compare([cocomix], [ntp], VAL_PPL).claim == "worse"  # the same pair the other way round
 
 
-def test_claim_within_noise_withholds_the_saving():
-    ntp, cocomix = with_intervals(NTP, 5.0), with_intervals(COCOMIX, 5.0)  # 30 ± 5 contains 26
-    assert compare([ntp], [cocomix], VAL_PPL).claim == "within noise"
-    match = tokens_to_match(ntp, cocomix)
-    markdown = to_markdown(comparison_table([ntp, cocomix]), [match])
-    assert match.claim == "within noise" and "22.2%" not in markdown and "within noise" in markdown
-    # an overlap that contains neither value is still within noise only if one value is inside the other's interval
-    assert compare([with_intervals(NTP, 2.1)], [with_intervals(COCOMIX, 2.1)], VAL_PPL).claim == "better"
-    # each value outside the other's interval (30 ± 3.9 vs 26 ± 3.9), but the difference -4 ± 5.5 straddles 0
-    separated = compare([with_intervals(NTP, 3.9)], [with_intervals(COCOMIX, 3.9)], VAL_PPL)
-    assert separated.difference.lo < 0 < separated.difference.hi and separated.claim == "within noise"
+def test_no_detectable_difference_comes_with_its_size():
+    # NTP windows 20, 40; CoCoMix 22, 30: per window +2 and -10, so the paired interval is [-10, 2] and holds 0.
+    ntp, cocomix = one_seed("ntp", "ntp", [20.0, 40.0]), one_seed("cocomix", "cocomix", [22.0, 30.0])
+    (row,) = verdict_rows([ntp, cocomix])
+    assert row["claim"] == "no detectable difference" and row["tokens_to_match"] is None
+    assert (row["difference"]["lo"], row["difference"]["hi"]) == pytest.approx((-10.0, 2.0))
+    # SE of the resampled differences {2, -4, -10} (probabilities 1/4, 1/2, 1/4): sqrt(6² / 2) = 4.243 (sampled ~);
+    # the smallest detectable difference is 2.801585 · SE ≈ 11.9
+    assert row["min_detectable_difference"] == pytest.approx(2.801585 * 4.243, rel=0.08)
+    line = verdict_text([row])[0]
+    assert f"no detectable difference (smallest detectable difference {row['min_detectable_difference']:.4g}" in line
+    assert "paired difference -4 [-10, 2] (paired bootstrap)" in line
+    match = tokens_to_match(ntp, cocomix, claim=row["claim"])
+    assert "%" not in to_markdown(comparison_table([ntp, cocomix]), [match]).split("## Final")[0].split("## Tokens")[1]
+
+
+def test_one_seed_without_replicates_makes_no_claim():
+    assert compare([NTP], [COCOMIX], VAL_PPL).claim == "no interval"
+    assert verdict_rows([NTP, COCOMIX])[0]["difference"] is None
+
+
+def test_perplexities_above_the_unigram_floor_share_are_degenerate():
+    # unigram floor 100: 0.8 × 100 = 80. NTP at 85 and CoCoMix at 90 are both above it: degenerate, whatever the
+    # paired interval ([4, 6] here, which excludes 0) says.
+    ntp, cocomix = one_seed("ntp", "ntp", [80.0, 90.0]), one_seed("cocomix", "cocomix", [84.0, 96.0])
+    assert compare([ntp], [cocomix], VAL_PPL).claim == "worse"
+    assert compare([ntp], [cocomix], VAL_PPL, unigram_ppl=100.0).claim == "degenerate"
+    (row,) = verdict_rows([ntp, cocomix], unigram_ppl=100.0)
+    lines = verdict_text([row])
+    assert "degenerate: both arms near the unigram level (above 0.8 × unigram ppl 100 = 80)" in lines[0]
+    assert "cpu_study" in lines[1]  # the text points to the study whose students learn
+    # one arm below 0.8 × floor (NTP at 78.5): a real comparison again
+    better_ntp = one_seed("ntp", "ntp", [75.0, 82.0])
+    assert compare([better_ntp], [cocomix], VAL_PPL, unigram_ppl=100.0).claim == "worse"
+    assert "cpu_study" not in " ".join(verdict_text(verdict_rows([better_ntp, cocomix], unigram_ppl=100.0)))
 
 
 def test_claim_degenerate_when_both_arms_score_zero_or_chance():
-    zero_ntp = with_intervals(curve("ntp", "ntp", {1000: {ACC: 0.0}}), 0.0)
-    zero_cocomix = with_intervals(curve("cocomix", "cocomix", {1000: {ACC: 0.0}}), 0.0)
-    assert compare([zero_ntp], [zero_cocomix], ACC).claim == "degenerate"
-    assert tokens_to_match(zero_ntp, zero_cocomix, ACC, lower_is_better=False).claim == "degenerate"
+    zero = [curve(name, kind, {1000: {ACC: 0.0}}) for name, kind in (("ntp", "ntp"), ("cocomix", "cocomix"))]
+    assert compare(zero[:1], zero[1:], ACC).claim == "degenerate"
     choice = "eval/choice/acc"
-    at_chance = [with_intervals(curve(n, k, {1000: {choice: v, "eval/choice/chance": 0.25}}), 0.01)
+    at_chance = [curve(n, k, {1000: {choice: v, "eval/choice/chance": 0.25}})
                  for n, k, v in (("ntp", "ntp", 0.22), ("cocomix", "cocomix", 0.25))]
     assert compare(at_chance[:1], at_chance[1:], choice).claim == "degenerate"
+    assert tokens_to_match(*at_chance, choice, lower_is_better=False).claim == "degenerate"
 
 
-def test_seeds_aggregate_to_a_t_interval_and_paired_differences():
-    ntp = [ppl_curve(f"ntp-seed{s}", "ntp", {1000: v}, seed=s) for s, v in ((0, 30.0), (1, 32.0), (2, 31.0))]
-    kd = [ppl_curve(f"kd-seed{s}", "kd", {1000: v}, seed=s) for s, v in ((0, 28.0), (1, 29.0), (2, 28.5))]
-    for branch in ntp:
-        branch.arm = "ntp"
-    for branch in kd:
-        branch.arm = "kd"
+def test_seeds_pair_into_a_t_interval_of_differences_that_decides():
+    ntp = seeded("ntp", "ntp", {0: {1000: 1000.0}, 1: {1000: 1300.0}, 2: {1000: 700.0}})
+    kd = seeded("kd", "kd", {0: {1000: 950.0}, 1: {1000: 1240.0}, 2: {1000: 660.0}})
     comparison = compare(ntp, kd, VAL_PPL)
-    # independent: mean ± t(0.975, 2) · sd / sqrt(3), with t(0.975, 2) = 4.302653
-    half = 4.302653 * 1.0 / 3**0.5
-    assert (comparison.reference.value, comparison.reference.lo, comparison.reference.hi) == pytest.approx((31, 31 - half, 31 + half))
-    differences = [-2.0, -3.0, -2.5]
-    mean_difference = statistics.mean(differences)
-    half_difference = 4.302653 * statistics.stdev(differences) / 3**0.5
-    assert (comparison.difference.lo, comparison.difference.hi) == pytest.approx(
-        (mean_difference - half_difference, mean_difference + half_difference))
-    assert comparison.claim == "better"  # 28.5 outside 31 ± 2.48 and 31 outside 28.5 ± 1.24
-    rows = verdict_rows(ntp + kd)
-    assert [(row["arm"], row["reference"], row["seeds"], row["claim"]) for row in rows] == [("kd", "ntp", 3, "better")]
-    assert "significantly better" in verdict_text(rows)[0] and "3 seeds" in verdict_text(rows)[0]
+    # NTP's own interval: 1000 ± 4.302653 · 300 / sqrt(3) = 1000 ± 745.2, which holds KD's mean 950
+    assert (comparison.reference.lo, comparison.reference.hi) == pytest.approx((254.8, 1745.2), abs=0.1)
+    # differences -50, -60, -40: mean -50, sd 10, half-width 4.302653 · 10 / sqrt(3) = 24.8414
+    assert (comparison.difference.lo, comparison.difference.hi) == pytest.approx((-74.8414, -25.1586), abs=1e-4)
+    assert comparison.difference.method == "paired t" and comparison.claim == "better"
+    (row,) = verdict_rows(ntp + kd)
+    assert (row["arm"], row["reference"], row["seeds"], row["claim"]) == ("kd", "ntp", 3, "better")
+    # (t_0.975 + t_0.80 at 2 df) · SE = (4.302653 + 1.060660) · 10 / sqrt(3) = 30.965
+    assert row["min_detectable_difference"] == pytest.approx(30.965, abs=1e-3)
+    assert "3 seeds: mean, t-interval" in verdict_text([row])[0] and ": better (" in verdict_text([row])[0]
+
+
+def test_tokens_to_match_carries_its_interval_across_seeds():
+    # NTP ends at 30, 32, 31 after 2,000 tokens. KD crosses each seed's target on the line between its two
+    # checkpoints: seed 0: 1000 + (30-40)·1000/(20-40) = 1500; seed 1: 1000 + (32-40)·1000/(26-40) = 1571.43;
+    # seed 2: 1000 + (31-40)·1000/(22-40) = 1500. Savings 1 - t/2000: 0.25, 0.214286, 0.25;
+    # mean 0.238095, sd 0.020620, half-width 4.302653 · 0.020620 / sqrt(3) = 0.051223.
+    # Final differences -10, -6, -9: mean -8.333, sd 2.0817, interval -8.333 ± 5.171, which excludes 0: better.
+    ntp = seeded("ntp", "ntp", {seed: {1000: 50.0, 2000: final} for seed, final in ((0, 30.0), (1, 32.0), (2, 31.0))})
+    kd = seeded("kd", "kd", {0: {1000: 40.0, 2000: 20.0}, 1: {1000: 40.0, 2000: 26.0}, 2: {1000: 40.0, 2000: 22.0}})
+    (row,) = verdict_rows(ntp + kd)
+    assert row["claim"] == "better"
+    saving = row["tokens_to_match"]["saving"]
+    assert saving["value"] == pytest.approx(0.238095, abs=1e-6)
+    assert (saving["lo"], saving["hi"]) == pytest.approx((0.238095 - 0.051223, 0.238095 + 0.051223), abs=1e-5)
+    assert row["tokens_to_match"]["seeds_reached"] == 3
+    assert "with 23.8% fewer tokens [18.7%, 28.9%] across 3 seeds" in verdict_text([row])[0]
+
+
+def test_verdict_rows_are_structured_for_other_tools():
+    metrics = {"eval/n_params": 1000.0, "eval/flops_per_token": 6e3}
+    ntp, cocomix = one_seed("ntp", "ntp", [20.0, 40.0]), one_seed("cocomix", "cocomix", [17.0, 35.0])
+    for branch in (ntp, cocomix):
+        branch.points[0].metrics.update(metrics)
+    (row,) = verdict_rows([ntp, cocomix], unigram_ppl=500.0)
+    assert {"arm", "reference", "metric", "seeds", "arm_estimate", "reference_estimate", "difference",
+            "min_detectable_difference", "claim", "tokens_to_match", "unigram_ppl"} <= set(row)
+    assert (row["arm"], row["reference"], row["metric"], row["seeds"], row["unigram_ppl"]) == (
+        "cocomix", "ntp", VAL_PPL, 1, 500.0)
+    assert row["arm_estimate"] == {"value": 26.0, "lo": pytest.approx(17.0), "hi": pytest.approx(35.0), "n": 1}
+    assert {key: row["difference"][key] for key in ("value", "lo", "hi")} == pytest.approx(
+        {"value": -4.0, "lo": -5.0, "hi": -3.0})
+    assert row["tokens_to_match"] == {"seeds": 1, "seeds_reached": 1, "saving": {"value": 0.0, "lo": None, "hi": None, "n": 1}}
+    assert "1,000 parameters, 6e+03 training FLOPs/token" in verdict_text([row])[0]
 
 
 def test_verdict_lists_every_arm_against_ntp_and_ablations_against_cocomix():
-    metrics = {"eval/n_params": 1000.0, "eval/flops_per_token": 6e3}
-    arms = [with_intervals(curve(name, kind, {1000: {VAL_PPL: ppl, **metrics}}), 0.5)
-            for name, kind, ppl in (("ntp", "ntp", 30.0), ("cocomix", "cocomix", 27.0), ("kd", "kd", 29.8),
-                                    ("pause", "pause", 31.0), ("cocomix_add", "cocomix", 27.2))]
+    arms = [one_seed(name, kind, windows) for name, kind, windows in (
+        ("ntp", "ntp", [20.0, 40.0]), ("cocomix", "cocomix", [17.0, 35.0]), ("kd", "kd", [22.0, 30.0]),
+        ("pause", "pause", [23.0, 41.0]), ("cocomix_add", "cocomix", [18.0, 35.0]))]
     rows = verdict_rows(arms)
+    # per window against ntp: cocomix -3, -5; kd +2, -10; pause +3, +1; cocomix_add -2, -5;
+    # cocomix_add against cocomix: +1, 0 -> interval [0, 1] holds 0
     assert [(row["arm"], row["reference"], row["claim"]) for row in rows] == [
-        ("cocomix", "ntp", "better"), ("kd", "ntp", "within noise"), ("pause", "ntp", "worse"),
-        ("cocomix_add", "ntp", "better"), ("cocomix_add", "cocomix", "within noise"),
+        ("cocomix", "ntp", "better"), ("kd", "ntp", "no detectable difference"), ("pause", "ntp", "worse"),
+        ("cocomix_add", "ntp", "better"), ("cocomix_add", "cocomix", "no detectable difference"),
     ]
-    assert "1,000 parameters, 6e+03 training FLOPs/token" in verdict_text(rows)[0]
+
+
+def ending_with_windows(branch: BranchCurve, windows: list[float]) -> BranchCurve:
+    """`branch` whose final checkpoint is replaced by `one_seed`'s evaluation of these windows."""
+    final = one_seed(branch.name, branch.kind, windows, branch.points[-1].tokens_seen).points[0]
+    return BranchCurve(branch.name, branch.kind, [*branch.points[:-1], final], branch.seed)
 
 
 def test_write_report_writes_every_file(tmp_path: Path):
-    files = write_report([with_intervals(NTP, 1.0), with_intervals(COCOMIX, 1.0)], tmp_path / "report")
+    # final checkpoints: NTP windows 29, 31 (ppl 30); CoCoMix 25, 27 (ppl 26): 4 lower on both windows, "better"
+    ntp, cocomix = ending_with_windows(NTP, [29.0, 31.0]), ending_with_windows(COCOMIX, [25.0, 27.0])
+    files = write_report([ntp, cocomix], tmp_path / "report", unigram_ppl=872.0)
     content = json.loads(files.json_path.read_text())
     assert [row["branch"] for row in content["table"]] == ["ntp", "cocomix"]
     assert content["tokens_to_match"][0]["candidate_tokens"] == pytest.approx(2000 + 1000 / 3)
-    assert [BranchCurve.from_dict(data) for data in content["curves"]] == [with_intervals(NTP, 1.0), with_intervals(COCOMIX, 1.0)]
-    assert content["verdict"][0].startswith("cocomix vs ntp: val_ppl 26 [25, 27] vs 30 [29, 31]")
+    assert content["tokens_to_match"][0]["claim"] == "better"
+    assert [BranchCurve.from_dict(data) for data in content["curves"]] == [ntp, cocomix]
+    assert "replicates" not in content["curves"][0]["points"][-1]  # thousands of numbers stay out of report.json
+    assert content["verdict"][0].startswith("cocomix vs ntp: val_ppl 26 [25, 27] vs 30 [29, 31] (1 seed")
+    assert content["unigram_ppl"] == 872.0 and content["verdicts"][0]["claim"] == "better"
+    assert content["verdicts"][0]["difference"]["value"] == pytest.approx(-4.0)
     assert files.summary["cocomix/saving_fraction"] == pytest.approx(1 - (2000 + 1000 / 3) / 3000)
-    assert files.summary["ntp/final_val_ppl"] == 30.0
+    assert files.summary["ntp/final_val_ppl"] == 30.0 and files.summary["unigram_val_ppl"] == 872.0
 
     markdown = files.markdown_path.read_text()
     assert "ntp" in markdown and "cocomix" in markdown and "22.2%" in markdown
-    assert markdown.index("## Verdict") < markdown.index("## Tokens to match")
+    assert markdown.index("## Verdict") < markdown.index("Unigram floor: validation perplexity 872") < markdown.index(
+        "## Tokens to match")
     page = files.html_path.read_text()
-    assert page == report_html(files)
+    assert page == report_html(files) and "Unigram floor" in page
     assert page.count("data:image/png;base64,") == len(files.plots) == 1 and "<td>cocomix</td>" in page
+
+
+def test_the_unigram_floor_is_drawn_on_perplexity_plots(tmp_path: Path):
+    # the floor is far above the curves, so drawing it stretches the y-axis: the PNG differs from one without it
+    without = plot_curves([NTP, COCOMIX], tmp_path / "without")[0].read_bytes()
+    with_floor = plot_curves([NTP, COCOMIX], tmp_path / "with", unigram_ppl=872.0)[0].read_bytes()
+    assert with_floor.startswith(PNG_SIGNATURE) and with_floor != without

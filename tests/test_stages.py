@@ -93,9 +93,10 @@ def experiment(tmp_path_factory: pytest.TempPathFactory) -> Experiment:
                 )
                 checkpoints[branch.name], first_notes[branch.name] = trained.checkpoints, trained.note
                 last = checkpoints[branch.name][-1]
-                metrics[branch.name] = stages.evaluate_checkpoint_job(settings, storage, data, last, parallel_tasks=1)
+                metrics[branch.name], replicates = stages.evaluate_checkpoint_job(
+                    settings, storage, data, last, parallel_tasks=1)
                 stages.log_evaluation(metrics[branch.name], last, branch.name, tracker, evaluation_tracker)
-                evaluations.append((branch, last, metrics[branch.name]))
+                evaluations.append((branch, last, metrics[branch.name], replicates))
         run_ids["evaluation"] = evaluation_tracker.run_id
     with child("train/ntp again") as tracker:  # as a resumed flow does after the branch finished
         trained_again = stages.train_branch(settings, storage, branch_named(settings, "ntp"),
@@ -103,7 +104,7 @@ def experiment(tmp_path_factory: pytest.TempPathFactory) -> Experiment:
                                             teacher_logits=teacher_logits)
     report_dir = root / "report"
     with tracking.active_run(parent, uri) as tracker:
-        report = stages.write_report(evaluations, report_dir, tracker)
+        report = stages.write_report(evaluations, report_dir, tracker, data.unigram_ppl)
     return Experiment(settings, storage, MlflowClient(uri), experiment_id, uri, data, data_again, teacher, sae, labels,
                       teacher_logits, run_ids, checkpoints, first_notes, trained_again, metrics, report, report_dir)
 
@@ -124,6 +125,9 @@ def test_prepared_data_counts_the_tokens_in_its_shards_and_is_reused_by_a_second
     assert experiment.data_again.digest == experiment.data.digest
     run = experiment.client.get_run(experiment.run_ids["prepare"])
     assert run.data.metrics["data/train_tokens"] == experiment.data.splits["train"]["tokens"]
+    # the unigram floor: an untrained model over the prepared vocabulary, so between 1 and the vocabulary size
+    assert run.data.metrics["data/unigram_val_ppl"] == experiment.data.unigram_ppl
+    assert 1 < experiment.data.unigram_ppl < 50257 and f"{experiment.data.unigram_ppl:.4g}" in experiment.data.note
     assert [item.dataset.digest for item in run.inputs.dataset_inputs] == [experiment.data.digest[:36]]
 
 
@@ -189,6 +193,21 @@ def test_the_report_compares_both_branches_and_is_logged_on_the_parent(experimen
     assert parent.data.metrics["report/ntp/final_val_ppl"] == pytest.approx(experiment.metrics["ntp"]["eval/val_ppl"])
     logged = {item.path for item in experiment.client.list_artifacts(experiment.run_ids["parent"], "report")}
     assert "report/report.json" in logged
+
+
+
+def test_one_seed_verdicts_pair_the_evaluators_bootstrap_replicates(experiment: Experiment):
+    content = json.loads((experiment.report_dir / "report.json").read_text())
+    (row,) = content["verdicts"]
+    assert (row["arm"], row["reference"], row["seeds"]) == ("cocomix", "ntp", 1)
+    difference = row["difference"]
+    # the paired bootstrap over the shared validation windows (the smoke preset evaluates eval.val_windows of them)
+    assert difference["method"] == "paired bootstrap" and difference["n"] == experiment.settings.eval.val_windows
+    assert difference["value"] == pytest.approx(
+        experiment.metrics["cocomix"]["eval/val_ppl"] - experiment.metrics["ntp"]["eval/val_ppl"])
+    assert difference["lo"] <= difference["value"] <= difference["hi"]
+    assert row["min_detectable_difference"] == pytest.approx(2.801585 * difference["standard_error"], rel=1e-5)
+    assert content["unigram_ppl"] == experiment.data.unigram_ppl
 
 
 KD_TOP_K = 16
@@ -386,7 +405,7 @@ def test_a_pretrained_teacher_with_its_own_tokenizer_runs_every_stage(tmp_path: 
         stock = AutoTokenizer.from_pretrained(str(folder))  # the checkpoint carries the teacher's tokenizer files
         assert stock(text, add_special_tokens=False)["input_ids"] == tokenizer.encode_ordinary(text)
         assert stock.eos_token_id == tokenizer.eos_id == 2
-        metrics = stages.evaluate_checkpoint_job(settings, storage, data, checkpoint, parallel_tasks=1)
+        metrics, _ = stages.evaluate_checkpoint_job(settings, storage, data, checkpoint, parallel_tasks=1)
         assert 1 < metrics["eval/val_ppl"] < 2 * padded  # an untrained model over 800 ids: about the vocabulary size
 
     # Another teacher with the same tokenizer: the data is reused, the SAE and the labels are not.
@@ -470,7 +489,7 @@ def test_the_concepts_come_from_the_label_pass_the_validation_labels_and_the_fin
                                                     branches[name], experiment.checkpoints[name][-1])
                 for name in branches}
     assert measured["ntp"] == {} and 0 <= measured["cocomix"][OVERLAP_METRIC] <= 1
-    evaluations = [(branches[name], experiment.checkpoints[name][-1], experiment.metrics[name] | measured[name])
+    evaluations = [(branches[name], experiment.checkpoints[name][-1], experiment.metrics[name] | measured[name], {})
                    for name in branches]
     tracker = tracking.MlflowTracker(experiment.run_ids["parent"], experiment.tracking_uri)
     files = stages.write_concepts_report(settings, storage, experiment.data, experiment.labels, evaluations,

@@ -106,3 +106,15 @@ def test_description_holds_settings_and_verdict_within_mlflow_limits(report, tmp
     links = links_for(store, tmp_path)
     tracking.set_description(links.parent_run_id, text, tracking_uri=store)
     assert MlflowClient(store).get_run(links.parent_run_id).data.tags[tracking.NOTE_TAG] == text
+
+
+def test_a_degenerate_run_points_to_cpu_study_everywhere(tmp_path):
+    # unigram floor 30: 0.8 × 30 = 24, and both arms (27 and 30) are above it
+    content = json.loads(write_report(CURVES, tmp_path, unigram_ppl=30.0).json_path.read_text())
+    assert content["verdicts"][0]["claim"] == "degenerate" and content["unigram_ppl"] == 30.0
+    links = links_for(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path)
+    text = summary.result_text(content, links)
+    description = summary.description_markdown(content, "preset cpu")
+    for shown in (text, description, (tmp_path / "report.md").read_text()):
+        assert "degenerate: both arms near the unigram level" in shown
+        assert "--settings cpu_study" in shown and "Unigram floor: validation perplexity 30" in shown

@@ -12,6 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cocomix_core.data.unigram import unigram_perplexity
 from cocomix_core.plumbing.keys import cache_key
 from cocomix_core.plumbing.storage import Storage
 from settings import ExperimentSettings
@@ -20,6 +21,7 @@ if TYPE_CHECKING:  # mlflow loads inside the steps that log
     from cocomix_core.plumbing.tracking import MlflowTracker
 
 TASKS_DIR = "lm_tasks"  # the offline lm-eval tasks, inside the prepared data folder
+UNIGRAM_METRIC = "data/unigram_val_ppl"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +34,11 @@ class PreparedData:
     source: str  # the corpus it was prepared from
     splits: dict[str, dict[str, int]]  # per split: documents and tokens (the manifest's)
     note: str
+    unigram_ppl: float  # the validation split's unigram perplexity from train counts (data/unigram.py)
+
+    def floor_metrics(self) -> dict[str, float]:
+        """The unigram floor as a tracker metric (logged to the prepare run and the parent run)."""
+        return {UNIGRAM_METRIC: self.unigram_ppl}
 
     def folder(self, storage: Storage) -> Path:
         """A local folder holding the prepared data."""
@@ -56,15 +63,19 @@ def prepare_data(settings: ExperimentSettings, storage: Storage, tracker: Mlflow
     with storage.stored_folder(key) as folder:
         reused = storage.exists(key)
         manifest = prepare_folder(settings, folder, tokenizer)
+        unigram_ppl = unigram_perplexity(corpus.load_split(folder, "train"), corpus.load_split(folder, "val"),
+                                         tokenizer.vocab_size)
     digest = corpus.data_digest(manifest)
     split_tokens = {split: counts["tokens"] for split, counts in manifest["splits"].items()}
     uri = storage.uri(key)
     tokens = ", ".join(f"{tokens:,} {split}" for split, tokens in split_tokens.items())
     note = (f"data already prepared at {uri} (digest {digest[:12]}…), reused" if reused
             else f"prepared {tokens} tokens at {uri} (digest {digest[:12]}…)")
+    note += f"; unigram floor: validation perplexity {unigram_ppl:.4g}"
     result = PreparedData(key=key, uri=uri, digest=digest, source=manifest["source"], splits=manifest["splits"],
-                          note=note)
+                          note=note, unigram_ppl=unigram_ppl)
     tracker.log_metrics({f"data/{split}_tokens": tokens for split, tokens in split_tokens.items()}, step=0)
+    tracker.log_metrics(result.floor_metrics(), step=0)
     result.log_to(tracker)
     return result
 

@@ -55,6 +55,11 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cocomix_core.data.windows import validation_windows
+from cocomix_core.evaluation.intervals import (
+    bootstrap_interval,
+    bootstrap_replicates,
+    percentile_interval,
+)
 from cocomix_core.evaluation.offline_tasks import (
     TASK_NAMES,
     EvaluationError,
@@ -75,7 +80,7 @@ from cocomix_core.training.checkpoints import (
 from settings.schema import EvalSettings
 
 RESULTS_FILE = "eval_results.json"
-RESULTS_FORMAT = 2  # bump when the results' content for the same key changes
+RESULTS_FORMAT = 3  # bump when the results' content for the same key changes
 HUB_TIMEOUT_S = 3.0
 
 # The paper's tasks and the hub datasets they read (dataset_path of lm_eval 0.4.13's task YAMLs).
@@ -92,28 +97,9 @@ KNOWN_TASKS = (*TASK_NAMES, *PAPER_TASK_DATASETS)
 
 __all__ = [
     "EvaluationError", "KNOWN_TASKS", "PAPER_TASK_DATASETS", "check_tasks", "evaluate_checkpoint",
-    "load_checkpoint", "run_lm_eval", "sweep_checkpoints", "tracker_metrics", "validation_perplexity",
-    "bootstrap_interval",
+    "load_checkpoint", "run_lm_eval", "sweep_checkpoints", "tracker_metrics", "tracker_replicates",
+    "validation_perplexity", "bootstrap_interval",
 ]
-INTERVAL_LEVEL = 0.95
-
-
-def bootstrap_interval(
-    items: Sequence[Any], statistic: Callable[[list[Any]], float] | None = None, samples: int = 1000, seed: int = 0,
-) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of `statistic` (default: the mean) over resamples of `items` with replacement."""
-    if len(items) == 0:
-        raise ValueError("a bootstrap interval needs at least one item")
-    rows = np.random.default_rng(seed).integers(0, len(items), size=(samples, len(items)))
-    if statistic is None:
-        values = np.asarray(items, dtype=np.float64)[rows].mean(axis=1)
-    else:
-        values = np.array([statistic([items[index] for index in row]) for row in rows], dtype=np.float64)
-    tail = (1 - INTERVAL_LEVEL) / 2 * 100
-    low, high = np.percentile(values, [tail, 100 - tail])
-    return float(low), float(high)
-
-
 @contextlib.contextmanager
 def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """Evaluate without dropout, then give the caller (e.g. a training loop) its mode back."""
@@ -135,7 +121,8 @@ def validation_perplexity(
 
     `device` is where the model lives. Every window predicts block_size - 1 tokens (HF shift), and
     the mean is over all of them: {"loss": nats/token, "ppl": exp(loss), "tokens": predicted tokens,
-    "loss_lo"/"loss_hi", "ppl_lo"/"ppl_hi": bootstrap over windows, "window_losses": each window's mean}.
+    "loss_lo"/"loss_hi", "ppl_lo"/"ppl_hi": bootstrap over windows, "window_losses": each window's mean,
+    "loss_replicates": the mean loss of each bootstrap resample of the windows (for paired comparisons)}.
     """
     if len(val_tokens) < block_size:
         raise EvaluationError(
@@ -153,11 +140,12 @@ def validation_perplexity(
     predicted_per_window = block_size - 1
     window_losses = [nll / predicted_per_window for nll in window_nll]
     loss = math.fsum(window_nll) / (predicted_per_window * len(window_nll))
-    loss_lo, loss_hi = bootstrap_interval(window_losses, samples=bootstrap_samples, seed=bootstrap_seed)
+    replicates = bootstrap_replicates(window_losses, samples=bootstrap_samples, seed=bootstrap_seed)
+    loss_lo, loss_hi = percentile_interval(replicates)
     return {
         "loss": loss, "ppl": math.exp(loss), "tokens": predicted_per_window * len(window_nll),
         "loss_lo": loss_lo, "loss_hi": loss_hi, "ppl_lo": math.exp(loss_lo), "ppl_hi": math.exp(loss_hi),
-        "window_losses": window_losses,
+        "window_losses": window_losses, "loss_replicates": replicates.tolist(),
     }
 
 
@@ -237,9 +225,10 @@ def _aggregation(metric: str, config: dict[str, Any]) -> Callable[[list[Any]], f
 
 
 def _task_metrics(results: dict[str, Any], samples: list[dict[str, Any]], config: dict[str, Any],
-                  bootstrap_samples: int, bootstrap_seed: int) -> dict[str, float]:
+                  bootstrap_samples: int, bootstrap_seed: int) -> tuple[dict[str, float], dict[str, list[float]]]:
     """lm-eval's metric values of one task (filter suffix and stderr dropped), `nll`, 95% intervals over items
-    (`<metric>_lo`, `<metric>_hi`) and, for multiple choice, `chance`."""
+    (`<metric>_lo`, `<metric>_hi`) and, for multiple choice, `chance`; and each metric's bootstrap replicates
+    (its value on every resample of the items, for paired comparisons)."""
     output_type = config["output_type"]
     metrics = {
         key.split(",")[0]: float(value) for key, value in results.items()
@@ -250,12 +239,14 @@ def _task_metrics(results: dict[str, Any], samples: list[dict[str, Any]], config
     if nlls:
         metrics["nll"] = float(np.mean(nlls))
         per_item["nll"] = nlls
+    replicates = {}
     for name, items in per_item.items():
         statistic = None if name == "nll" else _aggregation(name, config)
-        metrics[f"{name}_lo"], metrics[f"{name}_hi"] = bootstrap_interval(items, statistic, bootstrap_samples, bootstrap_seed)
+        replicates[name] = bootstrap_replicates(items, statistic, bootstrap_samples, bootstrap_seed)
+        metrics[f"{name}_lo"], metrics[f"{name}_hi"] = percentile_interval(replicates[name])
     if output_type == "multiple_choice" and samples:
         metrics["chance"] = float(np.mean([1 / len(sample["filtered_resps"]) for sample in samples]))
-    return metrics
+    return metrics, {name: values.tolist() for name, values in replicates.items()}
 
 
 @quiet_third_party()  # lm-eval's request bars, its warnings about model objects; truncations summarised
@@ -264,7 +255,8 @@ def run_lm_eval(
     tasks_dir: str | Path | None, limit: int | None, batch_size: int, bootstrap_samples: int = 1000,
     bootstrap_seed: int = 0,
 ) -> dict[str, dict[str, Any]]:
-    """Run lm-eval tasks on an in-memory model: {"tasks": {task: {metric: value}}, "skipped": {task: reason}}.
+    """Run lm-eval tasks on an in-memory model: {"tasks": {task: {metric: value}}, "skipped": {task: reason},
+    "replicates": {task: {metric: [value on each bootstrap resample of the items]}}, "items": {task: items}}.
 
     Our tasks come from `tasks_dir` (a folder written by `build_offline_tasks`); lm-eval's own
     task index (seconds to load) is read only when a hub task is requested and can run.
@@ -273,7 +265,7 @@ def run_lm_eval(
     skipped = unavailable_paper_tasks(tasks)
     runnable = [task for task in tasks if task not in skipped]
     if not runnable:
-        return {"tasks": {}, "skipped": skipped}
+        return {"tasks": {}, "skipped": skipped, "replicates": {}, "items": {}}
     ours = [task for task in runnable if task in TASK_NAMES]
 
     import lm_eval  # heavy import (~10 s), paid only when tasks run
@@ -293,7 +285,9 @@ def run_lm_eval(
                             bootstrap_samples, bootstrap_seed)
         for task in runnable
     }
-    return {"tasks": metrics, "skipped": skipped}
+    return {"tasks": {task: values for task, (values, _) in metrics.items()}, "skipped": skipped,
+            "replicates": {task: replicates for task, (_, replicates) in metrics.items()},
+            "items": {task: len(output["samples"][task]) for task in runnable}}
 
 
 # ----- checkpoints -----------------------------------------------------------------------------
@@ -382,6 +376,24 @@ def tracker_metrics(results: dict[str, Any]) -> dict[str, float]:
     for task, values in results["tasks"].items():
         metrics.update({f"eval/{task}/{name}": value for name, value in values.items()})
     return metrics
+
+
+def tracker_replicates(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each metric's bootstrap replicates under its tracker name: {name: {"items": n, "replicates": [...]}}.
+
+    Two checkpoints evaluated with the same items, bootstrap samples and seed resample the same item
+    indices in the same order, so their replicates pair up (a paired bootstrap, SPEC §10).
+    """
+    val = results["val"]
+    windows = len(val["window_losses"])
+    replicates = {
+        "eval/val_loss": {"items": windows, "replicates": val["loss_replicates"]},
+        "eval/val_ppl": {"items": windows, "replicates": [math.exp(loss) for loss in val["loss_replicates"]]},
+    }
+    for task, by_metric in results["replicates"].items():
+        replicates.update({f"eval/{task}/{name}": {"items": results["items"][task], "replicates": values}
+                           for name, values in by_metric.items()})
+    return replicates
 
 
 @quiet_third_party()  # transformers' "Loading weights" bar, and one truncation summary per checkpoint

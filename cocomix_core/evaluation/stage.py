@@ -1,6 +1,6 @@
 """The `evaluate` stage: one published checkpoint's validation perplexity and lm-eval tasks (SPEC §6).
 
-    metrics = evaluate_checkpoint_job(settings, storage, data, checkpoint, parallel_tasks=1)
+    metrics, replicates = evaluate_checkpoint_job(settings, storage, data, checkpoint, parallel_tasks=1)
     metrics |= concept_prediction_job(settings, storage, data, labels, branch, checkpoint)
     model_id = checkpoint_model_id(settings, branch, checkpoint, experiment_id, branch_run_id, parent_run_id, uri)
     log_evaluation(metrics, checkpoint, branch.name, branch_tracker, evaluation_tracker, model_id=model_id)
@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cocomix_core.data.stage import TASKS_DIR, PreparedData
 from cocomix_core.plumbing.launch import threads_for
@@ -23,8 +23,10 @@ if TYPE_CHECKING:  # mlflow loads inside the steps that log
 
 def evaluate_checkpoint_job(
     settings: ExperimentSettings, storage: Storage, data: PreparedData, checkpoint: Checkpoint, parallel_tasks: int
-) -> dict[str, float]:
-    """Validation perplexity and the lm-eval tasks of one checkpoint, as tracker metrics (`eval/...`).
+) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+    """Validation perplexity and the lm-eval tasks of one checkpoint, as tracker metrics (`eval/...`), and each
+    metric's bootstrap replicates over the validation windows / task items (`evaluator.tracker_replicates`),
+    which the report pairs with the other arms' for one-seed verdicts.
 
     `parallel_tasks` evaluations share this machine's cores.
     """
@@ -35,7 +37,7 @@ def evaluate_checkpoint_job(
     folder = storage.materialize(checkpoint.key)
     data_dir = data.folder(storage)
     results = evaluate.evaluate_checkpoint(folder, data_dir, data_dir / TASKS_DIR, settings.eval, settings.data.block_size)
-    return evaluate.tracker_metrics(results)
+    return evaluate.tracker_metrics(results), evaluate.tracker_replicates(results)
 
 
 def checkpoint_model_id(

@@ -4,8 +4,10 @@ Input is the content of the report's `report.json` (its `table` and `verdict`; s
 report.py) and where the run's records live (`RunLinks`). `result_text` is what the flow's `end`
 step prints; `description_markdown` is the parent MLflow run's description (its note).
 
-The verdict is the report's own (`report.json`'s "verdict": every arm against NTP, with 95%
-intervals and the claim they allow), so the console, the card and the MLflow note say the same.
+The verdict is the report's own (`report.json`'s "verdict": every arm against NTP, the paired
+difference's 95% interval and the claim it allows, each arm's own interval, the smallest detectable
+difference, and a pointer to `cpu_study` when the students are still at the unigram level), with the
+unigram floor beside it, so the console, the card and the MLflow note say the same.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from cocomix_core.plumbing.keys import EXPERIMENT_RUN_TAG
+from cocomix_core.reporting.report import floor_text
 from settings.schema import ExperimentSettings, training_branches
 
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
@@ -113,7 +116,8 @@ def next_commands(links: RunLinks) -> list[str]:
 def result_text(report: Mapping[str, Any], links: RunLinks) -> str:
     """What the flow's `end` step prints: the branch table, the report's verdict, and the next commands."""
     parts = ["Result", "", *branch_table(report["table"]), "", "Verdict (95% intervals):",
-             *(f"  {line}" for line in verdict_lines(report)), "", "Look further:", *next_commands(links)]
+             *(f"  {line}" for line in verdict_lines(report)), f"  {floor_text(report.get('unigram_ppl'))}", "",
+             "Look further:", *next_commands(links)]
     return "\n".join(parts) + "\n"
 
 
@@ -134,4 +138,6 @@ def description_markdown(report: Mapping[str, Any], settings_summary: str) -> st
     """The parent MLflow run's description: the settings in brief and the result, as Markdown."""
     verdict = "\n".join(f"- {line}" for line in verdict_lines(report))
     table = "\n".join(branch_table(report["table"]))
-    return f"**Settings**: {settings_summary}\n\n**Verdict**\n\n{verdict}\n\n**Branches**\n\n```\n{table}\n```\n"
+    floor = floor_text(report.get("unigram_ppl"))
+    return (f"**Settings**: {settings_summary}\n\n**Verdict**\n\n{verdict}\n\n{floor}\n\n"
+            f"**Branches**\n\n```\n{table}\n```\n")

@@ -1,21 +1,25 @@
-"""The experiment's report: per-token curves of every branch, tokens-to-match, a table and plots.
+"""The experiment's report: per-token curves of every branch, verdicts, tokens-to-match, a table and plots.
 
 Input is one `BranchCurve` per training branch: its checkpoint evaluations ordered by training
-tokens, with metrics named as in `tracking` (`eval/val_ppl`, `eval/<task>/<metric>`).
+tokens, with metrics named as in `tracking` (`eval/val_ppl`, `eval/<task>/<metric>`) and, per metric,
+its bootstrap replicates over the validation windows / task items (`evaluator.tracker_replicates`).
 
 Pairing rule (seeds and λ sweeps): every non-NTP branch (CoCoMix, KD, pause) is compared with the
 NTP branch of the same seed. When no NTP branch has that seed but exactly one NTP branch exists,
 that one is the reference; otherwise the branch is left unpaired (listed in the table, not matched).
 
-Claims (SPEC §10). A metric's estimate for an arm is its value with a 95% interval: with one seed the
-bootstrap interval logged with it (`<metric>_lo`, `<metric>_hi`); with several seeds the mean across
-seeds and the t-interval across seeds. Arm X is "better"/"worse" than its reference only when the two
-are separated: each value lies outside the other's interval, and the difference's interval (below)
-excludes zero, so a verdict never contradicts an interval printed beside it. Otherwise the claim is "within noise",
-and it is "degenerate" when both arms are at or below chance on an accuracy-like metric (chance is the
-logged `eval/<task>/chance`, else 0), whatever the values. Tokens-to-match savings are stated only
-for "better"/"worse" pairs. The difference's interval is the t-interval of the per-seed differences
-(paired by seed) with several seeds, else the two intervals' half-widths added in quadrature.
+Claims (SPEC §10), at the final checkpoints, per arm (its seeds together) against its reference arm:
+- the paired difference (arm − reference) alone decides: with ≥ 2 seeds the t-interval of the
+  per-seed differences, with 1 seed the paired bootstrap (the same resamples of the shared validation
+  windows / task items for both arms). "better"/"worse" iff its 95% interval excludes 0, otherwise
+  "no detectable difference", printed with the interval and the smallest difference the study could
+  have detected (intervals.min_detectable_difference); "no interval" when nothing can be paired;
+- "degenerate" whatever the difference when both arms are at the level of a model that learned
+  nothing: validation perplexity above 0.8 × the unigram floor (data/unigram.py), or an accuracy at
+  or below chance (the logged `eval/<task>/chance`, else 0);
+- each arm's own value and interval (t-interval across seeds; the logged bootstrap `<metric>_lo/_hi`
+  for one seed) are printed for reading, never for deciding;
+- tokens-to-match savings are stated only for better/worse arms, with their t-interval across seeds.
 """
 
 from __future__ import annotations
@@ -29,12 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-import numpy as np
-from matplotlib.figure import Figure
-from scipy.stats import (
-    t as student_t,  # the object API draws with Agg; no pyplot, no display
-)
+from matplotlib.figure import Figure  # the object API: Agg, no pyplot, no display
 
+from cocomix_core.evaluation.intervals import (
+    Interval,
+    PairedDifference,
+    paired_difference_from_replicates,
+    paired_t_difference,
+    t_interval,
+)
 from cocomix_core.plumbing.files import atomic_path, write_json_atomic
 
 VAL_PPL = "eval/val_ppl"
@@ -44,17 +51,18 @@ TRAINING_VAL_PPL_PLOT = "training_val_ppl.png"
 _LOWER_IS_BETTER_WORDS = ("ppl", "perplexity", "loss", "nll", "bits_per_byte")
 INTERVAL_SUFFIXES = ("_lo", "_hi")
 CHANCE_METRIC = "chance"
-Claim = Literal["better", "worse", "within noise", "degenerate", "no interval"]
+Claim = Literal["better", "worse", "no detectable difference", "degenerate", "no interval"]
 ArmKind = Literal["ntp", "cocomix", "kd", "pause"]
 
 
 @dataclass(frozen=True)
 class EvalPoint:
-    """The evaluation of one checkpoint."""
+    """The evaluation of one checkpoint; `replicates` pair it with other arms' (not written to report.json)."""
 
     step: int
     tokens_seen: int
     metrics: dict[str, float]
+    replicates: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass
@@ -79,7 +87,11 @@ class BranchCurve:
         return [(point.tokens_seen, point.metrics[metric]) for point in self.points if metric in point.metrics]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The curve for report.json, without the bootstrap replicates (thousands of numbers per checkpoint)."""
+        data = dataclasses.asdict(self)
+        for point in data["points"]:
+            del point["replicates"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BranchCurve":
@@ -115,18 +127,24 @@ class ReportFiles:
     summary: dict[str, float]
 
 
-def curves_from_results(results: Iterable[tuple[dict[str, Any], dict[str, float]]]) -> list[BranchCurve]:
-    """Group (evaluation job, metrics) pairs into one curve per branch.
+def curves_from_results(
+    results: Iterable[tuple[dict[str, Any], dict[str, float], dict[str, dict[str, Any]]]],
+) -> list[BranchCurve]:
+    """Group (evaluation job, metrics, replicates) triples into one curve per branch.
 
     A job is `{"branch": {"name", "kind", "seed", "lam_concept", ...}, "step", "tokens_seen", ...}`;
     metric names get the `eval/` prefix when they lack it.
     """
     branches: dict[str, dict[str, Any]] = {}
     points: dict[str, list[EvalPoint]] = defaultdict(list)
-    for job, metrics in results:
+
+    def prefixed(values: dict[str, Any]) -> dict[str, Any]:
+        return {name if name.startswith(EVAL_PREFIX) else EVAL_PREFIX + name: value for name, value in values.items()}
+
+    for job, metrics, replicates in results:
         branch = branches.setdefault(job["branch"]["name"], job["branch"])
-        named = {name if name.startswith(EVAL_PREFIX) else EVAL_PREFIX + name: value for name, value in metrics.items()}
-        points[branch["name"]].append(EvalPoint(int(job["step"]), int(job["tokens_seen"]), named))
+        points[branch["name"]].append(
+            EvalPoint(int(job["step"]), int(job["tokens_seen"]), prefixed(metrics), prefixed(replicates)))
     return [
         BranchCurve(
             name=name, kind=branch["kind"], points=points[name], seed=branch.get("seed"),
@@ -156,6 +174,7 @@ def task_metrics(curves: Iterable[BranchCurve]) -> list[str]:
 
 def tokens_to_match(
     reference: BranchCurve, candidate: BranchCurve, metric: str = VAL_PPL, lower_is_better: bool = True,
+    claim: Claim | None = None,
 ) -> TokensToMatch:
     """Tokens the candidate needs to reach the reference's value at its final checkpoint.
 
@@ -164,7 +183,7 @@ def tokens_to_match(
     checkpoint, its tokens are the answer (nothing is assumed before it). Otherwise the answer is
     the linear interpolation of tokens between it and the previous checkpoint on the
     (tokens, metric) line: t = t0 + (target - v0) * (t1 - t0) / (v1 - v0). A target never reached
-    gives None: the curve is not extrapolated.
+    gives None: the curve is not extrapolated. `claim`: the arms' SPEC §10 claim; None: the two branches'.
     """
     reference_values = reference.values(metric)
     if not reference_values:
@@ -172,7 +191,8 @@ def tokens_to_match(
     reference_tokens, target = reference_values[-1]
     candidate_values = candidate.values(metric)
     crossing = _first_crossing(candidate_values, target, lower_is_better)
-    claim = compare([reference], [candidate], metric).claim if candidate_values else "no interval"
+    if claim is None:
+        claim = compare([reference], [candidate], metric).claim if candidate_values else "no interval"
     return TokensToMatch(
         reference=reference.name, candidate=candidate.name, metric=metric, lower_is_better=lower_is_better,
         target_value=target, reference_tokens=reference_tokens, candidate_tokens=crossing,
@@ -207,106 +227,115 @@ def pair_branches(curves: list[BranchCurve]) -> list[tuple[BranchCurve, BranchCu
     return pairs
 
 
-def match_all(curves: list[BranchCurve]) -> list[TokensToMatch]:
-    """Tokens-to-match of every pair, for validation perplexity and every task metric both measured."""
+def match_all(curves: list[BranchCurve], unigram_ppl: float | None = None) -> list[TokensToMatch]:
+    """Tokens-to-match of every pair, for validation perplexity and every task metric both measured; each carries
+    its two arms' claim (all seeds together), so a saving is stated only where the arms' verdict allows."""
+    arms = _by_arm(curves)
+    claims: dict[tuple[str, str, str], Claim] = {}
     matches = []
     for reference, candidate in pair_branches(curves):
         shared = [metric for metric in task_metrics([reference]) if candidate.values(metric)]
         for metric in [VAL_PPL, *shared]:
             if reference.values(metric):
-                matches.append(tokens_to_match(reference, candidate, metric, lower_is_better(metric)))
+                key = (reference.arm, candidate.arm, metric)
+                if key not in claims:
+                    claims[key] = compare(arms[reference.arm], arms[candidate.arm], metric, unigram_ppl).claim
+                matches.append(tokens_to_match(reference, candidate, metric, lower_is_better(metric), claims[key]))
     return matches
 
 
 # ----- claims (SPEC §10) ----------------------------------------------------------------------
-@dataclass(frozen=True)
-class Estimate:
-    """A value with its 95% interval (lo, hi); `seeds` says how many seeds it aggregates."""
-
-    value: float
-    lo: float | None
-    hi: float | None
-    seeds: int = 1
-
-    @property
-    def has_interval(self) -> bool:
-        return self.lo is not None and self.hi is not None
-
-    def contains(self, value: float) -> bool:
-        return self.lo <= value <= self.hi
+DEGENERATE_SHARE = 0.8  # a perplexity above 0.8 × the unigram floor is "near the unigram level"
+NEXT_STEP = ("both arms are still near the unigram level, so this run cannot tell them apart: for a verdict, run "
+             "the study whose students learn: python flows/cocomix_flow.py run --settings cpu_study")
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """Candidate vs reference on one metric at their final checkpoints: estimates, difference, claim."""
+    """Candidate vs reference arm on one metric at their final checkpoints: each arm's own interval (for reading),
+    the paired difference candidate − reference (for deciding; None when it has no interval) and the claim."""
 
     metric: str
-    reference: Estimate
-    candidate: Estimate
-    difference: Estimate  # candidate - reference
+    reference: Interval
+    candidate: Interval
+    difference: PairedDifference | None
     claim: Claim
 
 
-def _t_interval(values: list[float]) -> Estimate:
-    """Mean and 95% Student-t interval across seeds."""
-    mean = float(np.mean(values))
-    half = float(student_t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values)))
-    return Estimate(mean, mean - half, mean + half, seeds=len(values))
-
-
-def _final_metrics(curve: BranchCurve, metric: str) -> dict[str, float] | None:
-    measured = [point.metrics for point in curve.points if metric in point.metrics]
+def _final_point(curve: BranchCurve, metric: str) -> EvalPoint | None:
+    measured = [point for point in curve.points if metric in point.metrics]
     return measured[-1] if measured else None
 
 
-def estimate(curves: list[BranchCurve], metric: str) -> Estimate | None:
-    """The final-checkpoint estimate of `metric` over an arm's seeds (module docstring); None when unmeasured."""
-    finals = [final for curve in curves if (final := _final_metrics(curve, metric)) is not None]
+def estimate(curves: list[BranchCurve], metric: str) -> Interval | None:
+    """An arm's final value of `metric` with its own 95% interval (module docstring); None when unmeasured."""
+    finals = [point.metrics for curve in curves if (point := _final_point(curve, metric)) is not None]
     if not finals:
         return None
     if len(finals) > 1:
-        return _t_interval([final[metric] for final in finals])
+        return t_interval([final[metric] for final in finals])
     final = finals[0]
-    return Estimate(final[metric], final.get(metric + "_lo"), final.get(metric + "_hi"))
+    return Interval(final[metric], final.get(metric + "_lo"), final.get(metric + "_hi"))
+
+
+def seed_pairs(references: list[BranchCurve], candidates: list[BranchCurve]) -> list[tuple[BranchCurve, BranchCurve]]:
+    """(reference, candidate) branches of the same seed; two arms of one branch each pair whatever their seeds."""
+    by_seed = {curve.seed: curve for curve in references}
+    pairs = [(by_seed[curve.seed], curve) for curve in candidates if curve.seed in by_seed]
+    if not pairs and len(references) == len(candidates) == 1:
+        pairs = [(references[0], candidates[0])]
+    return pairs
+
+
+def paired_difference(references: list[BranchCurve], candidates: list[BranchCurve], metric: str) -> PairedDifference | None:
+    """candidate − reference at the final checkpoints: the t-interval of the per-seed differences with ≥ 2 seeds, the
+    paired bootstrap of one seed's replicates (same windows/items, same resamples) otherwise; None without either."""
+    finals = [(reference_point, candidate_point) for reference, candidate in seed_pairs(references, candidates)
+              if (reference_point := _final_point(reference, metric)) is not None
+              and (candidate_point := _final_point(candidate, metric)) is not None]
+    if len(finals) > 1:
+        return paired_t_difference([ref.metrics[metric] for ref, _ in finals], [cand.metrics[metric] for _, cand in finals])
+    if not finals:
+        return None
+    ((reference, candidate),) = finals
+    ours, theirs = candidate.replicates.get(metric), reference.replicates.get(metric)
+    if ours is None or theirs is None or ours["items"] != theirs["items"] or len(ours["replicates"]) != len(theirs["replicates"]):
+        return None  # not evaluated on the same windows/items with the same resamples: nothing to pair
+    return paired_difference_from_replicates(candidate.metrics[metric] - reference.metrics[metric],
+                                             theirs["replicates"], ours["replicates"], ours["items"])
 
 
 def _chance(curves: list[BranchCurve], metric: str) -> float:
     task_prefix = metric.rsplit("/", 1)[0]
-    finals = [final for curve in curves if (final := _final_metrics(curve, metric)) is not None]
+    finals = [point.metrics for curve in curves if (point := _final_point(curve, metric)) is not None]
     return max((final.get(f"{task_prefix}/{CHANCE_METRIC}", 0.0) for final in finals), default=0.0)
 
 
-def _difference(references: list[BranchCurve], candidates: list[BranchCurve], metric: str,
-                reference: Estimate, candidate: Estimate) -> Estimate:
-    by_seed = {curve.seed: _final_metrics(curve, metric) for curve in references}
-    paired = [(final[metric], by_seed[curve.seed][metric]) for curve in candidates
-              if (final := _final_metrics(curve, metric)) is not None and by_seed.get(curve.seed) is not None]
-    if len(paired) > 1:
-        return _t_interval([c - r for c, r in paired])
-    value = candidate.value - reference.value
-    if not (reference.has_interval and candidate.has_interval):
-        return Estimate(value, None, None)
-    below = np.hypot(candidate.value - candidate.lo, reference.hi - reference.value)
-    above = np.hypot(candidate.hi - candidate.value, reference.value - reference.lo)
-    return Estimate(value, float(value - below), float(value + above))
+def degenerate(metric: str, reference: float, candidate: float, chance: float, unigram_ppl: float | None) -> bool:
+    """Whether both arms are at the level of a model that learned nothing: validation perplexity above
+    DEGENERATE_SHARE × the unigram floor, or an accuracy-like metric at or below chance."""
+    if metric == VAL_PPL:
+        return unigram_ppl is not None and min(reference, candidate) > DEGENERATE_SHARE * unigram_ppl
+    return not lower_is_better(metric) and max(reference, candidate) <= chance
 
 
-def compare(references: list[BranchCurve], candidates: list[BranchCurve], metric: str) -> Comparison:
-    """The SPEC §10 claim for candidate vs reference arm (each a list of seed branches) on `metric`."""
+def compare(references: list[BranchCurve], candidates: list[BranchCurve], metric: str,
+            unigram_ppl: float | None = None) -> Comparison:
+    """The SPEC §10 claim for candidate vs reference arm (each a list of seed branches) on `metric`: better/worse
+    iff the paired difference's 95% interval excludes 0, unless both arms are degenerate."""
     reference, candidate = estimate(references, metric), estimate(candidates, metric)
     if reference is None or candidate is None:
         raise ValueError(f"{metric!r} is not measured by both arms")
-    difference = _difference(references, candidates, metric, reference, candidate)
-    lower = lower_is_better(metric)
-    chance = _chance(references + candidates, metric)
-    if not lower and reference.value <= chance and candidate.value <= chance:
-        claim: Claim = "degenerate"
-    elif not (reference.has_interval and candidate.has_interval):
+    difference = paired_difference(references, candidates, metric)
+    claim: Claim
+    if degenerate(metric, reference.value, candidate.value, _chance(references + candidates, metric), unigram_ppl):
+        claim = "degenerate"
+    elif difference is None:
         claim = "no interval"
-    elif reference.contains(candidate.value) or candidate.contains(reference.value) or difference.contains(0.0):
-        claim = "within noise"
+    elif difference.excludes_zero:
+        claim = "better" if (difference.value < 0) == lower_is_better(metric) else "worse"
     else:
-        claim = "better" if (candidate.value < reference.value) == lower else "worse"
+        claim = "no detectable difference"
     return Comparison(metric, reference, candidate, difference, claim)
 
 
@@ -317,34 +346,60 @@ def _by_arm(curves: list[BranchCurve]) -> dict[str, list[BranchCurve]]:
     return dict(arms)
 
 
-def verdict_rows(curves: list[BranchCurve], metric: str = VAL_PPL) -> list[dict[str, Any]]:
-    """One row per (arm, reference): every arm against the NTP arm, and CoCoMix-kind arms after the first
-    CoCoMix arm (the ablations) also against that one; with parameters and training FLOPs per token of both."""
-    arms = _by_arm(curves)
-    kinds = {name: branches[0].kind for name, branches in arms.items()}
+def arm_pairs(curves: list[BranchCurve]) -> list[tuple[str, str]]:
+    """(reference arm, candidate arm): every arm against the NTP arm, and CoCoMix-kind arms after the first CoCoMix
+    arm (the ablations) also against that one."""
+    kinds = {curve.arm: curve.kind for curve in curves}
     ntp = next((name for name, kind in kinds.items() if kind == "ntp"), None)
     cocomix = next((name for name, kind in kinds.items() if kind == "cocomix"), None)
-    pairs = [(ntp, name) for name in arms if ntp is not None and name != ntp]
-    pairs += [(cocomix, name) for name, kind in kinds.items() if cocomix and kind == "cocomix" and name != cocomix]
+    pairs = [(ntp, name) for name in kinds if ntp is not None and name != ntp]
+    return pairs + [(cocomix, name) for name, kind in kinds.items() if cocomix and kind == "cocomix" and name != cocomix]
+
+
+def tokens_to_match_across_seeds(references: list[BranchCurve], candidates: list[BranchCurve],
+                                 metric: str) -> dict[str, Any]:
+    """The candidate's saving (1 − tokens to reach the reference's final value / the reference's tokens), seed by
+    seed, with its t-interval across seeds when every seed (≥ 2) reached the target."""
+    matches = [tokens_to_match(reference, candidate, metric, lower_is_better(metric), claim="no interval")
+               for reference, candidate in seed_pairs(references, candidates) if reference.values(metric)]
+    savings = [match.saving_fraction for match in matches if match.saving_fraction is not None]
+    saving = None
+    if savings and len(savings) == len(matches):
+        saving = dataclasses.asdict(t_interval(savings) if len(savings) > 1 else Interval(savings[0], None, None))
+    return {"seeds": len(matches), "seeds_reached": len(savings), "saving": saving}
+
+
+def verdict_rows(curves: list[BranchCurve], metric: str = VAL_PPL, unigram_ppl: float | None = None) -> list[dict[str, Any]]:
+    """One structured row per (arm, reference) of `arm_pairs`: both arms' values and own intervals, the paired
+    difference with its interval and minimal detectable difference, the claim, tokens-to-match (better/worse
+    only), and both arms' parameters and training FLOPs per token."""
+    arms = _by_arm(curves)
     rows = []
-    for reference, candidate in pairs:
+    for reference, candidate in arm_pairs(curves):
         if estimate(arms[reference], metric) is None or estimate(arms[candidate], metric) is None:
             continue
-        comparison = compare(arms[reference], arms[candidate], metric)
+        comparison = compare(arms[reference], arms[candidate], metric, unigram_ppl)
+        difference = comparison.difference
         rows.append({
-            "arm": candidate, "kind": kinds[candidate], "reference": reference, "metric": metric,
-            "seeds": comparison.candidate.seeds, "candidate": dataclasses.asdict(comparison.candidate),
+            "arm": candidate, "kind": arms[candidate][0].kind, "reference": reference, "metric": metric,
+            "seeds": comparison.candidate.n, "arm_estimate": dataclasses.asdict(comparison.candidate),
             "reference_estimate": dataclasses.asdict(comparison.reference),
-            "difference": dataclasses.asdict(comparison.difference), "claim": comparison.claim,
-            **{f"{side}_{quantity}": _final_metrics(arms[name][0], metric).get(f"{EVAL_PREFIX}{quantity}")
-               for side, name in (("candidate", candidate), ("reference", reference))
+            "difference": dataclasses.asdict(difference) if difference else None,
+            "min_detectable_difference": difference.min_detectable if difference else None,
+            "claim": comparison.claim, "unigram_ppl": unigram_ppl if metric == VAL_PPL else None,
+            "tokens_to_match": tokens_to_match_across_seeds(arms[reference], arms[candidate], metric)
+            if comparison.claim in ("better", "worse") else None,
+            **{f"{side}_{quantity}": _final_point(arms[name][0], metric).metrics.get(f"{EVAL_PREFIX}{quantity}")
+               for side, name in (("arm", candidate), ("reference", reference))
                for quantity in ("n_params", "flops_per_token")},
         })
     return rows
 
 
-def _interval_text(estimate_fields: dict[str, Any]) -> str:
-    value, lo, hi = estimate_fields["value"], estimate_fields["lo"], estimate_fields["hi"]
+def _interval_text(fields: dict[str, Any] | None) -> str:
+    if fields is None:
+        return "[no interval]"
+    value, lo, hi = fields["value"], fields["lo"], fields["hi"]
     return f"{value:.4g}" + (f" [{lo:.4g}, {hi:.4g}]" if lo is not None and hi is not None else " [no interval]")
 
 
@@ -352,27 +407,51 @@ def _size_text(params: float | None, flops: float | None) -> str:
     return f"{params:,.0f} parameters, {flops:.3g} training FLOPs/token" if params and flops else "size not logged"
 
 
-_CLAIM_WORDS = {
-    "better": "significantly better (each value outside the other's 95% interval; the difference's excludes 0)",
-    "worse": "significantly worse (each value outside the other's 95% interval; the difference's excludes 0)",
-    "within noise": "within noise: not significant",
-    "degenerate": "degenerate: both arms at or below chance, no comparison",
-    "no interval": "no interval logged: no claim",
-}
+def _claim_text(row: dict[str, Any]) -> str:
+    claim, detectable = row["claim"], row["min_detectable_difference"]
+    if claim in ("better", "worse"):
+        return f"{claim} (the paired difference's 95% interval excludes 0)"
+    if claim == "no detectable difference":
+        return f"no detectable difference (smallest detectable difference {detectable:.4g}, 80% power)"
+    if claim == "degenerate" and row["unigram_ppl"] is not None:
+        floor = row["unigram_ppl"]
+        return (f"degenerate: both arms near the unigram level (above {DEGENERATE_SHARE:g} × unigram ppl {floor:.4g} "
+                f"= {DEGENERATE_SHARE * floor:.4g}), no comparison")
+    if claim == "degenerate":
+        return "degenerate: both arms at or below chance, no comparison"
+    return "no paired interval: no claim"
+
+
+def _tokens_text(row: dict[str, Any]) -> str:
+    match = row["tokens_to_match"]
+    if match is None:
+        return ""
+    if match["saving"] is None:
+        return f" Reached {row['reference']}'s final value in {match['seeds_reached']} of {match['seeds']} seeds."
+    saving = match["saving"]
+    interval = (f" [{saving['lo']:.1%}, {saving['hi']:.1%}] across {saving['n']} seeds" if saving["lo"] is not None
+                else " (1 seed)")
+    return f" Reaches {row['reference']}'s final value with {saving['value']:.1%} fewer tokens{interval}."
 
 
 def verdict_text(rows: list[dict[str, Any]]) -> list[str]:
-    """The verdict as plain-language lines, one per row of `verdict_rows`."""
+    """The verdict as plain-language lines, one per row of `verdict_rows` (and NEXT_STEP when a perplexity
+    comparison is degenerate)."""
     lines = []
     for row in rows:
-        seeds = f"{row['seeds']} seeds, mean and t-interval" if row["seeds"] > 1 else "1 seed, bootstrap interval"
+        seeds = f"{row['seeds']} seeds: mean, t-interval" if row["seeds"] > 1 else "1 seed: bootstrap interval"
+        method = f" ({row['difference']['method']})" if row["difference"] else ""
+        detectable = (f"; smallest detectable difference {row['min_detectable_difference']:.4g}"
+                      if row["claim"] in ("better", "worse") else "")
         lines.append(
             f"{row['arm']} vs {row['reference']}: {row['metric'].removeprefix(EVAL_PREFIX)} "
-            f"{_interval_text(row['candidate'])} vs {_interval_text(row['reference_estimate'])} ({seeds}); "
-            f"difference {_interval_text(row['difference'])}: {_CLAIM_WORDS[row['claim']]}. "
-            f"{row['arm']}: {_size_text(row['candidate_n_params'], row['candidate_flops_per_token'])}; "
+            f"{_interval_text(row['arm_estimate'])} vs {_interval_text(row['reference_estimate'])} ({seeds}); "
+            f"paired difference {_interval_text(row['difference'])}{method}: {_claim_text(row)}{detectable}."
+            f"{_tokens_text(row)} {row['arm']}: {_size_text(row['arm_n_params'], row['arm_flops_per_token'])}; "
             f"{row['reference']}: {_size_text(row['reference_n_params'], row['reference_flops_per_token'])}."
         )
+    if any(row["claim"] == "degenerate" and row["metric"] == VAL_PPL for row in rows):
+        lines.append(NEXT_STEP[0].upper() + NEXT_STEP[1:] + ".")
     return lines
 
 
@@ -435,21 +514,37 @@ def _markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def to_markdown(table: list[dict[str, Any]], tokens_to_match: list[TokensToMatch], verdict: list[str] = ()) -> str:
-    """The report as Markdown: the verdict per arm first, then tokens-to-match, then the per-branch table."""
+def floor_text(unigram_ppl: float | None) -> str:
+    """The unigram floor in words, for the report, the card and the end-of-run text."""
+    if unigram_ppl is None:
+        return "Unigram floor: not measured."
+    return (f"Unigram floor: validation perplexity {unigram_ppl:.4g} from the training split's token frequencies "
+            f"(add-one smoothed); a model that learned only frequencies scores this. Perplexities above "
+            f"{DEGENERATE_SHARE:g} × floor = {DEGENERATE_SHARE * unigram_ppl:.4g} are near the unigram level.")
+
+
+def to_markdown(table: list[dict[str, Any]], tokens_to_match: list[TokensToMatch], verdict: list[str] = (),
+                unigram_ppl: float | None = None) -> str:
+    """The report as Markdown: the verdict per arm and the unigram floor first, then tokens-to-match, then the
+    per-branch table."""
     parts = ["# CoCoMix vs NTP", "", "## Verdict", ""]
     parts += [f"- {line}" for line in verdict] or ["No arm to compare with the NTP baseline."]
+    parts += ["", floor_text(unigram_ppl)]
     parts += ["", "## Tokens to match the NTP baseline's final value", ""]
     parts.append(_markdown_table(*_match_cells(tokens_to_match)) if tokens_to_match else "No CoCoMix/NTP pair to compare.")
     parts += ["", "## Final checkpoints", "", _markdown_table(*_table_cells(table)), ""]
     return "\n".join(parts)
 
 
-def _plot(series: dict[str, list[tuple[float, float]]], styles: dict[str, dict], ylabel: str, path: Path) -> Path:
+def _plot(series: dict[str, list[tuple[float, float]]], styles: dict[str, dict], ylabel: str, path: Path,
+          floor: float | None = None) -> Path:
+    """One line per series against training tokens; `floor`: a horizontal line at the unigram perplexity."""
     figure = Figure(figsize=(6.4, 4.0), dpi=100)
     axes = figure.add_subplot()
     for name, points in series.items():
         axes.plot([tokens for tokens, _ in points], [value for _, value in points], label=name, **styles[name])
+    if floor is not None:
+        axes.axhline(floor, color="0.4", linestyle=":", label=f"unigram floor {floor:.4g}")
     axes.set(xlabel="training tokens", ylabel=ylabel, title=ylabel)
     axes.grid(alpha=0.3)
     axes.legend()
@@ -459,8 +554,9 @@ def _plot(series: dict[str, list[tuple[float, float]]], styles: dict[str, dict],
     return path
 
 
-def plot_curves(curves: list[BranchCurve], out_dir: str | Path) -> list[Path]:
-    """One PNG per metric (val ppl, each task metric, training val ppl when given), one line per branch."""
+def plot_curves(curves: list[BranchCurve], out_dir: str | Path, unigram_ppl: float | None = None) -> list[Path]:
+    """One PNG per metric (val ppl, each task metric, training val ppl when given), one line per branch; the
+    validation perplexity plots also draw the unigram floor (task perplexities are on other scales)."""
     out_dir = Path(out_dir)
     colors = [f"C{index % 10}" for index in range(len(curves))]
     styles = {
@@ -472,11 +568,12 @@ def plot_curves(curves: list[BranchCurve], out_dir: str | Path) -> list[Path]:
         series = {curve.name: curve.values(metric) for curve in curves if curve.values(metric)}
         if series:
             file_name = metric.removeprefix(EVAL_PREFIX).replace("/", "__") + ".png"
-            paths.append(_plot(series, styles, metric, out_dir / file_name))
+            floor = unigram_ppl if metric == VAL_PPL else None
+            paths.append(_plot(series, styles, metric, out_dir / file_name, floor))
     training = {curve.name: curve.training_val_ppl for curve in curves if curve.training_val_ppl}
     if training:
         line_only = {name: dict(style, marker=None) for name, style in styles.items()}
-        paths.append(_plot(training, line_only, "val/ppl during training", out_dir / TRAINING_VAL_PPL_PLOT))
+        paths.append(_plot(training, line_only, "val/ppl during training", out_dir / TRAINING_VAL_PPL_PLOT, unigram_ppl))
     return paths
 
 
@@ -501,15 +598,18 @@ def report_html(report: ReportFiles) -> str:
         "td,th{border:1px solid #ccc;padding:2px 8px}</style></head><body>"
         "<h1>CoCoMix vs NTP</h1><h2>Verdict</h2><ul>"
         + "".join(f"<li>{html.escape(line)}</li>" for line in content["verdict"])
-        + "</ul><h2>Tokens to match the NTP baseline's final value</h2>"
+        + f"</ul><p>{html.escape(floor_text(content['unigram_ppl']))}</p><h2>Tokens to match the NTP baseline's final value</h2>"
         f"{_html_table(*_match_cells(matches))}<h2>Final checkpoints</h2>{_html_table(*_table_cells(content['table']))}"
         f"<h2>Curves</h2>{images}</body></html>"
     )
 
 
-def _summary(table: list[dict[str, Any]], matches: list[TokensToMatch]) -> dict[str, float]:
-    """Headline numbers as MLflow metrics: final val ppl per branch, tokens-to-match of val ppl per pair."""
+def _summary(table: list[dict[str, Any]], matches: list[TokensToMatch], unigram_ppl: float | None) -> dict[str, float]:
+    """Headline numbers as MLflow metrics: final val ppl per branch, tokens-to-match of val ppl per pair, the
+    unigram floor."""
     summary = {f"{row['branch']}/final_val_ppl": row["final_val_ppl"] for row in table if row["final_val_ppl"] is not None}
+    if unigram_ppl is not None:
+        summary["unigram_val_ppl"] = unigram_ppl
     for match in matches:
         if match.metric == VAL_PPL and match.saving_fraction is not None and match.claim in ("better", "worse"):
             summary[f"{match.candidate}/tokens_to_match"] = match.candidate_tokens
@@ -517,19 +617,25 @@ def _summary(table: list[dict[str, Any]], matches: list[TokensToMatch]) -> dict[
     return summary
 
 
-def write_report(curves: list[BranchCurve], out_dir: str | Path) -> ReportFiles:
-    """Write report.json, report.md, report.html and the plots (under plots/) into `out_dir`, each atomically."""
+def write_report(curves: list[BranchCurve], out_dir: str | Path, unigram_ppl: float | None = None) -> ReportFiles:
+    """Write report.json, report.md, report.html and the plots (under plots/) into `out_dir`, each atomically.
+
+    report.json holds the verdicts twice: as structured rows (`verdicts`, see `verdict_rows`) for tools, and
+    as the lines printed everywhere else (`verdict`)."""
     out_dir = Path(out_dir)
-    table, matches, verdict = comparison_table(curves), match_all(curves), verdict_text(verdict_rows(curves))
+    table, matches, rows = comparison_table(curves), match_all(curves, unigram_ppl), verdict_rows(curves, VAL_PPL, unigram_ppl)
+    verdict = verdict_text(rows)
     files = ReportFiles(
         json_path=out_dir / "report.json", markdown_path=out_dir / "report.md", html_path=out_dir / "report.html",
-        plots=plot_curves(curves, out_dir / "plots"), summary=_summary(table, matches),
+        plots=plot_curves(curves, out_dir / "plots", unigram_ppl), summary=_summary(table, matches, unigram_ppl),
     )
     write_json_atomic(files.json_path, {
         "table": table, "tokens_to_match": [dataclasses.asdict(match) for match in matches],
-        "curves": [curve.to_dict() for curve in curves], "summary": files.summary, "verdict": verdict,
+        "curves": [curve.to_dict() for curve in curves], "summary": files.summary, "unigram_ppl": unigram_ppl,
+        "verdicts": rows, "verdict": verdict,
     })
-    for path, text in ((files.markdown_path, to_markdown(table, matches, verdict)), (files.html_path, report_html(files))):
+    markdown = to_markdown(table, matches, verdict, unigram_ppl)
+    for path, text in ((files.markdown_path, markdown), (files.html_path, report_html(files))):
         with atomic_path(path) as temp:
             temp.write_text(text)
     return files

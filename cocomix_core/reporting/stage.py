@@ -1,14 +1,14 @@
 """The `report` stage: every branch's checkpoint evaluations -> curves per training token, verdicts, plots;
 and the concepts a person can look at (cards, concept prediction, steering).
 
-    files = write_report(evaluations, out_dir, tracker)
+    files = write_report(evaluations, out_dir, tracker, data.unigram_ppl)
     concepts = write_concepts_report(settings, storage, data, labels, evaluations, concepts_dir, tracker)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from cocomix_core.data.stage import PreparedData
 from cocomix_core.plumbing.storage import Storage
@@ -30,18 +30,22 @@ def report_arm(branch: Branch) -> str:
 
 
 def write_report(
-    evaluations: Iterable[tuple[Branch, Checkpoint, dict[str, float]]], out_dir: Path, tracker: MlflowTracker
+    evaluations: Iterable[tuple[Branch, Checkpoint, dict[str, float], dict[str, dict[str, Any]]]], out_dir: Path,
+    tracker: MlflowTracker, unigram_ppl: float | None,
 ) -> ReportFiles:
-    """Curves per training token, tokens-to-match, tables and plots into `out_dir`, logged under `report/`; each
-    branch's headline curves (val ppl, task metrics) also go into the tracker's run at step = training tokens."""
+    """Curves per training token, verdicts, tokens-to-match, tables and plots into `out_dir`, logged under `report/`;
+    each branch's headline curves (val ppl, task metrics) also go into the tracker's run at step = training tokens.
+
+    An evaluation is (branch, checkpoint, metrics, bootstrap replicates) as `evaluate_checkpoint_job` returns them;
+    `unigram_ppl` is the prepared data's unigram floor (`PreparedData.unigram_ppl`)."""
     from cocomix_core.plumbing.tracking import log_branch_curves
     from cocomix_core.reporting import report
 
     jobs = ((dict(branch=branch.model_dump() | {"arm": report_arm(branch)}, step=checkpoint.step,
-                  tokens_seen=checkpoint.tokens_seen), metrics)
-            for branch, checkpoint, metrics in evaluations)
+                  tokens_seen=checkpoint.tokens_seen), metrics, replicates)
+            for branch, checkpoint, metrics, replicates in evaluations)
     curves = report.curves_from_results(jobs)
-    written = report.write_report(curves, out_dir)
+    written = report.write_report(curves, out_dir, unigram_ppl)
     headline = [report.VAL_PPL, *report.task_metrics(curves)]
     log_branch_curves(tracker.run_id, {
         curve.name: [(point.tokens_seen, {name: point.metrics[name] for name in headline if name in point.metrics})
@@ -56,7 +60,7 @@ def write_report(
 
 def write_concepts_report(
     settings: ExperimentSettings, storage: Storage, data: PreparedData, labels: Labels,
-    evaluations: Iterable[tuple[Branch, Checkpoint, dict[str, float]]], out_dir: Path, tracker: MlflowTracker,
+    evaluations: Iterable[tuple[Branch, Checkpoint, dict[str, float], Any]], out_dir: Path, tracker: MlflowTracker,
 ) -> ConceptsFiles:
     """Concept cards, the CoCoMix branches' concept-prediction curves beside the frequency floor, and steering of
     the final checkpoint of the first CoCoMix branch that mixes concepts (SPEC §11); logged under `concepts/`."""
@@ -66,9 +70,9 @@ def write_concepts_report(
     from cocomix_core.evaluation.evaluator import load_checkpoint
     from cocomix_core.reporting import concepts_report
 
-    cocomix = [(branch, checkpoint) for branch, checkpoint, _ in evaluations if branch.kind == "cocomix"]
+    cocomix = [(branch, checkpoint) for branch, checkpoint, *_ in evaluations if branch.kind == "cocomix"]
     overlap: dict[str, list[tuple[int, float]]] = {}
-    for branch, checkpoint, metrics in sorted(evaluations, key=lambda item: item[1].step):
+    for branch, checkpoint, metrics, _ in sorted(evaluations, key=lambda item: item[1].step):
         if OVERLAP_METRIC in metrics:
             overlap.setdefault(branch.name, []).append((checkpoint.tokens_seen, metrics[OVERLAP_METRIC]))
     mixing = [item for item in cocomix if settings.arms[item[0].arm].mix in ("insert", "add")]
