@@ -248,21 +248,12 @@ def overlap_plot(content: ConceptsContent, path: Path) -> Path | None:
     """eval/concept_topk_overlap by training tokens, one line per branch, the frequency predictor as a floor."""
     if not content.overlap:
         return None
-    from matplotlib.figure import Figure
+    from cocomix_core.reporting.report import plot_lines  # matplotlib loads only when there is a curve to draw
 
-    figure = Figure(figsize=(6.4, 4.0), dpi=100)
-    axes = figure.add_subplot()
-    for branch, points in content.overlap.items():
-        axes.plot([tokens for tokens, _ in points], [value for _, value in points], marker="o", label=branch)
-    if content.floor is not None:
-        axes.axhline(content.floor, color="grey", linestyle=":", label="frequency predictor")
-    axes.set(xlabel="training tokens", ylabel="top-K overlap", title="concept prediction on validation tokens")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    with atomic_path(path) as temp:
-        figure.savefig(temp, format="png")
-    return path
+    floor = None if content.floor is None else (content.floor, "frequency predictor")
+    markers = {branch: {"marker": "o"} for branch in content.overlap}
+    return plot_lines(content.overlap, markers, "top-K overlap", path, floor,
+                      title="concept prediction on validation tokens")
 
 
 def write_concepts(content: ConceptsContent, out_dir: str | Path) -> ConceptsFiles:

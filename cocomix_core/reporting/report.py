@@ -536,22 +536,28 @@ def to_markdown(table: list[dict[str, Any]], tokens_to_match: list[TokensToMatch
     return "\n".join(parts)
 
 
-def _plot(series: dict[str, list[tuple[float, float]]], styles: dict[str, dict], ylabel: str, path: Path,
-          floor: float | None = None) -> Path:
-    """One line per series against training tokens; `floor`: a horizontal line at the unigram perplexity."""
+def plot_lines(series: dict[str, list[tuple[float, float]]], styles: dict[str, dict], ylabel: str, path: Path,
+               floor: tuple[float, str] | None = None, title: str | None = None) -> Path:
+    """One line per series against training tokens, written atomically; `floor`: (value, label) drawn as a
+    horizontal dotted line (the unigram perplexity, or a frequency predictor's score)."""
     figure = Figure(figsize=(6.4, 4.0), dpi=100)
     axes = figure.add_subplot()
     for name, points in series.items():
-        axes.plot([tokens for tokens, _ in points], [value for _, value in points], label=name, **styles[name])
+        axes.plot([tokens for tokens, _ in points], [value for _, value in points], label=name, **styles.get(name, {}))
     if floor is not None:
-        axes.axhline(floor, color="0.4", linestyle=":", label=f"unigram floor {floor:.4g}")
-    axes.set(xlabel="training tokens", ylabel=ylabel, title=ylabel)
+        axes.axhline(floor[0], color="0.4", linestyle=":", label=floor[1])
+    axes.set(xlabel="training tokens", ylabel=ylabel, title=title or ylabel)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
     with atomic_path(path) as temp:
         figure.savefig(temp, format="png")
     return path
+
+
+def _unigram_floor(unigram_ppl: float | None) -> tuple[float, str] | None:
+    """The unigram perplexity as a plot's floor line."""
+    return None if unigram_ppl is None else (unigram_ppl, f"unigram floor {unigram_ppl:.4g}")
 
 
 def plot_curves(curves: list[BranchCurve], out_dir: str | Path, unigram_ppl: float | None = None) -> list[Path]:
@@ -568,12 +574,13 @@ def plot_curves(curves: list[BranchCurve], out_dir: str | Path, unigram_ppl: flo
         series = {curve.name: curve.values(metric) for curve in curves if curve.values(metric)}
         if series:
             file_name = metric.removeprefix(EVAL_PREFIX).replace("/", "__") + ".png"
-            floor = unigram_ppl if metric == VAL_PPL else None
-            paths.append(_plot(series, styles, metric, out_dir / file_name, floor))
+            floor = _unigram_floor(unigram_ppl) if metric == VAL_PPL else None
+            paths.append(plot_lines(series, styles, metric, out_dir / file_name, floor))
     training = {curve.name: curve.training_val_ppl for curve in curves if curve.training_val_ppl}
     if training:
         line_only = {name: dict(style, marker=None) for name, style in styles.items()}
-        paths.append(_plot(training, line_only, "val/ppl during training", out_dir / TRAINING_VAL_PPL_PLOT, unigram_ppl))
+        paths.append(plot_lines(training, line_only, "val/ppl during training", out_dir / TRAINING_VAL_PPL_PLOT,
+                                _unigram_floor(unigram_ppl)))
     return paths
 
 
