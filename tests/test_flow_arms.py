@@ -102,7 +102,10 @@ def test_the_concepts_step_caches_labels_per_selection_and_teacher_logits_once(a
                  f"labels (activation) of {samples} training samples cached",
                  f"teacher logits (tau1-top16) of {samples} training samples cached"):
         assert arms_run.output.count(line) == 1, line
-    assert len(list((arms_run.root / "artifacts" / "labels").iterdir())) == 2
+    # one label cache per selection, each with its small files (cards, validation labels) under a key of its own
+    caches = sorted(path.name for path in (arms_run.root / "artifacts" / "labels").iterdir())
+    assert len(caches) == 4 and [name for name in caches if name.endswith("-concepts")] == [
+        f"{name}-concepts" for name in caches if not name.endswith("-concepts")]
     assert len(list((arms_run.root / "artifacts" / "teacher_logits").iterdir())) == 1
 
 
