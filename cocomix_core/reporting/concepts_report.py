@@ -248,7 +248,8 @@ def overlap_plot(content: ConceptsContent, path: Path) -> Path | None:
     """eval/concept_topk_overlap by training tokens, one line per branch, the frequency predictor as a floor."""
     if not content.overlap:
         return None
-    from cocomix_core.reporting.report import plot_lines  # matplotlib loads only when there is a curve to draw
+    # matplotlib loads only when there is a curve to draw
+    from cocomix_core.reporting.report import plot_lines
 
     floor = None if content.floor is None else (content.floor, "frequency predictor")
     markers = {branch: {"marker": "o"} for branch in content.overlap}
