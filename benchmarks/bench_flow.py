@@ -30,6 +30,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cocomix_core.reporting.step_times import (
+    TaskTime,
+    own_library_seconds,
+    step_time_lines,
+    step_times,
+)
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 FLOW = PROJECT_ROOT / "flows" / "cocomix_flow.py"
 
@@ -45,8 +52,7 @@ def run_flow(root: Path, settings: str) -> None:
 
 def _library(task: Any, step: str) -> dict[str, float]:
     """The library seconds a task recorded in this step (`library_seconds`: {"<step>/<stage>": seconds})."""
-    recorded = task.data.library_seconds if "library_seconds" in task else {}
-    return {name.split("/", 1)[1]: seconds for name, seconds in recorded.items() if name.startswith(f"{step}/")}
+    return own_library_seconds(task.data.library_seconds if "library_seconds" in task else {}, step)
 
 
 def _branch_tokens(tasks: list[Any]) -> dict[str, int]:
@@ -62,31 +68,26 @@ def _branch_tokens(tasks: list[Any]) -> dict[str, int]:
 def step_table(run: Any) -> None:
     """Print per-step wall, task and library seconds of a run, the training share, each branch's tokens and the
     orchestration overhead."""
-    rows, task_total, library_total, library_critical = [], 0.0, 0.0, 0.0
-    training_tasks, all_tasks = [], []
-    steps = sorted(run.steps(), key=lambda step: min(task.created_at for task in step.tasks()))
-    for step in steps:
-        tasks = list(step.tasks())
-        all_tasks += tasks
-        durations = [(task.finished_at - task.created_at).total_seconds() for task in tasks]
-        library = [sum(_library(task, step.id).values()) for task in tasks]
-        training_tasks += [task for task in tasks if "train_branch" in _library(task, step.id)]
-        wall = (max(task.finished_at for task in tasks) - min(task.created_at for task in tasks)).total_seconds()
-        rows.append((step.id, len(tasks), wall, sum(durations), sum(library)))
-        task_total += sum(durations)
-        library_total += sum(library)
-        library_critical += max(library)
+    all_tasks = [task for step in run.steps() for task in step.tasks()]
+    timed = [TaskTime(task.parent.id, task.created_at, task.finished_at, _library(task, task.parent.id))
+             for task in all_tasks]
+    steps = step_times(timed)
+    task_total = sum(step.task_s for step in steps)
+    library_total = sum(step.library_s for step in steps)
+    # a foreach step counts with its slowest task on the critical path
+    library_critical = sum(max((sum(task.library.values()) for task in timed if task.step == step.step), default=0.0)
+                           for step in steps)
     flow_wall = (run.finished_at - run.created_at).total_seconds()
 
     print(f"\nrun {run.pathspec}: {flow_wall:.1f} s wall")
     print(f"{'step':<18}{'tasks':>6}{'wall s':>9}{'task s':>9}{'library s':>11}{'overhead':>10}")
-    for name, count, wall, task_seconds, library in rows:
-        share = 1 - library / task_seconds if task_seconds else 0.0
-        print(f"{name:<18}{count:>6}{wall:>9.1f}{task_seconds:>9.1f}{library:>11.1f}{share:>10.0%}")
-    if training_tasks:
-        training_wall = (max(task.finished_at for task in training_tasks)
-                         - min(task.created_at for task in training_tasks)).total_seconds()
-        training_task_s = sum((task.finished_at - task.created_at).total_seconds() for task in training_tasks)
+    for step in steps:
+        share = 1 - step.library_s / step.task_s if step.task_s else 0.0
+        print(f"{step.step:<18}{step.tasks:>6}{step.wall_s:>9.1f}{step.task_s:>9.1f}{step.library_s:>11.1f}{share:>10.0%}")
+    training = [task for task in timed if "train_branch" in task.library]
+    if training:
+        training_wall = (max(task.finished for task in training) - min(task.started for task in training)).total_seconds()
+        training_task_s = sum(task.seconds for task in training)
         print(f"\ntraining: {training_wall:.1f} s wall = {training_wall / flow_wall:.0%} of the run; "
               f"{training_task_s:.1f} task-seconds = {training_task_s / task_total:.0%} of all task-seconds")
     for branch, tokens in sorted(_branch_tokens(all_tasks).items()):
@@ -95,6 +96,7 @@ def step_table(run: Any) -> None:
           f"orchestration: {task_total - library_total:.1f} ({1 - library_total / task_total:.0%})")
     print(f"wall: {flow_wall:.1f} s, library on the critical path: {library_critical:.1f} s, "
           f"orchestration: {flow_wall - library_critical:.1f} s ({1 - library_critical / flow_wall:.0%})")
+    print("\n".join(["", *step_time_lines(steps, flow_wall)]))
 
 
 def main() -> None:

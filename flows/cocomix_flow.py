@@ -344,12 +344,13 @@ class CocomixFlow(FlowSpec):
         self.checkpoint = self.checkpoints[self.input]
         # Every checkpoint of every branch may be under evaluation at once on this machine.
         parallel = len(self.branches) * len(self.checkpoints)
-        with self._timed("evaluate_checkpoint"):
-            self.metrics, self.replicates = stages.evaluate_checkpoint_job(
-                settings, self._storage(), self.data, self.checkpoint, parallel)
-        with self._timed("concept_prediction"):
-            self.metrics |= stages.concept_prediction_job(settings, self._storage(), self.data, self.labels,
-                                                          Branch(**self.branch), self.checkpoint)
+        with self._memory_reserved(settings.compute.evaluate.memory_mb):
+            with self._timed("evaluate_checkpoint"):
+                self.metrics, self.replicates = stages.evaluate_checkpoint_job(
+                    settings, self._storage(), self.data, self.checkpoint, parallel)
+            with self._timed("concept_prediction"):
+                self.metrics |= stages.concept_prediction_job(settings, self._storage(), self.data, self.labels,
+                                                              Branch(**self.branch), self.checkpoint)
         name = self.branch["name"]
         self.model_id = stages.checkpoint_model_id(  # the checkpoint in MLflow's Models tab, its metrics linked
             settings, Branch(**self.branch), self.checkpoint, self.experiment_id, self.branch_run_ids[name],
@@ -432,6 +433,7 @@ class CocomixFlow(FlowSpec):
             print(f"registered the best final checkpoint as {version.name} version {version.version} ({version.source})")
         for run_id in (self.evaluation_run_id, self.parent_run_id):
             tracking.end_run(run_id, "FINISHED", self.tracking_uri)
+        print("\n".join(self._time_by_step()) + "\n")
         print(end_of_run.result_text(self.report_content, links))
 
     # ------------------------------------------------------------------ helpers
@@ -487,13 +489,13 @@ class CocomixFlow(FlowSpec):
         folder_key = stages.run_folder_key(self._origin_run_id(), branch.name)
         inputs = (self.data, self.teacher, self.sae, self.labels)
         if node.index > 0:
-            with self._timed("train_branch"):
+            with self._memory_reserved(settings.compute.train.memory_mb), self._timed("train_branch"):
                 print(stages.train_gang_worker(settings, self._storage(), branch, folder_key, *inputs,
                                                self.teacher_logits, node))
             return
         with tracking.active_run(self.branch_run_ids[branch.name], self.tracking_uri) as tracker:
             tracker.set_tags(self._tags())  # the branch's run now points at the task that trains it
-            with self._timed("train_branch"):
+            with self._memory_reserved(settings.compute.train.memory_mb), self._timed("train_branch"):
                 trained = stages.train_branch(settings, self._storage(), branch, folder_key, *inputs, tracker,
                                               teacher_logits=self.teacher_logits, node=node)
         print(trained.note)
@@ -522,6 +524,40 @@ class CocomixFlow(FlowSpec):
             tracking_uri=self.tracking_uri,
         ) as tracker:
             yield tracker
+
+    def _time_by_step(self) -> list[str]:
+        """Where this run's time went: every finished task's span (from Metaflow) and library seconds (`_timed`)."""
+        from metaflow import Run, namespace
+
+        from cocomix_core.reporting.step_times import (
+            TaskTime,
+            own_library_seconds,
+            step_time_lines,
+            step_times,
+        )
+
+        namespace(None)
+        tasks = []
+        for flow_step in Run(f"{current.flow_name}/{current.run_id}").steps():
+            for task in flow_step.tasks():
+                if task.finished_at is None or flow_step.id == current.step_name:
+                    continue
+                recorded = task.data.library_seconds if "library_seconds" in task else {}
+                own = own_library_seconds(recorded, flow_step.id)
+                tasks.append(TaskTime(flow_step.id, task.created_at, task.finished_at, own))
+        rows = step_times(tasks)
+        total = (max(task.finished for task in tasks) - rows[0].started).total_seconds() if rows else 0.0
+        return step_time_lines(rows, total)
+
+    def _memory_reserved(self, memory_mb: int) -> contextlib.AbstractContextManager[None]:
+        """Hold the step's declared memory on this machine (cocomix_core.plumbing.memory), saying so if it waits."""
+        from cocomix_core.plumbing.memory import memory_reserved
+
+        def say(held_mb: int, capacity_mb: int) -> None:
+            print(f"waiting for memory: the running tasks hold {held_mb:,} of {capacity_mb:,} MB and this one declares "
+                  f"{memory_mb:,} (compute.<step>.memory_mb)")
+
+        return memory_reserved(memory_mb, on_wait=say)
 
     @contextlib.contextmanager
     def _timed(self, name: str) -> Iterator[None]:

@@ -290,7 +290,9 @@ class StepResources(Strict):
     """Resources of one flow step, passed to @resources (and so to @kubernetes / @batch)."""
 
     cpus: PositiveInt = 1
-    memory_mb: PositiveInt = 4096
+    memory_mb: PositiveInt = Field(4096, description="memory per task (node): @resources on a cluster; on one "
+                                   "machine, training and evaluation tasks wait until their memory_mb fits "
+                                   "beside the running ones")
     gpus: int = Field(0, ge=0)
     retries: int = Field(2, ge=0, le=4, description="@retry times; a retried training step continues from its checkpoint")
 
