@@ -217,3 +217,11 @@ def test_checkpoints_are_logged_models_with_linked_metrics_and_the_best_final_on
     assert registered.description == "CoCoMix beats NTP" and registered.run_link == "http://ui/#/runs/x"
     loaded = AutoModelForCausalLM.from_pretrained(storage.materialize("runs/cocomix/step_000008"))
     assert loaded.config.model_type == "cocomix"
+
+    # A resumed `end` registers again: the same version comes back, and no second one is made.
+    again = tracking.register_best_checkpoint("cocomix-best", experiment, parent, "CoCoMix beats NTP",
+                                              run_link="http://ui/#/runs/x", tracking_uri=uri)
+    assert again.version == registered.version
+    assert [v.version for v in client.search_model_versions("name = 'cocomix-best'")] == [registered.version]
+    assert json.loads(client.get_logged_model(cocomix_final.model_id).tags["mlflow.modelVersions"]) == [
+        {"name": "cocomix-best", "version": registered.version}]
