@@ -595,6 +595,8 @@ def checkpoint_model(
     External: MLflow keeps only a stub MLmodel file; the weights stay at `checkpoint_uri` (tag
     `cocomix.checkpoint_uri`, and the source of a registered version). `tags` (branch, kind, seed, λ, step,
     tokens seen) are prefixed `cocomix.`. Created once: a retried task finds the model by its URI and run.
+    The model's artifact location is not `checkpoint_uri`: MLflow 3.17's stores set it to
+    `<experiment artifact location>/models/<new model id>/artifacts` and no API (client, REST, flavor) takes one.
     """
     from mlflow.entities import LoggedModelStatus
     from mlflow.models.utils import get_external_mlflow_model_spec
