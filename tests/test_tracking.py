@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from mlflow.entities import LoggedModel
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from cocomix_core.plumbing import tracking
@@ -230,7 +232,9 @@ def test_checkpoints_are_logged_models_with_linked_metrics_and_the_best_final_on
         {"name": "cocomix-best", "version": registered.version}]
 
 
-def check_the_weights_load_as_a_user_finds_them(uri: str, name: str, version, model, folder: Path) -> None:
+def check_the_weights_load_as_a_user_finds_them(
+    uri: str, name: str, version: ModelVersion, model: LoggedModel, folder: Path
+) -> None:
     """The registered version (`models:/<name>/<version>`) and the LoggedModel's `cocomix.checkpoint_uri` tag both
     lead to weights `from_pretrained` loads. The LoggedModel's own artifact location holds only MLflow's MLmodel
     stub: MLflow 3.17 places it under the experiment's artifact root and offers no way to point it elsewhere."""
