@@ -439,6 +439,47 @@ def test_require_lists_every_problem_in_one_error(inputs, good):
     assert [problem.setting for problem in info.value.problems] == ["sae.num_latents", "eval.tasks"]
 
 
+@pytest.fixture(scope="module")
+def answering_url() -> Iterator[str]:
+    """A local HTTP server that answers /health with 200, as an MLflow tracking server does."""
+    import http.server
+    import threading
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the handler's required name)
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("via", ["argument", "MLFLOW_TRACKING_URI"])
+def test_preflight_refuses_register_best_with_a_tracking_server_and_local_storage(via, good, answering_url, monkeypatch):
+    """A tracking server refuses a local path as a model version source: say so before any work, not in `end`."""
+    settings = load_settings("smoke", ["tracking.register_best=cocomix-best"])
+    if via == "MLFLOW_TRACKING_URI":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", answering_url)
+    uri = answering_url if via == "argument" else None
+    problems = pf.preflight(settings, storage_root=good["storage_root"], tracking_uri=uri, timeout_s=FAST_S)
+    assert [problem.setting for problem in problems] == ["tracking.register_best"], problems
+    for words in ("compute.storage_root", good["storage_root"], "MLFLOW_TRACKING_URI", answering_url,
+                  "expected an s3:// compute.storage_root, or no tracking.register_best"):
+        assert words in problems[0].message
+    assert "\n" not in str(problems[0])
+    # Each of the three alone is fine: no register_best, an S3 root, or a SQLite store.
+    assert pf.preflight(load_settings("smoke"), storage_root=good["storage_root"], tracking_uri=uri, timeout_s=FAST_S) == []
+    assert pf.check_registration(settings, "s3://bucket/prefix", answering_url) == []
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert pf.preflight(settings, **good, timeout_s=FAST_S) == []
+
+
 # ----- network-bound calls return within seconds -------------------------------------------------
 @pytest.mark.parametrize("which", ["silent", "refused"])
 def test_sae_download_fails_fast_naming_the_url(which, silent_url, refused_url, tmp_path):

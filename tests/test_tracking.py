@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from mlflow.entities import LoggedModel
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from cocomix_core.plumbing import tracking
@@ -165,7 +167,7 @@ def test_parallel_branches_lose_no_points_through_a_tracking_server(mlflow_serve
 
 @pytest.mark.parametrize("where", ["sqlite", "server"])
 def test_checkpoints_are_logged_models_with_linked_metrics_and_the_best_final_one_is_registered(
-    where: str, request: pytest.FixtureRequest, tmp_path: Path
+    where: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """Real checkpoints become external LoggedModels (no weights copied) in a SQLite store with local storage,
     and behind a real `mlflow server` with S3 storage (a server refuses local paths as model sources): searchable
@@ -217,3 +219,35 @@ def test_checkpoints_are_logged_models_with_linked_metrics_and_the_best_final_on
     assert registered.description == "CoCoMix beats NTP" and registered.run_link == "http://ui/#/runs/x"
     loaded = AutoModelForCausalLM.from_pretrained(storage.materialize("runs/cocomix/step_000008"))
     assert loaded.config.model_type == "cocomix"
+    # `models:/` URIs resolve in the default registry, as for a user (download_artifacts' registry_uri goes unused).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    check_the_weights_load_as_a_user_finds_them(uri, "cocomix-best", registered, cocomix_final, tmp_path / "user")
+
+    # A resumed `end` registers again: the same version comes back, and no second one is made.
+    again = tracking.register_best_checkpoint("cocomix-best", experiment, parent, "CoCoMix beats NTP",
+                                              run_link="http://ui/#/runs/x", tracking_uri=uri)
+    assert again.version == registered.version
+    assert [v.version for v in client.search_model_versions("name = 'cocomix-best'")] == [registered.version]
+    assert json.loads(client.get_logged_model(cocomix_final.model_id).tags["mlflow.modelVersions"]) == [
+        {"name": "cocomix-best", "version": registered.version}]
+
+
+def check_the_weights_load_as_a_user_finds_them(
+    uri: str, name: str, version: ModelVersion, model: LoggedModel, folder: Path
+) -> None:
+    """The registered version (`models:/<name>/<version>`) and the LoggedModel's `cocomix.checkpoint_uri` tag both
+    lead to weights `from_pretrained` loads. The LoggedModel's own artifact location holds only MLflow's MLmodel
+    stub: MLflow 3.17 places it under the experiment's artifact root and offers no way to point it elsewhere."""
+    import mlflow
+    from transformers import AutoModelForCausalLM
+
+    client = MlflowClient(uri)
+    registry = mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=str(folder / "registry"))
+    tagged = mlflow.artifacts.download_artifacts(model.tags[tracking.CHECKPOINT_URI_TAG], dst_path=str(folder / "tag"))
+    for path in (registry, tagged):
+        assert AutoModelForCausalLM.from_pretrained(path).config.model_type == "cocomix"
+    if "://" not in version.source:  # a local storage root: the source is the folder itself
+        assert AutoModelForCausalLM.from_pretrained(version.source).config.model_type == "cocomix"
+    stub = client.get_logged_model(model.model_id)
+    assert stub.artifact_location != version.source
+    assert [item.path for item in client.list_logged_model_artifacts(model.model_id)] == ["MLmodel"]

@@ -266,6 +266,22 @@ def check_tracking(tracking_uri: str | None, timeout_s: float = PROBE_TIMEOUT_S)
     return []
 
 
+def check_registration(settings: ExperimentSettings, storage_root: str, tracking_uri: str | None) -> list[Problem]:
+    """`tracking.register_best` can register: with a tracking server, only checkpoints in S3 can be version sources.
+
+    The version's source is the checkpoint's storage URI; an MLflow server refuses a local path as a source
+    (unless it lies in the LoggedModel's own artifact folder, which a checkpoint never does), so the run would
+    fail in its last step after all the training.
+    """
+    uri = tracking_uri or settings.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if not settings.tracking.register_best or not uri.startswith(("http://", "https://")) or storage_root.startswith("s3://"):
+        return []
+    return [Problem("tracking.register_best", (
+        f"{settings.tracking.register_best!r} needs checkpoints in S3: compute.storage_root {storage_root} is a local path, "
+        f"which the tracking server {uri} (tracking.mlflow_uri / MLFLOW_TRACKING_URI) refuses as a model version "
+        "source; expected an s3:// compute.storage_root, or no tracking.register_best"))]
+
+
 def check_storage_root(root: str, timeout_s: float = PROBE_TIMEOUT_S) -> list[Problem]:
     """The storage root accepts a write: one probe object written and deleted."""
     name = f".preflight-{uuid.uuid4().hex}"
@@ -335,6 +351,7 @@ def preflight(settings: ExperimentSettings, storage_root: str | None = None, tra
     problems += check_tracking(tracking_uri or settings.tracking.mlflow_uri, timeout_s)
     root = storage_root or settings.compute.storage_root or default_storage_root(None)
     problems += check_storage_root(root, timeout_s)
+    problems += check_registration(settings, root, tracking_uri)
     return problems
 
 

@@ -595,6 +595,8 @@ def checkpoint_model(
     External: MLflow keeps only a stub MLmodel file; the weights stay at `checkpoint_uri` (tag
     `cocomix.checkpoint_uri`, and the source of a registered version). `tags` (branch, kind, seed, λ, step,
     tokens seen) are prefixed `cocomix.`. Created once: a retried task finds the model by its URI and run.
+    The model's artifact location is not `checkpoint_uri`: MLflow 3.17's stores set it to
+    `<experiment artifact location>/models/<new model id>/artifacts` and no API (client, REST, flavor) takes one.
     """
     from mlflow.entities import LoggedModelStatus
     from mlflow.models.utils import get_external_mlflow_model_spec
@@ -631,9 +633,36 @@ def register_best_checkpoint(
     tracking_uri: str | None = None, metric: str = "eval/val_ppl",
 ) -> mlflow.entities.model_registry.ModelVersion:
     """Register the final checkpoint (the last step of its branch) with the lowest `metric` among the flow run's
-    branches as a new version of `registered_name`: its source is the checkpoint's storage URI, its run the
-    branch's, its description `description` (the verdict), its run link `run_link`."""
+    branches as a version of `registered_name`: its source is the checkpoint's storage URI, its run the branch's,
+    its description `description` (the verdict), its run link `run_link`.
+
+    Idempotent: when `registered_name` already has a version of that LoggedModel at that source (a resumed `end`,
+    a retried task), that version is returned and no second one is made.
+    """
     client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    best = best_final_checkpoint_model(experiment_id, parent_run_id, metric, tracking_uri)
+    source = best.tags[CHECKPOINT_URI_TAG]
+    version = registered_version_of(registered_name, best, source, tracking_uri)
+    if version is None:
+        with contextlib.suppress(mlflow.exceptions.MlflowException):  # it already exists: add a version
+            when_unlocked(lambda: client.create_registered_model(registered_name))
+        tags = {key: value for key, value in best.tags.items() if key.startswith(MODEL_TAG_PREFIX)}
+        version = when_unlocked(lambda: client.create_model_version(
+            registered_name, source=source, run_id=best.source_run_id, run_link=run_link, description=description,
+            model_id=best.model_id, tags=tags | {f"{MODEL_TAG_PREFIX}model_id": best.model_id}))
+    # The open-source registry does not keep the model id on the version; as mlflow.register_model does, the
+    # LoggedModel lists its versions, so the UI's model page links to the registry.
+    listed = json.loads(best.tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+    if not any((item["name"], str(item["version"])) == (version.name, str(version.version)) for item in listed):
+        tag = {MLFLOW_MODEL_VERSIONS: json.dumps(listed + [{"name": version.name, "version": version.version}])}
+        when_unlocked(lambda: client.set_logged_model_tags(best.model_id, tag))
+    return version
+
+
+def best_final_checkpoint_model(
+    experiment_id: str, parent_run_id: str, metric: str = "eval/val_ppl", tracking_uri: str | None = None
+) -> mlflow.entities.LoggedModel:
+    """Among the flow run's checkpoint models, the final one of each branch with the lowest `metric` logged against it."""
     models = find_checkpoint_models(experiment_id, {EXPERIMENT_RUN_TAG: parent_run_id}, tracking_uri)
     finals: dict[str, Any] = {}
     for model in models:
@@ -644,15 +673,16 @@ def register_best_checkpoint(
               if metric in (values := {point.key: point.value for point in model.metrics or []})]
     if not scored:
         raise TrackingError(f"no final checkpoint of run {parent_run_id} has {metric} logged against its model")
-    best = min(scored, key=lambda pair: pair[0])[1]
-    with contextlib.suppress(mlflow.exceptions.MlflowException):  # it already exists: add a version
-        when_unlocked(lambda: client.create_registered_model(registered_name))
-    tags = {key: value for key, value in best.tags.items() if key.startswith(MODEL_TAG_PREFIX)}
-    version = when_unlocked(lambda: client.create_model_version(
-        registered_name, source=best.tags[CHECKPOINT_URI_TAG], run_id=best.source_run_id, run_link=run_link,
-        description=description, model_id=best.model_id, tags=tags | {f"{MODEL_TAG_PREFIX}model_id": best.model_id}))
-    # The open-source registry does not keep the model id on the version; as mlflow.register_model does, the
-    # LoggedModel lists its versions, so the UI's model page links to the registry.
-    listed = json.loads(best.tags.get(MLFLOW_MODEL_VERSIONS, "[]")) + [{"name": version.name, "version": version.version}]
-    when_unlocked(lambda: client.set_logged_model_tags(best.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(listed)}))
-    return version
+    return min(scored, key=lambda pair: pair[0])[1]
+
+
+def registered_version_of(
+    registered_name: str, model: mlflow.entities.LoggedModel, source: str, tracking_uri: str | None = None
+) -> mlflow.entities.model_registry.ModelVersion | None:
+    """The oldest version of `registered_name` made from `model` (its run, its id) at `source`, else None."""
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    # By run id (hex, safe in a filter), not by name: a registered name may hold quotes MLflow's filter cannot escape.
+    found = when_unlocked(lambda: client.search_model_versions(f"run_id = '{model.source_run_id}'"))
+    matching = [version for version in found if (version.name, version.source) == (registered_name, source)
+                and version.tags.get(f"{MODEL_TAG_PREFIX}model_id") == model.model_id]
+    return min(matching, key=lambda version: int(version.version), default=None)
