@@ -488,14 +488,16 @@ class CocomixFlow(FlowSpec):
         self.node_index = node.index
         folder_key = stages.run_folder_key(self._origin_run_id(), branch.name)
         inputs = (self.data, self.teacher, self.sae, self.labels)
+        # A gang's nodes must all start to meet at the rendezvous, so they never wait their turn for memory.
+        memory = self._memory_reserved(settings.compute.train.memory_mb) if node.nodes == 1 else contextlib.nullcontext()
         if node.index > 0:
-            with self._memory_reserved(settings.compute.train.memory_mb), self._timed("train_branch"):
+            with self._timed("train_branch"):
                 print(stages.train_gang_worker(settings, self._storage(), branch, folder_key, *inputs,
                                                self.teacher_logits, node))
             return
         with tracking.active_run(self.branch_run_ids[branch.name], self.tracking_uri) as tracker:
             tracker.set_tags(self._tags())  # the branch's run now points at the task that trains it
-            with self._memory_reserved(settings.compute.train.memory_mb), self._timed("train_branch"):
+            with memory, self._timed("train_branch"):
                 trained = stages.train_branch(settings, self._storage(), branch, folder_key, *inputs, tracker,
                                               teacher_logits=self.teacher_logits, node=node)
         print(trained.note)

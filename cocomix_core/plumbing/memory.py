@@ -6,7 +6,8 @@ trainer. On a cluster the scheduler admits pods by `@resources(memory=...)`; her
 does the same for itself. It writes its declared megabytes to a ledger folder shared by the
 machine's tasks and waits while the live reservations and its own would exceed the machine's
 memory. One task is always admitted, so a declaration larger than the machine still runs (alone).
-Reservations of processes that died are dropped, so a killed task never blocks the others.
+Reservations of processes that died are dropped, so a killed task never blocks the others. The nodes of
+a gang do not take turns: each must start for the gang to meet at its rendezvous.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-DEFAULT_LEDGER = Path(tempfile.gettempdir()) / "cocomix-memory-ledger"
+# one per user: another user's ledger folder would not be writable
+DEFAULT_LEDGER = Path(tempfile.gettempdir()) / f"cocomix-memory-ledger-{os.getuid()}"
 
 
 def machine_memory_mb() -> int:
