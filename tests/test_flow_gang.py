@@ -4,13 +4,16 @@ Locally Metaflow runs a gang's nodes as processes of this machine (main node 127
 every node runs its `accelerate launch` part of one gloo process group. The trained weights
 must equal, bit for bit, one process taking the same global batches in 2 accumulation steps.
 
-A plain one-node flow with the same settings starts at the same moment, on the same new SQLite
-store and storage root (its own Metaflow datastore): the race of issue 14, where two flows
-creating a store at once killed one in alembic's migration. One pair of runs covers both.
+A plain one-node flow with the same settings but two seeds starts at the same moment, on the same
+new SQLite store and storage root (its own Metaflow datastore): the race of issue 14, where two
+flows creating a store at once killed one in alembic's migration. Its two seeds of each arm are
+also the flow-level check of several seeds as one estimate (the t-interval verdict; every arm kind
+is trained by tests/test_flow_arms.py, with one seed). One pair of runs covers all three.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -33,6 +36,7 @@ TWO_FLOWS_AT_ONCE_LIMIT_S = 900
 class TwoFlows:
     root: Path  # the gang flow's working folder and datastore; the store and storage root are beside it
     env: dict[str, str]  # the gang flow's environment
+    racer_env: dict[str, str]  # the two-seed flow's
     gang_output: str
     racer_output: str
     client: MlflowClient
@@ -40,7 +44,8 @@ class TwoFlows:
 
 @pytest.fixture(scope="module")
 def two_flows(tmp_path_factory: pytest.TempPathFactory) -> TwoFlows:
-    """The gang flow and a one-node flow with the same settings, started together on one fresh store and storage root.
+    """The gang flow and a one-node flow with the same settings and two seeds, started together on one fresh store
+    and storage root.
 
     The gang flow is given no storage root and no MLflow store: both default to beside the run's .metaflow
     (`root`, where flow_env puts Metaflow's local datastore), not beside the package the flow imports. The
@@ -56,7 +61,8 @@ def two_flows(tmp_path_factory: pytest.TempPathFactory) -> TwoFlows:
     racer_env = flow_env(root) | {"MLFLOW_TRACKING_URI": store, "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(racer_folder)}
     commands = [
         (["--set", "; ".join([*overrides, "compute.train.nodes=2"])], gang_env, root),
-        (["--set", "; ".join([*overrides, f"compute.storage_root={root / 'artifacts'}"])], racer_env, racer_folder),
+        (["--set", "; ".join([*overrides, "sweep.seeds=[0, 1]", f"compute.storage_root={root / 'artifacts'}"])],
+         racer_env, racer_folder),
     ]
     flows = [subprocess.Popen([sys.executable, str(FLOW), "run", "--settings", "smoke", *args], env=env, cwd=cwd,
                               text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -66,7 +72,7 @@ def two_flows(tmp_path_factory: pytest.TempPathFactory) -> TwoFlows:
         output, _ = flow.communicate(timeout=TWO_FLOWS_AT_ONCE_LIMIT_S)
         assert flow.returncode == 0, output[-5000:]
         outputs.append(output)
-    return TwoFlows(root, gang_env, outputs[0], outputs[1], MlflowClient(store))
+    return TwoFlows(root, gang_env, racer_env, outputs[0], outputs[1], MlflowClient(store))
 
 
 def test_two_node_gangs_train_like_one_process_with_two_accumulation_steps(two_flows: TwoFlows):
@@ -119,9 +125,34 @@ def test_two_flows_started_together_on_one_fresh_store_both_finish(two_flows: Tw
     parents = [run for run in runs if run.info.run_name.startswith("CocomixFlow/")]
     assert len(parents) == 2 and all(run.info.status == "FINISHED" for run in runs)
     branch_runs = [run for run in runs if run.info.run_name.startswith("train/")]
-    assert len(branch_runs) == 4
+    assert len(branch_runs) == 2 + 4  # the gang flow's two arms, the other's two arms × two seeds
     for run in branch_runs:
         steps = [point.step for point in client.get_metric_history(run.info.run_id, "eval/val_ppl")]
         assert steps == [4], run.info.run_name
         losses = [point.step for point in client.get_metric_history(run.info.run_id, "train/loss")]
         assert losses and len(losses) == len(set(losses)), run.info.run_name
+
+
+def test_two_seeds_of_an_arm_are_one_estimate_with_a_t_interval_verdict(two_flows: TwoFlows):
+    """Each seed trains a branch of its own (with its bootstrap intervals); the verdict takes the seeds of an arm as
+    one estimate: mean and t-interval, from the t-interval of the per-seed paired differences."""
+    client = two_flows.client
+    racer_run = metaflow_query("print(json.dumps(Flow('CocomixFlow').latest_run.id))", two_flows.racer_env)
+    runs = [run for run in client.search_runs([client.get_experiment_by_name("cocomix-flow").experiment_id])
+            if run.data.tags["metaflow.run_id"] == racer_run]
+    for arm in ARMS:
+        for seed in (0, 1):
+            (run,) = [run for run in runs if run.info.run_name == f"train/{arm}-s{seed}"]
+            assert run.data.params["branch.seed"] == str(seed) and run.data.params["arm.kind"] == arm
+            values = {metric: [(point.step, point.value) for point in client.get_metric_history(run.info.run_id, metric)]
+                      for metric in ("eval/val_ppl", "eval/val_ppl_lo", "eval/val_ppl_hi")}
+            (low,), (value,), (high,) = (values[f"eval/val_ppl{end}"] for end in ("_lo", "", "_hi"))
+            assert low[0] == value[0] == high[0] == 4 and low[1] < high[1], (arm, seed)
+            assert low[1] <= value[1] <= high[1], (arm, seed)
+    (parent,) = [run for run in runs if run.info.run_name.startswith("CocomixFlow/")]
+    content = json.loads(Path(client.download_artifacts(parent.info.run_id, "report/report.json")).read_text())
+    assert sorted(row["branch"] for row in content["table"]) == sorted(f"{arm}-s{seed}" for arm in ARMS for seed in (0, 1))
+    (line,) = [line for line in content["verdict"] if line.startswith("cocomix vs ntp:")]
+    assert "(2 seeds: mean, t-interval)" in line and "(paired t)" in line and "training FLOPs/token" in line, line
+    (row,) = content["verdicts"]
+    assert (row["arm"], row["reference"], row["seeds"]) == ("cocomix", "ntp", 2)
