@@ -491,7 +491,7 @@ def test_sae_download_fails_fast_naming_the_url(which, silent_url, refused_url, 
     assert not list(tmp_path.rglob("*.pt"))
 
 
-# ----- two flows on one fresh store ---------------------------------------------------------------
+# ----- two processes on one fresh store (two whole flows at once: tests/test_flow_gang.py) --------
 RACER = """
 import sys, time
 from pathlib import Path
@@ -580,50 +580,3 @@ def test_the_flow_stops_in_start_naming_every_culprit(inputs, flow_with_every_pr
         assert any(all(word in line for word in words(inputs)) for line in lines), (problem, result.stdout[-3000:])
     assert "/start/1" in result.stdout and "/prepare/" not in result.stdout  # it stopped in start: nothing else ran
     assert seconds < FLOW_PROBE_LIMIT_S, f"took {seconds:.0f} s"
-
-
-TWO_FLOWS_AT_ONCE_LIMIT_S = 900
-
-
-@pytest.mark.slow
-def test_two_flows_started_together_on_one_fresh_store_both_finish(tmp_path):
-    """Two smoke flows on one new SQLite store and storage root: both finish, nothing lands in "Default",
-    every branch run has each checkpoint's metric once (issue 14: one died in alembic's migration)."""
-    from mlflow.tracking import MlflowClient
-    from test_flow import FLOW, flow_env
-
-    env = flow_env(tmp_path)
-    # One checkpoint per branch and no lm-eval task keep it short; the race is at the store's creation.
-    settings = (f"compute.storage_root={tmp_path / 'artifacts'}; train.steps=4; train.checkpoint_every=4; "
-                "train.eval_every=4; eval.tasks=[]")
-    flows = []
-    for index in range(2):  # each its own Metaflow datastore (working folder), one store and storage root
-        folder = tmp_path / f"flow{index}"
-        folder.mkdir()
-        flows.append(subprocess.Popen(
-            [sys.executable, str(FLOW), "run", "--settings", "smoke", "--set", settings],
-            env=env | {"METAFLOW_DATASTORE_SYSROOT_LOCAL": str(folder)}, cwd=folder, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    said = ""
-    for flow in flows:
-        output, _ = flow.communicate(timeout=TWO_FLOWS_AT_ONCE_LIMIT_S)
-        assert flow.returncode == 0, output[-5000:]
-        said += output
-    # One storage root: each cached product is built by one flow and reused by the other, which says so.
-    for built, reused in (("SAE fitted at", "SAE already fitted at"),
-                          ("labels (attribution) of", "labels (attribution) already cached at")):
-        assert (said.count(built), said.count(reused)) == (1, 1), (built, said[-5000:])
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    experiments = {experiment.name: experiment.experiment_id for experiment in client.search_experiments()}
-    if "Default" in experiments:
-        assert client.search_runs([experiments["Default"]]) == []
-    runs = client.search_runs([experiments["cocomix-flow"]])
-    parents = [run for run in runs if run.info.run_name.startswith("CocomixFlow/")]
-    assert len(parents) == 2 and all(run.info.status == "FINISHED" for run in runs)
-    branch_runs = [run for run in runs if run.info.run_name.startswith("train/")]
-    assert len(branch_runs) == 4
-    for run in branch_runs:
-        steps = [point.step for point in client.get_metric_history(run.info.run_id, "eval/val_ppl")]
-        assert steps == [4], run.info.run_name
-        losses = [point.step for point in client.get_metric_history(run.info.run_id, "train/loss")]
-        assert losses and len(losses) == len(set(losses)), run.info.run_name

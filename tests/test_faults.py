@@ -319,9 +319,10 @@ def test_ctrl_c_during_training_then_resume_leaves_honest_runs_and_no_temp_folde
     from test_flow import FLOW, flow_env, run_flow, tail
 
     env = flow_env(tmp_path)
+    # eval.tasks=[]: the checks read validation perplexity only, so no evaluate task pays lm-eval's import.
     flow = subprocess.Popen(
         [sys.executable, str(FLOW), "run", "--settings", "smoke", "--set",
-         f"compute.storage_root={tmp_path / 'artifacts'}; train.steps=40; train.checkpoint_every=20"],
+         f"compute.storage_root={tmp_path / 'artifacts'}; train.steps=40; train.checkpoint_every=20; eval.tasks=[]"],
         env=env, cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     seen, deadline = [], time.monotonic() + INTERRUPT_LIMIT_S
     for line in flow.stdout:  # a training progress line: the branch is between its steps

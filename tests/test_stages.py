@@ -439,6 +439,7 @@ def test_a_pretrained_teacher_with_its_own_tokenizer_runs_every_stage(tmp_path: 
         stages.obtain_teacher(mismatched, storage, mismatched_data, tracker)
 
 
+@pytest.mark.slow  # de-quantizes the packaged SmolLM2 GGUF (the session's one read): tens of seconds on 2 cores
 def test_the_cpu_presets_gguf_teacher_is_converted_once_into_storage_and_tokenizes_the_data(tmp_path, monkeypatch,
                                                                                              capsys, smollm2_gguf):
     from cocomix_core.concepts import teachers

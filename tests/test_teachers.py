@@ -165,6 +165,7 @@ def smollm2(tmp_path_factory, smollm2_gguf):
 PROBE = torch.tensor([[1, 504, 2643, 282, 260, 8008, 314, 1876, 30, 2]])
 
 
+@pytest.mark.slow  # the session's one read of the packaged SmolLM2 GGUF: tens of seconds on 2 cores
 def test_converted_smollm2_reloads_to_identical_logits_without_converting_again(smollm2, monkeypatch):
     folder, gguf_logits = smollm2
     monkeypatch.setattr(teachers, "_load_gguf", lambda path: pytest.fail("converted again"))
@@ -176,6 +177,7 @@ def test_converted_smollm2_reloads_to_identical_logits_without_converting_again(
     assert (config.model_type, config.num_hidden_layers, config.hidden_size, config.vocab_size) == ("llama", 30, 576, 49152)
 
 
+@pytest.mark.slow  # the session's one read of the packaged SmolLM2 GGUF: tens of seconds on 2 cores
 def test_smollm2_is_a_trained_model_on_held_out_sotu_text(smollm2):
     folder, _ = smollm2
     tokenizer = load_tokenizer("teacher", folder)

@@ -165,7 +165,8 @@ def test_parallel_branches_lose_no_points_through_a_tracking_server(mlflow_serve
     assert sorted(p.name for p in mlflow_server.artifacts.rglob("*.txt")) == sorted(f"{b}.txt" for b in branches)
 
 
-@pytest.mark.parametrize("where", ["sqlite", "server"])
+# The server case is slow: starting the session's `mlflow server` (and stopping it) is most of its time.
+@pytest.mark.parametrize("where", ["sqlite", pytest.param("server", marks=pytest.mark.slow)])
 def test_checkpoints_are_logged_models_with_linked_metrics_and_the_best_final_one_is_registered(
     where: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
