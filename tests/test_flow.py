@@ -8,6 +8,7 @@ finishes the run. So one ~2-minute run covers the lineage, the retry and the res
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import re
@@ -443,6 +444,22 @@ def test_the_end_step_prints_the_verdict_and_links_to_runs_that_exist(smoke: Exp
     experiment, parent = re.search(r"#/experiments/(\w+)/runs/(\w+)", text).groups()
     assert parent == smoke.parent.info.run_id and experiment == smoke.parent.info.experiment_id
 
+
+
+@pytest.mark.slow
+def test_the_end_step_prints_where_the_time_went_by_step(smoke: Experiment):
+    end_lines = [match.group(4) for match in map(_TASK_LINE.search, smoke.resumed.stdout.splitlines())
+                 if match and match.group(2) == "end"]
+    start = next(index for index, line in enumerate(end_lines) if line.startswith("Where the time went"))
+    rows = {}  # Metaflow's log strips the indentation: the table ends at the first empty line
+    for line in itertools.takewhile(str.strip, end_lines[start + 1:]):
+        rows[line.split()[0]] = line
+    # every step before `end` has its row, those that call the library with the calls they made
+    assert {"start", "prepare", "concepts", "train", "train_one_node", "evaluate", "report"} <= set(rows), rows
+    assert "end" not in rows
+    assert "prepare_data" in rows["prepare"] and "fit_sae" in rows["concepts"] and "build_labels" in rows["concepts"]
+    assert re.search(rf"{len(ARMS)} tasks, .* of task time; inside the library: train_branch", rows["train_one_node"])
+    assert "evaluate_checkpoint" in rows["evaluate"] and "write_report" in rows["report"]
 
 @pytest.mark.slow
 def test_the_best_final_checkpoint_is_registered_at_its_uri_with_the_verdict(smoke: Experiment):
