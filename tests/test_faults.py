@@ -41,6 +41,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 OVERRIDES = ["train.steps=8", "train.log_every=1", "train.eval_every=3", "train.checkpoint_every=4"]
 
 
+def answer_ctrl_c() -> None:
+    """In a child process: Ctrl-C raises KeyboardInterrupt, as in a terminal. A shell that starts pytest in the
+    background (`pytest &` without job control) leaves SIGINT ignored, and children inherit that."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def ntp_job(overrides: list[str] = OVERRIDES):
     settings = load_settings("smoke", overrides)
     return job_for_branch(settings, next(b for b in training_branches(settings) if b.name == "ntp"))
@@ -150,7 +156,8 @@ def test_ctrl_c_during_a_save_then_resume_logs_each_point_once(smoke_data, tmp_p
     args += [item for override in OVERRIDES for item in ("--set", override)]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), MLFLOW_TRACKING_URI=store, OUT=str(out))
 
-    interrupted = subprocess.Popen(args, env=env | {"HANG_AT": "8"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    interrupted = subprocess.Popen(args, env=env | {"HANG_AT": "8"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   preexec_fn=answer_ctrl_c)
     deadline = time.monotonic() + 300
     while not (out / "hanging").exists():
         assert interrupted.poll() is None, interrupted.stderr.read().decode()[-3000:]
@@ -323,7 +330,8 @@ def test_ctrl_c_during_training_then_resume_leaves_honest_runs_and_no_temp_folde
     flow = subprocess.Popen(
         [sys.executable, str(FLOW), "run", "--settings", "smoke", "--set",
          f"compute.storage_root={tmp_path / 'artifacts'}; train.steps=40; train.checkpoint_every=20; eval.tasks=[]"],
-        env=env, cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        env=env, cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        preexec_fn=answer_ctrl_c)
     seen, deadline = [], time.monotonic() + INTERRUPT_LIMIT_S
     for line in flow.stdout:  # a training progress line: the branch is between its steps
         seen.append(line)

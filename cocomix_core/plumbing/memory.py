@@ -15,13 +15,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-# one per user: another user's ledger folder would not be writable
-DEFAULT_LEDGER = Path(tempfile.gettempdir()) / f"cocomix-memory-ledger-{os.getuid()}"
+# One per machine and user (another user's folder would not be writable), at a fixed place rather than under
+# $TMPDIR: runs with private temp folders share the machine's memory all the same.
+DEFAULT_LEDGER = Path("/tmp") / f"cocomix-memory-ledger-{os.getuid()}"
 
 
 def machine_memory_mb() -> int:
