@@ -20,6 +20,26 @@ from cocomix_core.data.corpus import prepare_corpus
 from settings import load_settings
 
 
+# ----- running on several workers (pytest-xdist, `--dist loadgroup` in pyproject.toml) ------------
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the group marks into scheduling groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Keep the tests of a module-scoped fixture on one worker, and queue the slow ones first.
+
+    A module-scoped fixture (a whole flow run, say) is built once per worker that runs one of its tests, so its
+    tests form one xdist group. Slow tests go to the front of the queue (order is otherwise kept): the
+    longest work starts first and the quick tests fill the other worker's gaps, instead of one worker
+    starting a two-minute flow run when everything else is done.
+    """
+    for item in items:
+        definitions = getattr(item, "_fixtureinfo", None)
+        module_scoped = definitions and any(
+            fixture.scope == "module" for name in definitions.names_closure
+            for fixture in definitions.name2fixturedefs.get(name, ()))
+        if module_scoped:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def smoke_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The smoke preset's real prepared corpus, shared by the training tests."""
