@@ -184,6 +184,12 @@ def smoke_label_cache(smoke_data: Path, tmp_path_factory: pytest.TempPathFactory
     return build_smoke_labels(smoke_data, 4 * 4, tmp_path_factory.mktemp("labels"))
 
 
+def answer_ctrl_c() -> None:
+    """In a child process: Ctrl-C raises KeyboardInterrupt, as in a terminal. A shell that starts pytest in the
+    background (`pytest &` without job control) leaves SIGINT ignored, and children inherit that."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as probe:

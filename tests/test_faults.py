@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import answer_ctrl_c
 from mlflow.tracking import MlflowClient
 
 from cocomix_core.model.build import job_for_branch
@@ -39,12 +40,6 @@ from settings import load_settings, training_branches
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OVERRIDES = ["train.steps=8", "train.log_every=1", "train.eval_every=3", "train.checkpoint_every=4"]
-
-
-def answer_ctrl_c() -> None:
-    """In a child process: Ctrl-C raises KeyboardInterrupt, as in a terminal. A shell that starts pytest in the
-    background (`pytest &` without job control) leaves SIGINT ignored, and children inherit that."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def ntp_job(overrides: list[str] = OVERRIDES):
@@ -312,52 +307,3 @@ def test_a_start_that_fails_after_creating_its_runs_ends_them_failed(tmp_path):
     assert sorted(run.info.run_name.split("/")[0] for run in runs) == sorted(
         ["CocomixFlow", "train", "train", "evaluation"])
     assert {run.info.status for run in runs} == {"FAILED"}, {run.info.run_name: run.info.status for run in runs}
-
-
-# ----- the flow: Ctrl-C during training, then resume ---------------------------------------------
-INTERRUPT_LIMIT_S = 600
-
-
-@pytest.mark.slow
-def test_ctrl_c_during_training_then_resume_leaves_honest_runs_and_no_temp_folders(tmp_path):
-    """SIGINT to the flow's process group while a branch trains (as Ctrl-C does): no MLflow run stays RUNNING
-    (the parent and evaluation end KILLED); `resume` finishes with one point per step of every branch metric,
-    every run FINISHED, and no cocomix-* folder left in the run's private TMPDIR."""
-    from test_flow import FLOW, flow_env, run_flow, tail
-
-    env = flow_env(tmp_path)
-    # eval.tasks=[]: the checks read validation perplexity only, so no evaluate task pays lm-eval's import.
-    flow = subprocess.Popen(
-        [sys.executable, str(FLOW), "run", "--settings", "smoke", "--set",
-         f"compute.storage_root={tmp_path / 'artifacts'}; train.steps=40; train.checkpoint_every=20; eval.tasks=[]"],
-        env=env, cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-        preexec_fn=answer_ctrl_c)
-    seen, deadline = [], time.monotonic() + INTERRUPT_LIMIT_S
-    for line in flow.stdout:  # a training progress line: the branch is between its steps
-        seen.append(line)
-        if "/train_one_node/" in line and re.search(r"\] step \d+/\d+", line) or time.monotonic() > deadline:
-            break
-    os.killpg(flow.pid, signal.SIGINT)
-    seen.append(flow.communicate(timeout=120)[0])
-    assert flow.returncode != 0, "".join(seen)[-3000:]
-    assert "/train_one_node/" in "".join(seen) and "Workflow interrupted" in "".join(seen), "".join(seen)[-3000:]
-
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    experiment = client.get_experiment_by_name("cocomix-flow").experiment_id
-    statuses = {run.info.run_name: run.info.status for run in client.search_runs([experiment])}
-    assert "RUNNING" not in statuses.values(), statuses
-    parent_name = next(name for name in statuses if name.startswith("CocomixFlow/"))
-    assert statuses[parent_name] == statuses["evaluation"] == "KILLED", statuses
-
-    resumed = run_flow(["resume"], env, cwd=tmp_path)
-    assert resumed.returncode == 0, tail(resumed)
-    runs = client.search_runs([experiment])
-    assert {run.info.status for run in runs} == {"FINISHED"}, {run.info.run_name: run.info.status for run in runs}
-    branch_runs = [run for run in runs if run.info.run_name.startswith("train/")]
-    assert len(branch_runs) == 2
-    for run in branch_runs:
-        for metric in run.data.metrics:
-            steps = Counter(point.step for point in client.get_metric_history(run.info.run_id, metric))
-            assert set(steps.values()) == {1}, (run.info.run_name, metric, steps)
-        assert sorted(point.step for point in client.get_metric_history(run.info.run_id, "eval/val_ppl")) == [20, 40]
-    assert not list((tmp_path / "tmp").glob("cocomix-*/")), list((tmp_path / "tmp").iterdir())

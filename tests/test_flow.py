@@ -12,8 +12,10 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import urllib.parse
 from collections import Counter
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import answer_ctrl_c
 from mlflow.tracking import MlflowClient
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -111,7 +114,7 @@ class Experiment:
     resumed: subprocess.CompletedProcess | None
     client: MlflowClient
     runs: list[Any]  # every MLflow run of the experiment
-    steps: tuple[int, ...] = (4, 8, 12)  # the checkpoints of each branch
+    steps: tuple[int, ...]  # the checkpoints of each branch
 
     def read_stored(self, uri: str) -> bytes:
         """A file the flow stored: a local path, or an object of the test's S3 server."""
@@ -137,21 +140,36 @@ class Experiment:
         return parent
 
 
-def run_smoke(root: Path, env: dict[str, str], experiment_name: str = "cocomix-flow", resume: bool = True,
-              first_args: tuple[str, ...] = (), overrides: str = "", steps: tuple[int, ...] = (4, 8, 12)) -> Experiment:
-    """The smoke experiment in `root`, logging where env's MLFLOW_TRACKING_URI says; resumed when `resume`.
+def run_smoke(root: Path, env: dict[str, str], overrides: str) -> Experiment:
+    """The smoke experiment in `root` (storage under it), logging where env's MLFLOW_TRACKING_URI says, then resumed."""
+    overrides = f"compute.storage_root={root / 'artifacts'}; tracking.experiment_name=cocomix-flow; {overrides}"
+    first = run_flow(["run", "--settings", "smoke", "--set", overrides], env, cwd=root)
+    resumed = run_flow(["resume"], env, cwd=root)
+    assert resumed.returncode == 0, tail(resumed)
+    return read_experiment(root, env, "cocomix-flow", first, resumed, steps=(4, 8, 12))
 
-    `first_args` go before `run` (`--datastore s3`: storage then defaults to beside the datastore, else it is
-    under `root`); `overrides` (a 4-step run, say) after the experiment's name; `steps`: the checkpoints.
-    """
-    storage = "" if "s3" in first_args else f"compute.storage_root={root / 'artifacts'}; "
-    overrides = f"{storage}tracking.experiment_name={experiment_name}; {overrides}"
-    first = run_flow([*first_args, "run", "--settings", "smoke", "--set", overrides], env, cwd=root)
-    resumed = run_flow(["resume"], env, cwd=root) if resume else None
-    assert (resumed or first).returncode == 0, tail(resumed or first)
+
+def read_experiment(root: Path, env: dict[str, str], experiment_name: str, first: subprocess.CompletedProcess,
+                    resumed: subprocess.CompletedProcess | None, steps: tuple[int, ...]) -> Experiment:
+    """The experiment's runs as its tracking store holds them now."""
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name(experiment_name)
     return Experiment(root, env, first, resumed, client, client.search_runs([experiment.experiment_id]), steps)
+
+
+def run_interrupted(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    """`python flows/cocomix_flow.py ARGS`, given Ctrl-C (SIGINT to its process group, as a terminal sends it) as
+    soon as a branch reports a training step; everything it printed."""
+    flow = subprocess.Popen([sys.executable, str(FLOW), *args], env=env, cwd=cwd, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=answer_ctrl_c)
+    seen, deadline = [], time.monotonic() + FLOW_TIMEOUT_S
+    for line in flow.stdout:  # a training progress line: the branch is between its steps
+        seen.append(line)
+        if "/train_one_node/" in line and re.search(r"\] step \d+/\d+", line) or time.monotonic() > deadline:
+            break
+    os.killpg(flow.pid, signal.SIGINT)
+    seen.append(flow.communicate(timeout=120)[0])
+    return subprocess.CompletedProcess(flow.args, flow.returncode, "".join(seen), "")
 
 
 @pytest.fixture(scope="module")
@@ -478,22 +496,42 @@ def test_the_best_final_checkpoint_is_registered_at_its_uri_with_the_verdict(smo
 
 
 @pytest.mark.slow
-def test_the_flow_on_object_storage_and_a_tracking_server_passes_the_same_lineage_checks(
+def test_ctrl_c_on_object_storage_and_a_tracking_server_then_resume_passes_the_same_lineage_checks(
     tmp_path, s3_server, mlflow_server
 ):
     """A cluster's run: Metaflow's datastore and every large folder in S3 (steps share no filesystem), MLflow
-    behind `http://…`. Both branches log at once through the server, a training task fails once and @retry
-    continues it; nothing lands in "Default", every point is there once, and the checks above all hold."""
-    prefix = "flow-s3"
+    behind `http://…`, both branches logging at once through the server; Ctrl-C while a branch trains.
+
+    No MLflow run stays RUNNING (the parent and evaluation end KILLED); `resume` finishes with every run FINISHED,
+    one point per step of every branch metric, nothing in "Default", no cocomix-* folder left in the run's
+    private TMPDIR, and the checks above all hold.
+    """
+    prefix, name = "flow-s3", "cocomix-flow-served"
     env = flow_env(tmp_path, **s3_server.env, METAFLOW_DATASTORE_SYSROOT_S3=f"s3://{s3_server.bucket}/{prefix}",
-                   MLFLOW_TRACKING_URI=mlflow_server.url, COCOMIX_FAIL_ONCE="train_one_node")
-    # One checkpoint per arm keeps this run short; the shape of the work is the same.
-    short = "train.steps=4; train.checkpoint_every=4; train.eval_every=4"
-    served = run_smoke(tmp_path, env, experiment_name="cocomix-flow-served", resume=False,
-                       first_args=("--datastore", "s3"), overrides=short, steps=(4,))
+                   MLFLOW_TRACKING_URI=mlflow_server.url)
+    # 40 steps: the branches still train when the first progress line comes. One checkpoint per arm keeps the
+    # evaluation short; the shape of the work is the same.
+    overrides = f"tracking.experiment_name={name}; train.steps=40; train.checkpoint_every=40; train.eval_every=40"
+    first = run_interrupted(["--datastore", "s3", "run", "--settings", "smoke", "--set", overrides], env, tmp_path)
+    assert first.returncode != 0, tail(first)
+    assert "/train_one_node/" in first.stdout and "Workflow interrupted" in first.stdout, tail(first)
+    statuses = {run.info.run_name: run.info.status for run in read_experiment(tmp_path, env, name, first, None, ()).runs}
+    assert "RUNNING" not in statuses.values(), statuses
+    parent_name = next(run_name for run_name in statuses if run_name.startswith("CocomixFlow/"))
+    assert statuses[parent_name] == statuses["evaluation"] == "KILLED", statuses
+
+    resumed = run_flow(["--datastore", "s3", "resume"], env, cwd=tmp_path)
+    assert resumed.returncode == 0, tail(resumed)
+    served = read_experiment(tmp_path, env, name, first, resumed, steps=(40,))
     check_lineage(served)
+    for run in served.runs:
+        if run.info.run_name.startswith("train/"):
+            for metric in run.data.metrics:
+                steps = Counter(point.step for point in served.client.get_metric_history(run.info.run_id, metric))
+                assert set(steps.values()) == {1}, (run.info.run_name, metric, steps)
     default = served.client.get_experiment_by_name("Default")
     assert default is None or served.client.search_runs([default.experiment_id]) == []
+    assert not list((tmp_path / "tmp").glob("cocomix-*/")), list((tmp_path / "tmp").iterdir())
 
     s3 = s3_server.client()
     keys = [item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_server.bucket, Prefix=prefix)
@@ -502,7 +540,7 @@ def test_the_flow_on_object_storage_and_a_tracking_server_passes_the_same_lineag
     for kind in ("data", "teacher", "sae", "labels"):
         assert any(key.startswith(f"{kind}/") and key.endswith("/_COMPLETE") for key in stored), kind
     for arm in ARMS:
-        assert any(f"/{arm}/checkpoints/step_000004/model.safetensors" in key for key in stored), arm
+        assert any(f"/{arm}/checkpoints/step_000040/model.safetensors" in key for key in stored), arm
     assert not (tmp_path / "artifacts").exists(), "a large folder was written to the local disk's storage root"
     for arm in ARMS:
         run_id = served.named(f"train/{arm}")[0].info.run_id
