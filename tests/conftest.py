@@ -19,25 +19,34 @@ import pytest
 from cocomix_core.data.corpus import prepare_corpus
 from settings import load_settings
 
-
 # ----- running on several workers (pytest-xdist, `--dist loadgroup` in pyproject.toml) ------------
+FLOW_RUNS_GROUP = "flow_runs"  # the modules whose fixtures are whole flow runs mark themselves with it
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the group marks into scheduling groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Keep the tests of a module-scoped fixture on one worker, and queue the slow ones first.
 
-    A module-scoped fixture (a whole flow run, say) is built once per worker that runs one of its tests, so its
-    tests form one xdist group. Slow tests go to the front of the queue (order is otherwise kept): the
-    longest work starts first and the quick tests fill the other worker's gaps, instead of one worker
-    starting a two-minute flow run when everything else is done.
+    A module-scoped fixture is built once per worker that runs one of its tests, so its tests form one xdist
+    group. The flow-run modules share one group: one worker runs those flows one after another while the other
+    takes the remaining tests (two flow runs at once crowd two cores and both slow down). Slow tests go to the
+    front of the queue, order otherwise kept: the longest work starts first and quick tests fill the gaps.
     """
     for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
         definitions = getattr(item, "_fixtureinfo", None)
         module_scoped = definitions and any(
             fixture.scope == "module" for name in definitions.names_closure
             for fixture in definitions.name2fixturedefs.get(name, ()))
         if module_scoped:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, not _in_group(item, FLOW_RUNS_GROUP)))
+
+
+def _in_group(item: pytest.Item, group: str) -> bool:
+    marker = item.get_closest_marker("xdist_group")
+    return marker is not None and group in (*marker.args, marker.kwargs.get("name"))
 
 
 @pytest.fixture(scope="session")

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import answer_ctrl_c
+from conftest import FLOW_RUNS_GROUP, answer_ctrl_c
 from mlflow.tracking import MlflowClient
 
+pytestmark = pytest.mark.xdist_group(FLOW_RUNS_GROUP)  # one worker runs the flow-run modules in turn
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 FLOW = PROJECT_ROOT / "flows" / "cocomix_flow.py"
 FLOW_TIMEOUT_S = 600

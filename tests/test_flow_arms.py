@@ -17,11 +17,13 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import FLOW_RUNS_GROUP
 from mlflow.tracking import MlflowClient
 from test_flow import flow_env, run_flow, tail
 
 from settings import load_settings, training_branches
 
+pytestmark = pytest.mark.xdist_group(FLOW_RUNS_GROUP)  # one worker runs the flow-run modules in turn
 STEPS = 4
 TRUNK = {"width": 32, "depth": 2, "heads": 2}
 COCOMIX = {"kind": "cocomix", "model": TRUNK, "concept_num": 8, "insert_layer_index": 1}

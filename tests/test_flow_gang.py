@@ -20,13 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import FLOW_RUNS_GROUP
 from mlflow.tracking import MlflowClient
 from test_flow import ARMS, FLOW, flow_env, metaflow_query
 from test_gang import accumulated_reference, assert_bitwise_equal
 
 from cocomix_core.training.trainer import final_checkpoint
 
-pytestmark = pytest.mark.slow  # two flow runs at once, one with two gangs of two nodes: minutes on 2 cores
+# two flow runs at once, one with two gangs of two nodes: minutes on 2 cores
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(FLOW_RUNS_GROUP)]
 
 SHORT = ["train.steps=4", "train.eval_every=4", "train.checkpoint_every=4"]
 TWO_FLOWS_AT_ONCE_LIMIT_S = 900

@@ -217,11 +217,12 @@ def check_teacher(settings: ExperimentSettings, config: dict[str, Any] | None) -
 
 def check_sae(settings: ExperimentSettings, teacher_width: int | None, timeout_s: float = PROBE_TIMEOUT_S) -> list[Problem]:
     """A pretrained SAE file resolves, and its size and width agree with sae.num_latents and the teacher."""
-    from cocomix_core.concepts.sae import SAEError, sae_cache_path, sae_file_shape
-
     source = settings.sae.pretrained
     if source is None:
         return []
+    # Imported only now: the SAE module loads torch, which a `start` with an SAE fitted by the flow never needs.
+    from cocomix_core.concepts.sae import SAEError, sae_cache_path, sae_file_shape
+
     if source.startswith(("http://", "https://")):
         cached = sae_cache_path(source)
         if not cached.is_file():
