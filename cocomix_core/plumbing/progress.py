@@ -195,6 +195,21 @@ def _force_disabled(init: Any) -> Any:
 _active: ThirdPartyNoise | None = None
 
 
+def _set_progress_bars(on: bool) -> None:
+    """Turn the hub's download bars and transformers' bars on or off.
+
+    transformers copies the hub's switch when it is imported and keeps its own after; it is switched only if
+    already imported, since importing it costs ~0.4 s, which every flow task (most never need it) would pay.
+    """
+    from huggingface_hub import utils as hub_utils
+
+    transformers_logging = sys.modules.get("transformers.utils.logging")
+    if transformers_logging is not None:  # its switches set the hub's too
+        (transformers_logging.enable_progress_bar if on else transformers_logging.disable_progress_bar)()
+    else:
+        (hub_utils.enable_progress_bars if on else hub_utils.disable_progress_bars)()
+
+
 @contextlib.contextmanager
 def quiet_third_party() -> Iterator[ThirdPartyNoise]:
     """Hush third-party bars and warnings for the block; summarise truncations once at its end (see module doc)."""
@@ -203,14 +218,14 @@ def quiet_third_party() -> Iterator[ThirdPartyNoise]:
         yield _active
         return
     import tqdm.std
-    from transformers.utils import logging as transformers_logging
+    from huggingface_hub import utils as hub_utils
 
     noise = _active = ThirdPartyNoise()
     loggers = [logging.getLogger(name) for name in {name for name, _ in DROPPED_WARNINGS} | set(TRUNCATION_LOGGERS)]
     for logger in loggers:
         logger.addFilter(noise)
-    bars_were_on = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()  # also the hub's download bars
+    bars_were_on = not hub_utils.are_progress_bars_disabled()
+    _set_progress_bars(False)
     original_init = tqdm.std.tqdm.__init__
     if not on_terminal():  # every bar in captured output is a pile of redraws: lm-eval's, datasets'
         tqdm.std.tqdm.__init__ = _force_disabled(original_init)
@@ -219,7 +234,7 @@ def quiet_third_party() -> Iterator[ThirdPartyNoise]:
     finally:
         tqdm.std.tqdm.__init__ = original_init
         if bars_were_on:
-            transformers_logging.enable_progress_bar()
+            _set_progress_bars(True)
         for logger in loggers:
             logger.removeFilter(noise)
         _active = None
