@@ -141,15 +141,6 @@ class Experiment:
         return parent
 
 
-def run_smoke(root: Path, env: dict[str, str], overrides: str) -> Experiment:
-    """The smoke experiment in `root` (storage under it), logging where env's MLFLOW_TRACKING_URI says, then resumed."""
-    overrides = f"compute.storage_root={root / 'artifacts'}; tracking.experiment_name=cocomix-flow; {overrides}"
-    first = run_flow(["run", "--settings", "smoke", "--set", overrides], env, cwd=root)
-    resumed = run_flow(["resume"], env, cwd=root)
-    assert resumed.returncode == 0, tail(resumed)
-    return read_experiment(root, env, "cocomix-flow", first, resumed, steps=(4, 8, 12))
-
-
 def read_experiment(root: Path, env: dict[str, str], experiment_name: str, first: subprocess.CompletedProcess,
                     resumed: subprocess.CompletedProcess | None, steps: tuple[int, ...]) -> Experiment:
     """The experiment's runs as its tracking store holds them now."""
@@ -175,9 +166,18 @@ def run_interrupted(args: list[str], env: dict[str, str], cwd: Path) -> subproce
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> Experiment:
+    """The smoke experiment, storage under its folder: the first training task and `report` fail once, then `resume`.
+
+    Two checkpoints per branch (6 and 12): each is an evaluate task, a fresh process importing torch and MLflow.
+    """
     root = tmp_path_factory.mktemp("smoke")
-    return run_smoke(root, flow_env(root, COCOMIX_FAIL_ONCE="train_one_node,report"),
-                     overrides="tracking.register_best=cocomix-smoke")
+    env = flow_env(root, COCOMIX_FAIL_ONCE="train_one_node,report")
+    overrides = (f"compute.storage_root={root / 'artifacts'}; tracking.experiment_name=cocomix-flow; "
+                 "tracking.register_best=cocomix-smoke; train.checkpoint_every=6")
+    first = run_flow(["run", "--settings", "smoke", "--set", overrides], env, cwd=root)
+    resumed = run_flow(["resume"], env, cwd=root)
+    assert resumed.returncode == 0, tail(resumed)
+    return read_experiment(root, env, "cocomix-flow", first, resumed, steps=(6, 12))
 
 
 def check_lineage(experiment: Experiment) -> None:
@@ -369,7 +369,7 @@ def test_foreach_tasks_are_labelled_with_short_branch_and_checkpoint_names(smoke
         " for step in ('train', 'evaluate')}))",
         smoke.env,
     )
-    assert labels == {"train": sorted(ARMS), "evaluate": sorted(["step_000004", "step_000008", "step_000012"] * 2)}
+    assert labels == {"train": sorted(ARMS), "evaluate": sorted([f"step_{step:06d}" for step in smoke.steps] * 2)}
 
 
 @pytest.mark.slow
