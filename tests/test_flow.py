@@ -464,7 +464,6 @@ def test_the_end_step_prints_the_verdict_and_links_to_runs_that_exist(smoke: Exp
     assert parent == smoke.parent.info.run_id and experiment == smoke.parent.info.experiment_id
 
 
-
 @pytest.mark.slow
 def test_the_end_step_prints_where_the_time_went_by_step(smoke: Experiment):
     end_lines = [match.group(4) for match in map(_TASK_LINE.search, smoke.resumed.stdout.splitlines())
@@ -479,6 +478,7 @@ def test_the_end_step_prints_where_the_time_went_by_step(smoke: Experiment):
     assert "prepare_data" in rows["prepare"] and "fit_sae" in rows["concepts"] and "build_labels" in rows["concepts"]
     assert re.search(rf"{len(ARMS)} tasks, .* of task time; inside the library: train_branch", rows["train_one_node"])
     assert "evaluate_checkpoint" in rows["evaluate"] and "write_report" in rows["report"]
+
 
 @pytest.mark.slow
 def test_the_best_final_checkpoint_is_registered_at_its_uri_with_the_verdict(smoke: Experiment):

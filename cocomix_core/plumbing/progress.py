@@ -195,16 +195,25 @@ def _force_disabled(init: Any) -> Any:
 _active: ThirdPartyNoise | None = None
 
 
-def _set_progress_bars(on: bool) -> None:
-    """Turn the hub's download bars and transformers' bars on or off.
-
-    transformers copies the hub's switch when it is imported and keeps its own after; it is switched only if
-    already imported, since importing it costs ~0.4 s, which every flow task (most never need it) would pay.
-    """
+# transformers copies the hub's progress-bar switch when it is imported and keeps its own after (its switches set
+# the hub's too). Both helpers read or set transformers' only if it is already imported: importing it costs ~0.4 s,
+# which every flow task would pay, and most never use it.
+def _progress_bars_on() -> bool:
+    """Whether the hub's download bars and transformers' bars are on."""
     from huggingface_hub import utils as hub_utils
 
     transformers_logging = sys.modules.get("transformers.utils.logging")
-    if transformers_logging is not None:  # its switches set the hub's too
+    if transformers_logging is not None:
+        return transformers_logging.is_progress_bar_enabled()
+    return not hub_utils.are_progress_bars_disabled()
+
+
+def _set_progress_bars(on: bool) -> None:
+    """Turn the hub's download bars and transformers' bars on or off."""
+    from huggingface_hub import utils as hub_utils
+
+    transformers_logging = sys.modules.get("transformers.utils.logging")
+    if transformers_logging is not None:
         (transformers_logging.enable_progress_bar if on else transformers_logging.disable_progress_bar)()
     else:
         (hub_utils.enable_progress_bars if on else hub_utils.disable_progress_bars)()
@@ -218,13 +227,12 @@ def quiet_third_party() -> Iterator[ThirdPartyNoise]:
         yield _active
         return
     import tqdm.std
-    from huggingface_hub import utils as hub_utils
 
     noise = _active = ThirdPartyNoise()
     loggers = [logging.getLogger(name) for name in {name for name, _ in DROPPED_WARNINGS} | set(TRUNCATION_LOGGERS)]
     for logger in loggers:
         logger.addFilter(noise)
-    bars_were_on = not hub_utils.are_progress_bars_disabled()
+    bars_were_on = _progress_bars_on()
     _set_progress_bars(False)
     original_init = tqdm.std.tqdm.__init__
     if not on_terminal():  # every bar in captured output is a pile of redraws: lm-eval's, datasets'
