@@ -69,6 +69,19 @@ def smollm2_gguf() -> tuple[Any, Any]:
     return teachers._load_gguf(teachers.packaged_gguf("smollm2-135m"))
 
 
+@pytest.fixture(scope="session")
+def smollm2_in_storage(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: tuple[Any, Any]) -> Path:
+    """The `cpu` preset's teacher converted from the session's one read into a storage root of its own: the folder
+    <root>/teacher/gguf-…, as the flow's steps find it."""
+    from cocomix_core.concepts import teachers
+    from cocomix_core.plumbing.storage import Storage
+
+    root = tmp_path_factory.mktemp("smollm2_storage")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(teachers, "_load_gguf", lambda path: smollm2_gguf)
+        return teachers.pretrained_folder("smollm2-135m", Storage(str(root)))
+
+
 # ----- a real S3 endpoint: moto's server on a free local port ----------------------------------
 @dataclass(frozen=True)
 class S3Server:

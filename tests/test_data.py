@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -414,9 +415,10 @@ def test_teacher_tokenizer_is_saved_beside_the_data_and_changes_the_digest(corpu
 
 
 @pytest.mark.slow  # converts the packaged SmolLM2 GGUF once: tens of seconds on 2 cores
-def test_the_data_command_line_tokenizes_with_the_presets_tokenizer(tmp_path):
+def test_the_data_command_line_tokenizes_with_the_presets_tokenizer(tmp_path, smollm2_in_storage):
     """`python -m cocomix_core.data` with `tokenizer.name: teacher` (the cpu preset's) writes the teacher's tokens,
-    as the flow's `prepare` does, not GPT-2's; its teacher goes under the default storage root of its folder."""
+    as the flow's `prepare` does, not GPT-2's; it looks for its teacher under the default storage root of its folder,
+    where the session's conversion is linked (converting it costs ~20 CPU-seconds; test_stages.py converts)."""
     from cocomix_core.data.stage import TASKS_DIR, data_tokenizer_for
     from cocomix_core.plumbing.storage import Storage
     from settings import load_settings
@@ -425,9 +427,12 @@ def test_the_data_command_line_tokenizes_with_the_presets_tokenizer(tmp_path):
     overrides = ["data.max_documents=12", "data.min_val_tokens=4000", "data.offline_task_items=12"]
     argv = ["--settings", "cpu", *(item for override in overrides for item in ("--set", override))]
     env = {name: value for name, value in os.environ.items() if name != "METAFLOW_DATASTORE_SYSROOT_LOCAL"}
+    teacher_key = smollm2_in_storage.relative_to(smollm2_in_storage.parents[1])
+    shutil.copytree(smollm2_in_storage, tmp_path / "artifacts" / teacher_key, copy_function=os.link)
     result = subprocess.run([sys.executable, "-m", "cocomix_core.data", *argv, "--out", str(tmp_path / "out")],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "converting" not in result.stderr, "the teacher under the default storage root was not found"
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     teacher_tokenizer = data_tokenizer_for(load_settings("cpu", overrides), Storage(str(tmp_path / "artifacts")))
     assert manifest["tokenizer"]["name"] != "gpt2"

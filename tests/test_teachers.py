@@ -150,13 +150,9 @@ def test_unknown_path_is_refused(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def smollm2(tmp_path_factory, smollm2_gguf):
+def smollm2(smollm2_in_storage, smollm2_gguf):
     """(converted folder, logits of the GGUF-loaded model on PROBE): the session's one GGUF read, converted."""
-    cache = tmp_path_factory.mktemp("teacher_cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(teachers, "_load_gguf", lambda path: smollm2_gguf)
-        folder = teachers.resolve_teacher("smollm2-135m", cache)
-    gguf_model, _ = smollm2_gguf
+    folder, (gguf_model, _) = smollm2_in_storage, smollm2_gguf
     with torch.no_grad():
         gguf_logits = gguf_model(input_ids=PROBE).logits
     return folder, gguf_logits
