@@ -164,9 +164,6 @@ def _run_trainer(
     labels: Labels, teacher_logits: TeacherLogits, out_dir: Path, tracker: MlflowTracker | None, node: GangNode,
 ) -> str:
     """Train in this process, or (several processes, or a gang) under `accelerate launch`; says what was done."""
-    from cocomix_core.model.build import job_for_branch
-    from cocomix_core.training.trainer import train
-
     resources = _launched_resources(settings)
     if resources.nodes * resources.processes_per_node > 1:
         settings_file = out_dir / "launch_settings.yaml"  # beside what it trains: no temp folder left behind
@@ -177,6 +174,10 @@ def _run_trainer(
             args += ["--mlflow-run-id", tracker.run_id]
         args += _teacher_input_args(settings, storage, branch, teacher, sae, labels, teacher_logits)
         return _launch_gang_node(settings, resources, args, node, tracker)
+    # Imported here: a launching task waits on its trainer processes without the models' imports (~3 s of CPU).
+    from cocomix_core.model.build import job_for_branch
+    from cocomix_core.training.trainer import train
+
     label_source = teacher_source = None
     if branch.kind == "cocomix":
         label_source = _label_source(settings, storage, branch, teacher, sae, labels)
