@@ -3,6 +3,9 @@
 Locally Metaflow runs a gang's nodes as processes of this machine (main node 127.0.0.1), and
 every node runs its `accelerate launch` part of one gloo process group. The trained weights
 must equal, bit for bit, one process taking the same global batches in 2 accumulation steps.
+The gang flow trains the CoCoMix arm alone: a gang's path differs between kinds only in what the
+trainer reads (CoCoMix: the label cache), and the NTP gang is checked, bit for bit too, by
+tests/test_gang.py's relaunched gang; a second gang here would cost ~40 CPU-seconds of tasks.
 
 A plain one-node flow with the same settings but two seeds starts at the same moment, on the same
 new SQLite store and storage root (its own Metaflow datastore): the race of issue 14, where two
@@ -26,11 +29,13 @@ from test_flow import ARMS, FLOW, flow_env, metaflow_query
 from test_gang import accumulated_reference, assert_bitwise_equal
 
 from cocomix_core.training.trainer import final_checkpoint
+from settings import load_settings
 
 # two flow runs at once, one with two gangs of two nodes: minutes on 2 cores
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(FLOW_RUNS_GROUP)]
 
 SHORT = ["train.steps=4", "train.eval_every=4", "train.checkpoint_every=4"]
+GANG_ARMS = ("cocomix",)  # the smoke preset's arm of that name, as the other flow trains it
 TWO_FLOWS_AT_ONCE_LIMIT_S = 900
 
 
@@ -56,13 +61,15 @@ def two_flows(tmp_path_factory: pytest.TempPathFactory) -> TwoFlows:
     root = tmp_path_factory.mktemp("gang")
     # eval.tasks=[]: validation perplexity is all these check, and no evaluate task pays lm-eval's import.
     overrides = [*SHORT, "eval.tasks=[]"]
+    arms = load_settings("smoke").arms
+    gang_arms = {arm: arms[arm].model_dump(mode="json") for arm in GANG_ARMS}  # JSON is YAML: one --set value
     gang_env = flow_env(root)
     store = gang_env.pop("MLFLOW_TRACKING_URI")
     racer_folder = root / "racer"
     racer_folder.mkdir()
     racer_env = flow_env(root) | {"MLFLOW_TRACKING_URI": store, "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(racer_folder)}
     commands = [
-        (["--set", "; ".join([*overrides, "compute.train.nodes=2"])], gang_env, root),
+        (["--set", "; ".join([*overrides, "compute.train.nodes=2", f"arms={json.dumps(gang_arms)}"])], gang_env, root),
         (["--set", "; ".join([*overrides, "sweep.seeds=[0, 1]", f"compute.storage_root={root / 'artifacts'}"])],
          racer_env, racer_folder),
     ]
@@ -78,7 +85,7 @@ def two_flows(tmp_path_factory: pytest.TempPathFactory) -> TwoFlows:
 
 
 def test_two_node_gangs_train_like_one_process_with_two_accumulation_steps(two_flows: TwoFlows):
-    for arm in ARMS:
+    for arm in GANG_ARMS:
         assert f"{arm} node 1 of 2: trained to step 4" in two_flows.gang_output, arm  # the worker node trained, and said so
     gang_run = metaflow_query("print(json.dumps(Flow('CocomixFlow').latest_run.id))", two_flows.env)
 
@@ -88,7 +95,7 @@ def test_two_node_gangs_train_like_one_process_with_two_accumulation_steps(two_f
     # the label cache, beside its small files (cards, validation labels) under "<key>-concepts"
     (labels,) = [path for path in (storage / "labels").iterdir() if not path.name.endswith("-concepts")]
     run_folder = storage / "runs" / gang_run  # the gang flow's own: the storage root defaulted to beside .metaflow
-    for arm in ARMS:
+    for arm in GANG_ARMS:
         reference = accumulated_reference(arm, SHORT, data, two_flows.root / f"accum-{arm}",
                                           labels if arm == "cocomix" else None)
         assert_bitwise_equal(final_checkpoint(run_folder / arm) / "model.safetensors", reference)
@@ -98,10 +105,10 @@ def test_two_node_gangs_train_like_one_process_with_two_accumulation_steps(two_f
     tasks = metaflow_query(
         "print(json.dumps([task.id for task in Flow('CocomixFlow').latest_run['train_gang']]))", two_flows.env
     )
-    assert len(tasks) == 4 and sum(task.endswith("_node_1") for task in tasks) == 2, tasks
+    assert len(tasks) == 2 * len(GANG_ARMS) and sum(task.endswith("_node_1") for task in tasks) == len(GANG_ARMS), tasks
     client = two_flows.client  # the MLflow store defaulted to beside .metaflow too
     experiment = client.get_experiment_by_name("cocomix-flow")
-    for arm in ARMS:
+    for arm in GANG_ARMS:
         (run,) = [run for run in client.search_runs([experiment.experiment_id], f"attributes.run_name = 'train/{arm}'")
                   if run.data.tags["metaflow.run_id"] == gang_run]
         assert run.info.status == "FINISHED"
@@ -127,7 +134,7 @@ def test_two_flows_started_together_on_one_fresh_store_both_finish(two_flows: Tw
     parents = [run for run in runs if run.info.run_name.startswith("CocomixFlow/")]
     assert len(parents) == 2 and all(run.info.status == "FINISHED" for run in runs)
     branch_runs = [run for run in runs if run.info.run_name.startswith("train/")]
-    assert len(branch_runs) == 2 + 4  # the gang flow's two arms, the other's two arms × two seeds
+    assert len(branch_runs) == len(GANG_ARMS) + 4  # the gang flow's arm, the other's two arms × two seeds
     for run in branch_runs:
         steps = [point.step for point in client.get_metric_history(run.info.run_id, "eval/val_ppl")]
         assert steps == [4], run.info.run_name

@@ -127,6 +127,6 @@ def test_a_killed_gang_node_is_relaunched_and_continues_from_the_checkpoint(smok
     assert "step 64:" not in node_log(logs / "retry", 1)  # global rank 0 (node 0) alone logs and saves
 
     # The relaunched gang ends with the weights of one process taking the same global batches in 2 accumulation
-    # steps, bit for bit (both arms, started whole: the flow's gang test, tests/test_flow_gang.py).
+    # steps, bit for bit (the CoCoMix arm started whole: the flow's gang test, tests/test_flow_gang.py).
     reference = accumulated_reference("ntp", LONG, smoke_data, tmp_path / "accum", None)
     assert_bitwise_equal(final_checkpoint(out) / "model.safetensors", reference)
