@@ -414,7 +414,7 @@ def test_teacher_tokenizer_is_saved_beside_the_data_and_changes_the_digest(corpu
     assert train.max() < tokenizer.vocab_size and int(train[-1]) == tokenizer.eos_id
 
 
-@pytest.mark.slow  # converts the packaged SmolLM2 GGUF once: tens of seconds on 2 cores
+@pytest.mark.slow  # the session's one read of the packaged SmolLM2 GGUF, if it comes first: tens of seconds on 2 cores
 def test_the_data_command_line_tokenizes_with_the_presets_tokenizer(tmp_path, smollm2_in_storage):
     """`python -m cocomix_core.data` with `tokenizer.name: teacher` (the cpu preset's) writes the teacher's tokens,
     as the flow's `prepare` does, not GPT-2's; it looks for its teacher under the default storage root of its folder,

@@ -29,7 +29,6 @@ from settings.schema import TrainResources
 pytestmark = pytest.mark.slow  # each gang start costs ~10 s of process and rendezvous setup
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHORT = ["train.steps=4", "train.eval_every=4", "train.checkpoint_every=4"]
 # Long enough that a node can be killed between the first checkpoint and the end.
 LONG = ["train.steps=64", "train.eval_every=64", "train.checkpoint_every=8", "train.log_every=8"]
 GANG = TrainResources(nodes=2, cpu_processes=1)
