@@ -164,7 +164,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
          "--backend-store-uri", f"sqlite:///{server.backend_store}",
          "--serve-artifacts", "--artifacts-destination", str(server.artifacts)],
         stdout=log, stderr=subprocess.STDOUT,
-        # No job runner: its seven huey consumer processes (~35 CPU-seconds per server) serve GenAI jobs, not runs.
+        # No job runner: its seven huey consumer processes (~17 CPU-seconds per server) serve GenAI jobs, not runs.
         env=os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         start_new_session=True,  # its own process group: stopping it stops its uvicorn workers too
     )
